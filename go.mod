@@ -1,0 +1,3 @@
+module github.com/cachecar/cachecar
+
+go 1.26.0
