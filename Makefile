@@ -1,0 +1,67 @@
+# cachecar: `make run` and `make test` work on a fresh Debian 12 machine as root.
+SHELL := /bin/bash
+export PATH := $(PATH):/usr/local/go/bin
+
+PG_PORT     ?= 5432
+REDIS_PORT  ?= 6379
+DB_USER     ?= cachecar
+DB_PASSWORD ?= cachecar
+DB_NAME     ?= cachecar
+TEST_DB_NAME ?= cachecar_test
+export PG_PORT REDIS_PORT DB_USER DB_PASSWORD DB_NAME TEST_DB_NAME
+
+DEMO_DATABASE_URL := postgres://$(DB_USER):$(DB_PASSWORD)@127.0.0.1:$(PG_PORT)/$(DB_NAME)?sslmode=disable
+TEST_DATABASE_URL := postgres://$(DB_USER):$(DB_PASSWORD)@127.0.0.1:$(PG_PORT)/$(TEST_DB_NAME)?sslmode=disable
+
+# What the sidecar and the tests are pointed at.
+RUN_ENV  := DATABASE_URL='$(DEMO_DATABASE_URL)' REDIS_HOST=127.0.0.1 REDIS_PORT=$(REDIS_PORT)
+TEST_ENV := CACHECAR_TEST_DATABASE_URL='$(TEST_DATABASE_URL)' \
+            CACHECAR_TEST_VALKEY_ADDR=127.0.0.1:$(REDIS_PORT) \
+            CACHECAR_TEST_REDIS_SERVER=$$(command -v redis-server)
+
+GO_TEST_FLAGS ?= -race -count=1 -timeout 12m
+
+.PHONY: run test build services services-down migrate bench fuzz vet fmt check-go clean
+
+run: check-go services build migrate
+	@echo
+	@echo "cachecar is starting. Try:"
+	@echo "  curl -i http://127.0.0.1:8080/v1/courses/1        (twice: X-Cache MISS, then HIT)"
+	@echo "  curl -i 'http://127.0.0.1:8080/v1/courses?ids=1,2,3'"
+	@echo "  curl -i http://127.0.0.1:8080/v1/tenants/1"
+	@echo "  curl -i http://127.0.0.1:8080/v1/tenants/1/stats"
+	@echo "  curl -i 'http://127.0.0.1:8080/v1/tenants/1/dispatches?limit=5'"
+	@echo "  curl -i http://127.0.0.1:8080/v1/dispatches/1"
+	@echo "  curl http://127.0.0.1:8081/health/detailed ; curl http://127.0.0.1:8081/metrics"
+	@echo
+	$(RUN_ENV) ./bin/cachecar serve
+
+test: check-go services
+	$(TEST_ENV) go test $(GO_TEST_FLAGS) ./...
+
+build: check-go
+	go build -o bin/cachecar ./cmd/cachecar
+
+services:
+	@bash deploy/local/services.sh up
+
+services-down:
+	@bash deploy/local/services.sh down
+
+migrate: build services
+	$(RUN_ENV) ./bin/cachecar migrate --reference-schema --demo-data
+
+bench: check-go
+	@EXTRA_PACKAGES=wrk bash deploy/local/services.sh up
+	@$(MAKE) --no-print-directory migrate
+	$(RUN_ENV) CACHECAR_BIN=bin/cachecar bash bench/run.sh
+
+vet: check-go
+	go vet ./...
+	@test -z "$$(gofmt -l $$(git ls-files -co --exclude-standard '*.go'))" || { gofmt -l $$(git ls-files -co --exclude-standard '*.go'); echo "gofmt: files above need formatting"; exit 1; }
+
+check-go:
+	@command -v go >/dev/null 2>&1 || { echo "Go 1.26 is required (expected at /usr/local/go/bin/go)"; exit 1; }
+
+clean:
+	rm -rf bin var/bench

@@ -1,0 +1,171 @@
+// Package admin serves cachecar's operational ports: health, readiness and metrics.
+package admin
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Lifecycle states of the process, as readiness sees them.
+const (
+	Starting int32 = iota
+	Serving
+	Draining
+)
+
+// Pinger checks one dependency.
+type Pinger interface {
+	Ping(ctx context.Context) error
+}
+
+// HealthOptions configures the health port.
+type HealthOptions struct {
+	// CheckTimeout bounds each dependency check; it must be positive.
+	CheckTimeout time.Duration
+	// CacheEnabled is false when caching is switched off by config.
+	CacheEnabled bool
+}
+
+// Health serves /health, /health/detailed, /ready and /metrics.
+type Health struct {
+	opts    HealthOptions
+	started time.Time
+	state   atomic.Int32
+	db      Pinger
+	valkey  Pinger // nil: no Valkey configured
+	gather  prometheus.Gatherer
+	now     func() time.Time
+}
+
+// NewHealth returns the health server in the Starting state. valkey may be nil.
+func NewHealth(opts HealthOptions, db, valkey Pinger, gather prometheus.Gatherer) *Health {
+	return &Health{opts: opts, started: time.Now(), db: db, valkey: valkey, gather: gather, now: time.Now}
+}
+
+// SetState moves the lifecycle state (Starting, Serving, Draining).
+func (h *Health) SetState(s int32) { h.state.Store(s) }
+
+// Handler returns the health port's routes.
+func (h *Health) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /health", h.live)
+	mux.HandleFunc("GET /health/detailed", h.detailed)
+	mux.HandleFunc("GET /ready", h.ready)
+	mux.Handle("GET /metrics", promhttp.HandlerFor(h.gather, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError}))
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusNotFound, map[string]any{"error": map[string]string{
+			"code": "no_route", "message": "no such route; the health port serves /health, /health/detailed, /ready and /metrics"}})
+	})
+	return mux
+}
+
+// live is liveness: the process serves. It never looks at dependencies, so that a database or
+// Valkey outage never gets the pod restarted.
+func (h *Health) live(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]any{
+		"status":    "ok",
+		"timestamp": h.now().UTC().Format(time.RFC3339),
+		"uptime":    h.uptime(),
+	})
+}
+
+func (h *Health) uptime() float64 {
+	return float64(time.Since(h.started).Milliseconds()) / 1000
+}
+
+// ServiceStatus is one dependency in /health/detailed.
+type ServiceStatus struct {
+	Status       string   `json:"status"`
+	ResponseTime *float64 `json:"responseTime,omitempty"` // milliseconds
+	Error        string   `json:"error,omitempty"`
+}
+
+func (h *Health) check(ctx context.Context, p Pinger) ServiceStatus {
+	ctx, cancel := context.WithTimeout(ctx, h.opts.CheckTimeout)
+	defer cancel()
+	start := time.Now()
+	err := p.Ping(ctx)
+	ms := float64(time.Since(start).Microseconds()) / 1000
+	if err != nil {
+		// The message names the failure class only; addresses and DSNs stay in the logs.
+		msg := "unreachable"
+		if ctx.Err() != nil {
+			msg = "timed out after " + h.opts.CheckTimeout.String()
+		}
+		return ServiceStatus{Status: "down", ResponseTime: &ms, Error: msg}
+	}
+	return ServiceStatus{Status: "up", ResponseTime: &ms}
+}
+
+// detailed reports every dependency: healthy when all are up, degraded when the cache is down
+// (reads still work from PostgreSQL), unhealthy when PostgreSQL is down (503).
+func (h *Health) detailed(w http.ResponseWriter, r *http.Request) {
+	var db, redis ServiceStatus
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); db = h.check(r.Context(), h.db) }()
+	if h.valkey != nil {
+		wg.Add(1)
+		go func() { defer wg.Done(); redis = h.check(r.Context(), h.valkey) }()
+	} else {
+		redis = ServiceStatus{Status: "disabled"}
+	}
+	wg.Wait()
+	cache := ServiceStatus{Status: "up"}
+	switch {
+	case !h.opts.CacheEnabled:
+		cache.Status = "disabled"
+	case h.valkey == nil:
+		cache.Status = "disabled"
+	case redis.Status != "up":
+		cache.Status = "degraded"
+	}
+	status, code := "healthy", http.StatusOK
+	if cache.Status == "degraded" {
+		status = "degraded"
+	}
+	if db.Status != "up" {
+		status, code = "unhealthy", http.StatusServiceUnavailable
+	}
+	writeJSON(w, code, map[string]any{
+		"status":    status,
+		"timestamp": h.now().UTC().Format(time.RFC3339),
+		"uptime":    h.uptime(),
+		"services":  map[string]ServiceStatus{"database": db, "redis": redis, "cache": cache},
+	})
+}
+
+// ready is readiness: 503 while starting, while draining, and while PostgreSQL is unreachable.
+// A Valkey outage keeps the pod ready: reads still work from PostgreSQL.
+func (h *Health) ready(w http.ResponseWriter, r *http.Request) {
+	switch h.state.Load() {
+	case Starting:
+		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "not_ready", "reason": "starting"})
+		return
+	case Draining:
+		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "not_ready", "reason": "draining"})
+		return
+	}
+	if s := h.check(r.Context(), h.db); s.Status != "up" {
+		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "not_ready", "reason": "database " + s.Error})
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	b, _ := json.Marshal(v)
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+	w.WriteHeader(code)
+	w.Write(b)
+}

@@ -1,0 +1,91 @@
+package cachepolicy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// PG loads entries from PostgreSQL through a pool.
+type PG struct{ pool *pgxpool.Pool }
+
+// NewPG returns a loader over pool.
+func NewPG(pool *pgxpool.Pool) *PG { return &PG{pool: pool} }
+
+// LoadOne runs sql and returns its single text column. No row, or NULL, is ErrNotFound.
+func (l *PG) LoadOne(ctx context.Context, sql string, args ...any) ([]byte, error) {
+	var b []byte
+	err := l.pool.QueryRow(ctx, sql, args...).Scan(&b)
+	if errors.Is(err, pgx.ErrNoRows) || (err == nil && b == nil) {
+		return nil, ErrNotFound
+	}
+	if err != nil {
+		return nil, classify(ctx, err)
+	}
+	return b, nil
+}
+
+// LoadMany runs sql with ids as $1 (bigint[]) and returns the JSON text per id found.
+func (l *PG) LoadMany(ctx context.Context, sql string, ids []int64) (map[int64][]byte, error) {
+	rows, err := l.pool.Query(ctx, sql, ids)
+	if err != nil {
+		return nil, classify(ctx, err)
+	}
+	out := make(map[int64][]byte, len(ids))
+	for rows.Next() {
+		var id int64
+		var b []byte
+		if err := rows.Scan(&id, &b); err != nil {
+			rows.Close()
+			return nil, classify(ctx, err)
+		}
+		if b != nil {
+			out[id] = b
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return nil, classify(ctx, err)
+	}
+	return out, nil
+}
+
+// Ping checks that PostgreSQL answers.
+func (l *PG) Ping(ctx context.Context) error {
+	if err := l.pool.Ping(ctx); err != nil {
+		return classify(ctx, err)
+	}
+	return nil
+}
+
+// classify maps a pgx error onto ErrTimeout or ErrUnavailable where it is one, keeping the
+// original for the log; other errors (bad SQL in a policy, say) are returned wrapped as they are.
+func classify(ctx context.Context, err error) error {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		switch {
+		case pgErr.Code == "57014": // query_canceled: statement_timeout or our cancel
+			return fmt.Errorf("%w: %v", ErrTimeout, err)
+		case pgErr.Code[:2] == "57", pgErr.Code[:2] == "53", pgErr.Code[:2] == "08":
+			// operator intervention (shutdown), insufficient resources, connection exceptions
+			return fmt.Errorf("%w: %v", ErrUnavailable, err)
+		}
+		return fmt.Errorf("query: %w", err)
+	}
+	if errors.Is(err, context.DeadlineExceeded) || pgconn.Timeout(err) || ctx.Err() != nil {
+		return fmt.Errorf("%w: %v", ErrTimeout, err)
+	}
+	var connErr *pgconn.ConnectError
+	var netErr net.Error
+	if errors.As(err, &connErr) || errors.As(err, &netErr) || errors.Is(err, net.ErrClosed) ||
+		pgconn.SafeToRetry(err) {
+		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	// Anything else below the SQL layer (EOF from a killed backend, a closed pool) means the
+	// database is not usable right now.
+	return fmt.Errorf("%w: %v", ErrUnavailable, err)
+}

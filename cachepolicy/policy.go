@@ -1,0 +1,129 @@
+package cachepolicy
+
+import (
+	"fmt"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Policy is one cached resource: where it lives (key template), for how long, which ids may
+// reach a key or SQL, and how it is loaded.
+type Policy struct {
+	// Name identifies the policy in metrics and logs ("course").
+	Name string
+	// Key renders the cache key from the policy's parameters.
+	Key *Template
+	// TTL is how long a filled entry lives; always positive.
+	TTL time.Duration
+	// ID is the rule every id parameter must match (anchored).
+	ID *regexp.Regexp
+	// SQL loads one entry: it returns one row with one text column of JSON; no row or NULL is
+	// ErrNotFound.
+	SQL string
+	// BatchSQL loads many entries by id ($1 bigint[]), returning (id, json) rows. Optional.
+	BatchSQL string
+}
+
+// NewPolicy compiles a policy. params names the placeholders of key, in the order Render takes
+// their values.
+func NewPolicy(name, key string, params []string, ttl time.Duration, idPattern, sql, batchSQL string) (*Policy, error) {
+	tmpl, err := ParseTemplate(key, params)
+	if err != nil {
+		return nil, fmt.Errorf("policy %s: %w", name, err)
+	}
+	re, err := regexp.Compile(idPattern)
+	if err != nil {
+		return nil, fmt.Errorf("policy %s: id pattern: %w", name, err)
+	}
+	if ttl <= 0 {
+		return nil, fmt.Errorf("policy %s: ttl must be positive", name)
+	}
+	return &Policy{Name: name, Key: tmpl, TTL: ttl, ID: re, SQL: sql, BatchSQL: batchSQL}, nil
+}
+
+// ParseID checks s against the policy's id rule and returns it as a positive int64. Anything
+// else is an *InputError: it never reaches a key or SQL.
+func (p *Policy) ParseID(name, s string) (int64, error) {
+	if len(s) > 64 || !p.ID.MatchString(s) {
+		return 0, &InputError{Code: "bad_id", Message: fmt.Sprintf("%s must be a positive integer id", name)}
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n <= 0 {
+		return 0, &InputError{Code: "bad_id", Message: fmt.Sprintf("%s is out of range", name)}
+	}
+	return n, nil
+}
+
+// Template is a compiled key template such as "course:{id}".
+type Template struct {
+	raw   string
+	parts []string // literal text; parts[i] precedes the value of slots[i]
+	slots []int    // index into the Render arguments
+	tail  string
+}
+
+// ParseTemplate compiles key. Each name in params must appear exactly once, and no other
+// placeholder may.
+func ParseTemplate(key string, params []string) (*Template, error) {
+	t := &Template{raw: key}
+	seen := make([]bool, len(params))
+	rest := key
+	for {
+		open := strings.IndexByte(rest, '{')
+		if open < 0 {
+			if strings.IndexByte(rest, '}') >= 0 {
+				return nil, fmt.Errorf("key %q: unbalanced brace", key)
+			}
+			t.tail = rest
+			break
+		}
+		end := strings.IndexByte(rest[open:], '}')
+		if end < 0 || strings.IndexByte(rest[:open], '}') >= 0 {
+			return nil, fmt.Errorf("key %q: unbalanced brace", key)
+		}
+		name := rest[open+1 : open+end]
+		idx := -1
+		for i, p := range params {
+			if p == name {
+				idx = i
+			}
+		}
+		if idx < 0 {
+			return nil, fmt.Errorf("key %q: unknown placeholder {%s}", key, name)
+		}
+		if seen[idx] {
+			return nil, fmt.Errorf("key %q: placeholder {%s} appears twice", key, name)
+		}
+		seen[idx] = true
+		t.parts = append(t.parts, rest[:open])
+		t.slots = append(t.slots, idx)
+		rest = rest[open+end+1:]
+	}
+	for i, ok := range seen {
+		if !ok {
+			return nil, fmt.Errorf("key %q: missing placeholder {%s}", key, params[i])
+		}
+	}
+	return t, nil
+}
+
+// Render fills the template. Values must already be validated: Render does not escape.
+func (t *Template) Render(values ...string) string {
+	n := len(t.tail)
+	for i, p := range t.parts {
+		n += len(p) + len(values[t.slots[i]])
+	}
+	var b strings.Builder
+	b.Grow(n)
+	for i, p := range t.parts {
+		b.WriteString(p)
+		b.WriteString(values[t.slots[i]])
+	}
+	b.WriteString(t.tail)
+	return b.String()
+}
+
+// String returns the template as configured.
+func (t *Template) String() string { return t.raw }

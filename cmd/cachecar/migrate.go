@@ -1,0 +1,59 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"strings"
+
+	"github.com/cachecar/cachecar/configs"
+	"github.com/cachecar/cachecar/internal/schema"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// migrate applies cachecar's migrations, and the reference schema and demo data when asked.
+func migrate(ctx context.Context, cfg *configs.Config, reference, demo bool, stdout io.Writer) error {
+	pool, err := newPool(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	rep, err := schema.Migrate(ctx, pool, schema.Options{Reference: reference, Demo: demo})
+	if err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	if rep.Reference {
+		fmt.Fprintln(stdout, "reference schema: present")
+	}
+	switch {
+	case rep.DemoLoaded:
+		fmt.Fprintln(stdout, "demo data: loaded")
+	case demo:
+		fmt.Fprintln(stdout, "demo data: tables already hold data, left as they are")
+	}
+	if len(rep.Applied) == 0 {
+		fmt.Fprintln(stdout, "migrations: up to date")
+	} else {
+		fmt.Fprintln(stdout, "migrations applied:", strings.Join(rep.Applied, ", "))
+	}
+	return nil
+}
+
+// newPool builds the PostgreSQL pool. It does not connect: the first query does, so that the
+// sidecar starts (and reports itself not ready) while PostgreSQL is down.
+func newPool(ctx context.Context, cfg *configs.Config) (*pgxpool.Pool, error) {
+	pc, err := pgxpool.ParseConfig(cfg.Database.URL)
+	if err != nil {
+		return nil, fmt.Errorf("database.url: not a valid PostgreSQL URL")
+	}
+	pc.MaxConns = cfg.Database.MaxConns
+	pc.ConnConfig.ConnectTimeout = cfg.Database.ConnectTimeout
+	if pc.ConnConfig.RuntimeParams["application_name"] == "" {
+		pc.ConnConfig.RuntimeParams["application_name"] = "cachecar"
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, pc)
+	if err != nil {
+		return nil, fmt.Errorf("database pool: %w", err)
+	}
+	return pool, nil
+}

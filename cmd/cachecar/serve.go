@@ -1,0 +1,170 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/cachecar/cachecar/admin"
+	"github.com/cachecar/cachecar/cachepolicy"
+	"github.com/cachecar/cachecar/configs"
+	"github.com/cachecar/cachecar/proxy"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/rs/zerolog"
+)
+
+// serve runs the sidecar until ctx ends, then drains and returns nil.
+func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
+	level, _ := zerolog.ParseLevel(cfg.Log.Level)
+	log := zerolog.New(stdout).Level(level).With().Timestamp().Logger()
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	)
+	buildInfo := prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "cachecar_build_info", Help: "Always 1; the version label says which build runs.",
+	}, []string{"version"})
+	buildInfo.WithLabelValues(buildVersion()).Set(1)
+	reg.MustRegister(buildInfo)
+
+	pool, err := newPool(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	loader := cachepolicy.NewPG(pool)
+
+	pol, err := compilePolicies(cfg)
+	if err != nil {
+		return &exitError{code: 2, err: err}
+	}
+
+	cm := cachepolicy.NewMetrics(reg)
+	var store *cachepolicy.Store
+	var valkeyPinger admin.Pinger
+	switch {
+	case !cfg.Cache.Enabled:
+		log.Warn().Msg("cache.enabled is false: every read goes to PostgreSQL")
+	case len(cfg.Valkey.Addrs) == 0:
+		log.Warn().Msg("valkey.addrs is empty: no shared cache, every read goes to PostgreSQL")
+	default:
+		store = cachepolicy.NewStore(cachepolicy.StoreOptions{
+			Addrs: cfg.Valkey.Addrs, Username: cfg.Valkey.Username, Password: cfg.Valkey.Password,
+			DB: cfg.Valkey.DB, Timeout: cfg.Valkey.Timeout, DialTimeout: cfg.Valkey.DialTimeout,
+			ReconnectMax: cfg.Valkey.ReconnectMax,
+		}, log.With().Str("component", "valkey").Logger(), cm)
+		defer store.Close()
+		if err := store.Connect(); err != nil {
+			log.Warn().Err(err).Msg("valkey unreachable at start-up; serving from PostgreSQL and retrying")
+		} else {
+			log.Info().Strs("addrs", cfg.Valkey.Addrs).Msg("valkey connected")
+		}
+		valkeyPinger = store
+	}
+	if cfg.Admin.Token != "" {
+		log.Warn().Msg("admin.token is set, but this version has no admin port yet; it is ignored")
+	}
+
+	res := cachepolicy.New(cachepolicy.Options{Namespace: cfg.Namespace, QueryTimeout: cfg.Database.QueryTimeout},
+		store, loader, log, cm)
+	api := proxy.New(proxy.Options{AccessSample: cfg.Log.AccessSample}, res, pol, log, reg)
+	health := admin.NewHealth(admin.HealthOptions{CheckTimeout: cfg.Health.CheckTimeout, CacheEnabled: cfg.Cache.Enabled},
+		loader, valkeyPinger, reg)
+
+	apiLn, err := net.Listen("tcp", cfg.Server.Listen)
+	if err != nil {
+		return fmt.Errorf("server.listen: %w", err)
+	}
+	healthLn, err := net.Listen("tcp", cfg.Health.Listen)
+	if err != nil {
+		apiLn.Close()
+		return fmt.Errorf("health.listen: %w", err)
+	}
+	apiSrv := &http.Server{
+		Handler:           api.Handler(),
+		ReadHeaderTimeout: cfg.Server.ReadHeaderTimeout,
+		WriteTimeout:      cfg.Server.WriteTimeout,
+		IdleTimeout:       cfg.Server.IdleTimeout,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          nil,
+	}
+	healthSrv := &http.Server{
+		Handler:           health.Handler(),
+		ReadHeaderTimeout: 5 * time.Second,
+		WriteTimeout:      10 * time.Second,
+		IdleTimeout:       cfg.Server.IdleTimeout,
+	}
+
+	bgCtx, stopBg := context.WithCancel(context.WithoutCancel(ctx))
+	var bg sync.WaitGroup
+	if store != nil {
+		bg.Add(1)
+		go func() { defer bg.Done(); store.Run(bgCtx) }()
+	}
+	serveErr := make(chan error, 2)
+	for _, s := range []struct {
+		srv *http.Server
+		ln  net.Listener
+	}{{apiSrv, apiLn}, {healthSrv, healthLn}} {
+		go func() {
+			if err := s.srv.Serve(s.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				serveErr <- err
+			}
+		}()
+	}
+	health.SetState(admin.Serving)
+	log.Info().
+		Str("version", buildVersion()).
+		Str("api", apiLn.Addr().String()).
+		Str("health", healthLn.Addr().String()).
+		Bool("cache", store != nil).
+		Msg("listening")
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+		log.Info().Msg("shutting down: readiness off, draining requests")
+	case runErr = <-serveErr:
+		log.Error().Err(runErr).Msg("server failed; shutting down")
+	}
+	health.SetState(admin.Draining)
+	if cfg.Server.DrainDelay > 0 && runErr == nil {
+		time.Sleep(cfg.Server.DrainDelay)
+	}
+	sdCtx, cancel := context.WithTimeout(context.Background(), cfg.Server.ShutdownTimeout)
+	defer cancel()
+	if err := apiSrv.Shutdown(sdCtx); err != nil {
+		log.Warn().Err(err).Msg("read API did not drain in time")
+	}
+	healthSrv.Shutdown(sdCtx)
+	stopBg()
+	bg.Wait()
+	log.Info().Msg("stopped")
+	return runErr
+}
+
+// compilePolicies turns the configured policies into the resolver's.
+func compilePolicies(cfg *configs.Config) (proxy.Policies, error) {
+	var out proxy.Policies
+	targets := map[string]**cachepolicy.Policy{
+		"tenant": &out.Tenant, "course": &out.Course, "dispatch": &out.Dispatch,
+		"dispatch_list": &out.DispatchList, "tenant_stats": &out.TenantStats,
+	}
+	for name, pc := range cfg.Policies.Named() {
+		p, err := cachepolicy.NewPolicy(name, pc.Key, configs.PolicyParams[name], pc.EffectiveTTL(cfg.Cache.TTLDefault),
+			pc.IDPattern, pc.SQL, pc.BatchSQL)
+		if err != nil {
+			return out, err
+		}
+		*targets[name] = p
+	}
+	return out, nil
+}

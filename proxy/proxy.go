@@ -1,0 +1,47 @@
+// Package proxy is the read API server: routes, handlers, HTTP caching headers and errors.
+package proxy
+
+import (
+	"context"
+	"net/http"
+
+	"github.com/cachecar/cachecar/cachepolicy"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rs/zerolog"
+)
+
+// Reader answers reads through the cache; *cachepolicy.Resolver is the real one.
+type Reader interface {
+	Get(ctx context.Context, p *cachepolicy.Policy, key string, args ...any) (cachepolicy.Result, error)
+	GetMany(ctx context.Context, p *cachepolicy.Policy, ids []int64) ([]cachepolicy.Item, string, error)
+}
+
+// Policies are the compiled policies of the routes.
+type Policies struct {
+	Tenant, Course, Dispatch, DispatchList, TenantStats *cachepolicy.Policy
+}
+
+// Options configures the read API.
+type Options struct {
+	// AccessSample is the fraction of requests logged (0 none, 1 all); 5xx are always logged.
+	AccessSample float64
+}
+
+// Server is the read API. Its Handler is safe for concurrent use.
+type Server struct {
+	opts Options
+	read Reader
+	pol  Policies
+	log  zerolog.Logger
+	m    *metrics
+}
+
+// New returns the read API server. It registers its metrics on reg and starts no goroutines.
+func New(opts Options, read Reader, pol Policies, log zerolog.Logger, reg prometheus.Registerer) *Server {
+	return &Server{opts: opts, read: read, pol: pol, log: log, m: newMetrics(reg)}
+}
+
+// Handler returns the whole read API with its middleware.
+func (s *Server) Handler() http.Handler {
+	return s.observe(s.routes())
+}
