@@ -7,9 +7,13 @@ import (
 	_ "embed"
 	"errors"
 	"fmt"
+	"math"
 	"net"
+	"net/url"
 	"os"
+	"reflect"
 	"regexp"
+	"regexp/syntax"
 	"sort"
 	"strconv"
 	"strings"
@@ -108,7 +112,7 @@ type Policy struct {
 	TTL       time.Duration `mapstructure:"ttl"`
 	IDPattern string        `mapstructure:"id_pattern"`
 	SQL       string        `mapstructure:"sql"`
-	BatchSQL  string        `mapstructure:"batch_sql"`
+	BatchSQL  string        `mapstructure:"batch_sql,omitempty"`
 }
 
 // PolicyParams lists, per policy name, the placeholders its key must contain.
@@ -165,8 +169,15 @@ func Load(src Source) (*Config, error) {
 		return nil, fmt.Errorf("embedded defaults: %w", err)
 	}
 	known := map[string]bool{}
+	// lists are the keys whose default is a list. It is decided from the defaults, not from the
+	// current value, because the file or REDIS_HOST may already have replaced the value with a
+	// string or a []string, and a list key must still split and trim "a:1, b:2" whatever set it.
+	lists := map[string]bool{}
 	for _, k := range v.AllKeys() {
 		known[k] = true
+		if _, isList := v.Get(k).([]any); isList {
+			lists[k] = true
+		}
 	}
 	var problems []string
 
@@ -191,7 +202,7 @@ func Load(src Source) (*Config, error) {
 	}
 
 	if src.Getenv != nil {
-		problems = append(problems, applyEnv(v, known, src.Getenv)...)
+		problems = append(problems, applyEnv(v, known, lists, src.Getenv)...)
 	}
 	for _, kv := range src.Sets {
 		k, val, ok := strings.Cut(kv, "=")
@@ -202,7 +213,7 @@ func Load(src Source) (*Config, error) {
 		case !known[k]:
 			problems = append(problems, fmt.Sprintf("--set: unknown key %q", k))
 		default:
-			setString(v, k, val)
+			setString(v, k, val, lists[k])
 		}
 	}
 
@@ -211,14 +222,23 @@ func Load(src Source) (*Config, error) {
 		dc.ErrorUnused = false
 		dc.WeaklyTypedInput = true
 		dc.DecodeHook = mapstructure.ComposeDecodeHookFunc(
+			bareNumberDurationHook,
 			mapstructure.StringToTimeDurationHookFunc(),
 			mapstructure.StringToSliceHookFunc(","),
 		)
 	}
+	failed := map[string]bool{}
 	if err := v.Unmarshal(&cfg, dec); err != nil {
-		problems = append(problems, decodeProblems(err)...)
+		problems = append(problems, decodeProblems(err, failed)...)
 	}
-	problems = append(problems, cfg.validate()...)
+	// A key that failed to decode is left at its zero value; validating that zero would add a
+	// second, misleading problem ("must be positive, got 0s") for the same mistake.
+	for _, prob := range cfg.validate() {
+		if k, _, ok := strings.Cut(prob, ":"); ok && failed[k] {
+			continue
+		}
+		problems = append(problems, prob)
+	}
 	if len(problems) > 0 {
 		return nil, &ProblemsError{problems}
 	}
@@ -227,7 +247,7 @@ func Load(src Source) (*Config, error) {
 
 // applyEnv sets every known key found in the environment: the platform's names first, then the
 // CACHECAR_ names, so that the more specific CACHECAR_ name wins.
-func applyEnv(v *viper.Viper, known map[string]bool, getenv func(string) string) []string {
+func applyEnv(v *viper.Viper, known, lists map[string]bool, getenv func(string) string) []string {
 	var problems []string
 	if u := getenv("DATABASE_URL"); u != "" {
 		v.Set("database.url", u)
@@ -249,8 +269,10 @@ func applyEnv(v *viper.Viper, known map[string]bool, getenv func(string) string)
 		v.Set("admin.token", t)
 	}
 	if s := getenv("CACHE_TTL_DEFAULT"); s != "" {
-		n, err := strconv.Atoi(strings.TrimSpace(s))
-		if err != nil || n <= 0 {
+		n, err := strconv.ParseInt(strings.TrimSpace(s), 10, 64)
+		// The upper bound keeps n seconds from overflowing a time.Duration into a negative or
+		// tiny TTL.
+		if err != nil || n <= 0 || n > math.MaxInt64/int64(time.Second) {
 			problems = append(problems, fmt.Sprintf("CACHE_TTL_DEFAULT=%q: want a positive whole number of seconds", s))
 		} else {
 			v.Set("cache.ttl_default", (time.Duration(n) * time.Second).String())
@@ -264,7 +286,7 @@ func applyEnv(v *viper.Viper, known map[string]bool, getenv func(string) string)
 	for _, k := range keys {
 		name := EnvName(k)
 		if val, ok := lookup(getenv, name); ok {
-			setString(v, k, val)
+			setString(v, k, val, lists[k])
 		}
 	}
 	return problems
@@ -282,8 +304,8 @@ func lookup(getenv func(string) string, name string) (string, bool) {
 }
 
 // setString sets a key from text; list keys take comma-separated values.
-func setString(v *viper.Viper, key, val string) {
-	if _, isList := v.Get(key).([]any); isList {
+func setString(v *viper.Viper, key, val string, isList bool) {
+	if isList {
 		var items []string
 		for _, s := range strings.Split(val, ",") {
 			if s = strings.TrimSpace(s); s != "" {
@@ -296,15 +318,39 @@ func setString(v *viper.Viper, key, val string) {
 	v.Set(key, val)
 }
 
-// decodeProblems splits mapstructure's aggregated error into one problem per field.
-func decodeProblems(err error) []string {
+// bareNumberDurationHook refuses a bare number where a duration is expected: YAML `ttl: 600`
+// would otherwise decode as 600ns, a TTL nobody means. 0 stays allowed (it is 0 in any unit).
+func bareNumberDurationHook(f, t reflect.Type, data any) (any, error) {
+	if t != reflect.TypeOf(time.Duration(0)) {
+		return data, nil
+	}
+	switch f.Kind() {
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64,
+		reflect.Float32, reflect.Float64:
+		if reflect.ValueOf(data).IsZero() {
+			return time.Duration(0), nil
+		}
+		return nil, fmt.Errorf("%v has no unit: write a duration such as %vs or %vms", data, data, data)
+	}
+	return data, nil
+}
+
+// decodeProblems splits mapstructure's aggregated error into one problem per field, each named
+// by its key, and records the keys that failed in failed.
+func decodeProblems(err error, failed map[string]bool) []string {
 	var out []string
 	var joined interface{ Unwrap() []error }
 	if errors.As(err, &joined) {
 		for _, e := range joined.Unwrap() {
-			out = append(out, decodeProblems(e)...)
+			out = append(out, decodeProblems(e, failed)...)
 		}
 		return out
+	}
+	var de *mapstructure.DecodeError
+	if errors.As(err, &de) {
+		failed[de.Name()] = true
+		return []string{fmt.Sprintf("%s: %v", de.Name(), errors.Unwrap(de))}
 	}
 	for _, line := range strings.Split(err.Error(), "\n") {
 		line = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(line), "*"))
@@ -426,8 +472,8 @@ func (pol *Policy) validate(prefix string, params []string) []string {
 		p = append(p, prefix+".id_pattern: must be set")
 	} else if re, err := regexp.Compile(pol.IDPattern); err != nil {
 		p = append(p, fmt.Sprintf("%s.id_pattern: %v", prefix, err))
-	} else if !strings.HasPrefix(pol.IDPattern, "^") || !strings.HasSuffix(pol.IDPattern, "$") {
-		p = append(p, prefix+".id_pattern: must be anchored with ^ and $")
+	} else if !anchored(pol.IDPattern) {
+		p = append(p, prefix+".id_pattern: must be anchored with ^ and $ around the whole pattern (^(?:a|b)$, not ^a|b$)")
 	} else if re.MatchString("") || re.MatchString("*") || re.MatchString(":") {
 		p = append(p, prefix+".id_pattern: must not match empty ids, '*' or ':'")
 	}
@@ -435,6 +481,20 @@ func (pol *Policy) validate(prefix string, params []string) []string {
 		p = append(p, prefix+".sql: must be set")
 	}
 	return p
+}
+
+// anchored reports whether every match of pattern must span the whole input: the pattern is a
+// concatenation that starts at the beginning of the text and ends at its end. Checking the
+// text for a leading ^ and trailing $ is not enough: ^1|2$ is an alternation of two unanchored
+// halves, and (?m)^1$ matches "x\n1".
+func anchored(pattern string) bool {
+	re, err := syntax.Parse(pattern, syntax.Perl)
+	if err != nil {
+		return false
+	}
+	re = re.Simplify()
+	return re.Op == syntax.OpConcat && len(re.Sub) >= 2 &&
+		re.Sub[0].Op == syntax.OpBeginText && re.Sub[len(re.Sub)-1].Op == syntax.OpEndText
 }
 
 // CheckAddr reports whether s is a host:port listen or dial address.
@@ -469,38 +529,112 @@ func (c *Config) Redacted() Config {
 	return out
 }
 
-// RedactURL masks the password of a PostgreSQL URL or key=value DSN.
+// redactedMark replaces every secret in Redacted's output.
+const redactedMark = "<redacted>"
+
+// RedactURL masks the passwords of a PostgreSQL URL or key=value DSN: the URL's userinfo
+// password, and in both forms the value of every password and sslpassword parameter. Where a
+// malformed string makes it impossible to tell where a password ends, it masks more, never less.
 func RedactURL(u string) string {
 	if i := strings.Index(u, "://"); i >= 0 {
-		rest := u[i+3:]
-		at := strings.LastIndex(rest[:indexOrLen(rest, "/")], "@")
-		if at >= 0 {
-			cred := rest[:at]
-			if user, _, ok := strings.Cut(cred, ":"); ok {
-				return u[:i+3] + user + ":<redacted>" + rest[at:]
-			}
+		return redactURLForm(u[:i+3], u[i+3:])
+	}
+	return redactDSN(u)
+}
+
+// redactURLForm reads the URL as pgx and libpq do: the userinfo ends at the first '@' before any
+// '/', and the query is '&'-separated key=value pairs.
+func redactURLForm(scheme, p string) string {
+	var b strings.Builder
+	b.WriteString(scheme)
+	if i := strings.IndexAny(p, "@/"); i >= 0 && p[i] == '@' {
+		user, _, hasPassword := strings.Cut(p[:i], ":")
+		b.WriteString(user)
+		if hasPassword {
+			b.WriteString(":" + redactedMark)
 		}
-		return redactParam(u, "password=")
+		b.WriteByte('@')
+		p = p[i+1:]
 	}
-	return redactParam(u, "password=")
+	// An '@' left after the userinfo means the parts cannot be told apart (an unencoded '/'
+	// or '@' in the password strands the rest of it after the host): hide everything.
+	if strings.IndexByte(p, '@') >= 0 {
+		return scheme + redactedMark
+	}
+	base, query, hasQuery := strings.Cut(p, "?")
+	b.WriteString(base)
+	if !hasQuery {
+		return b.String()
+	}
+	b.WriteByte('?')
+	for i, pair := range strings.Split(query, "&") {
+		if i > 0 {
+			b.WriteByte('&')
+		}
+		rawKey, _, hasValue := strings.Cut(pair, "=")
+		key, err := url.PathUnescape(rawKey)
+		if hasValue && (err != nil || secretParam(key)) {
+			b.WriteString(rawKey + "=" + redactedMark)
+			continue
+		}
+		b.WriteString(pair)
+	}
+	return b.String()
 }
 
-func redactParam(s, param string) string {
-	i := strings.Index(s, param)
-	if i < 0 {
-		return s
+// redactDSN walks a libpq key=value string (values bare or single-quoted, with backslash
+// escapes) and masks the secret values, keeping everything else as written.
+func redactDSN(s string) string {
+	const space = " \t\n\r\v\f"
+	var b strings.Builder
+	rest := s
+	for {
+		t := strings.TrimLeft(rest, space)
+		b.WriteString(rest[:len(rest)-len(t)])
+		rest = t
+		if rest == "" {
+			return b.String()
+		}
+		eq := strings.IndexByte(rest, '=')
+		if eq < 0 {
+			// Not key=value: nothing here can be told apart from a password.
+			return b.String() + redactedMark
+		}
+		key := strings.TrimSpace(rest[:eq])
+		b.WriteString(rest[:eq+1])
+		rest = rest[eq+1:]
+		t = strings.TrimLeft(rest, space)
+		b.WriteString(rest[:len(rest)-len(t)])
+		rest = t
+		end := 0
+		if rest != "" && rest[0] == '\'' {
+			for end = 1; end < len(rest) && rest[end] != '\''; end++ {
+				if rest[end] == '\\' {
+					end++
+				}
+			}
+			if end >= len(rest) {
+				return b.String() + redactedMark // unterminated quote
+			}
+			end++
+		} else {
+			for ; end < len(rest) && !strings.ContainsRune(space, rune(rest[end])); end++ {
+				if rest[end] == '\\' {
+					end++
+				}
+			}
+			end = min(end, len(rest))
+		}
+		if secretParam(key) {
+			b.WriteString(redactedMark)
+		} else {
+			b.WriteString(rest[:end])
+		}
+		rest = rest[end:]
 	}
-	j := i + len(param)
-	end := j
-	for end < len(s) && s[end] != ' ' && s[end] != '&' {
-		end++
-	}
-	return s[:j] + "<redacted>" + s[end:]
 }
 
-func indexOrLen(s, sub string) int {
-	if i := strings.Index(s, sub); i >= 0 {
-		return i
-	}
-	return len(s)
+// secretParam reports whether a connection parameter holds a secret.
+func secretParam(key string) bool {
+	return strings.EqualFold(key, "password") || strings.EqualFold(key, "sslpassword")
 }

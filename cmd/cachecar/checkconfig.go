@@ -2,6 +2,7 @@ package main
 
 import (
 	"reflect"
+	"strings"
 	"time"
 
 	"github.com/cachecar/cachecar/configs"
@@ -22,8 +23,8 @@ func toMap(v reflect.Value) any {
 		out := map[string]any{}
 		t := v.Type()
 		for i := 0; i < t.NumField(); i++ {
-			name := t.Field(i).Tag.Get("mapstructure")
-			if name == "" || name == "-" {
+			name, opts, _ := strings.Cut(t.Field(i).Tag.Get("mapstructure"), ",")
+			if name == "" || name == "-" || (opts == "omitempty" && v.Field(i).IsZero()) {
 				continue
 			}
 			out[name] = toMap(v.Field(i))

@@ -1,0 +1,138 @@
+package admin
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cachecar/cachecar/cachepolicy"
+	"github.com/cachecar/cachecar/internal/testenv"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rs/zerolog"
+)
+
+func realDB(t *testing.T) Pinger {
+	t.Helper()
+	pool, err := pgxpool.New(context.Background(), testenv.PostgresURL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	return cachepolicy.NewPG(pool)
+}
+
+func do(t *testing.T, h http.Handler, path string) (int, map[string]any) {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("GET", path, nil))
+	var body map[string]any
+	if path != "/metrics" {
+		if err := json.Unmarshal(rec.Body.Bytes(), &body); err != nil {
+			t.Fatalf("%s: not JSON: %q", path, rec.Body.String())
+		}
+		if ct := rec.Header().Get("Content-Type"); ct != "application/json" {
+			t.Fatalf("%s: Content-Type %q", path, ct)
+		}
+	}
+	return rec.Code, body
+}
+
+func TestReadinessFollowsLifecycle(t *testing.T) {
+	h := NewHealth(HealthOptions{CheckTimeout: time.Second, CacheEnabled: true}, realDB(t), nil, prometheus.NewRegistry())
+	handler := h.Handler()
+	for _, tc := range []struct {
+		state  int32
+		code   int
+		reason string
+	}{
+		{Starting, 503, "starting"},
+		{Serving, 200, ""},
+		{Draining, 503, "draining"},
+	} {
+		h.SetState(tc.state)
+		code, body := do(t, handler, "/ready")
+		if code != tc.code || (tc.reason != "" && body["reason"] != tc.reason) {
+			t.Fatalf("state %d: /ready %d %v, want %d %q", tc.state, code, body, tc.code, tc.reason)
+		}
+		// Liveness never depends on the lifecycle or on dependencies.
+		if code, body := do(t, handler, "/health"); code != 200 || body["status"] != "ok" {
+			t.Fatalf("state %d: /health %d %v", tc.state, code, body)
+		}
+	}
+}
+
+func TestDetailedShapes(t *testing.T) {
+	addr, _ := testenv.Valkey(t)
+	m := cachepolicy.NewMetrics(prometheus.NewRegistry())
+	up := cachepolicy.NewStore(cachepolicy.StoreOptions{Addrs: []string{addr}, Timeout: time.Second, DialTimeout: time.Second, ReconnectMax: time.Second}, zerolog.Nop(), m)
+	if err := up.Connect(); err != nil {
+		t.Fatal(err)
+	}
+	defer up.Close()
+	down := cachepolicy.NewStore(cachepolicy.StoreOptions{Addrs: []string{testenv.ClosedAddr(t)}, Timeout: time.Second, DialTimeout: time.Second, ReconnectMax: time.Second}, zerolog.Nop(), m)
+	db := realDB(t)
+	downPool, _ := pgxpool.New(context.Background(), "postgres://x:y@"+testenv.ClosedAddr(t)+"/z?sslmode=disable")
+	defer downPool.Close()
+	dbDown := cachepolicy.NewPG(downPool)
+
+	for _, tc := range []struct {
+		name          string
+		db, valkey    Pinger
+		cacheEnabled  bool
+		code          int
+		status, redis string
+		cache         string
+	}{
+		{"all up", db, up, true, 200, "healthy", "up", "up"},
+		{"valkey down", db, down, true, 200, "degraded", "down", "degraded"},
+		{"no valkey configured", db, nil, true, 200, "healthy", "disabled", "disabled"},
+		{"cache disabled", db, nil, false, 200, "healthy", "disabled", "disabled"},
+		{"database down", dbDown, up, true, 503, "unhealthy", "up", "up"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var vk Pinger
+			if tc.valkey != nil {
+				vk = tc.valkey
+			}
+			h := NewHealth(HealthOptions{CheckTimeout: time.Second, CacheEnabled: tc.cacheEnabled}, tc.db, vk, prometheus.NewRegistry())
+			code, body := do(t, h.Handler(), "/health/detailed")
+			services, _ := body["services"].(map[string]any)
+			redis, _ := services["redis"].(map[string]any)
+			cache, _ := services["cache"].(map[string]any)
+			database, _ := services["database"].(map[string]any)
+			if code != tc.code || body["status"] != tc.status || redis["status"] != tc.redis || cache["status"] != tc.cache {
+				t.Fatalf("got %d %v", code, body)
+			}
+			if _, ok := database["responseTime"].(float64); !ok {
+				t.Fatalf("database.responseTime missing: %v", database)
+			}
+			if _, err := time.Parse(time.RFC3339, body["timestamp"].(string)); err != nil {
+				t.Fatalf("timestamp: %v", err)
+			}
+			if _, ok := body["uptime"].(float64); !ok {
+				t.Fatalf("uptime missing: %v", body)
+			}
+		})
+	}
+}
+
+func TestUnknownRouteAndMetrics(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	c := prometheus.NewCounter(prometheus.CounterOpts{Name: "cachecar_test_total", Help: "test"})
+	reg.MustRegister(c)
+	c.Inc()
+	h := NewHealth(HealthOptions{CheckTimeout: time.Second}, realDB(t), nil, reg).Handler()
+	if code, body := do(t, h, "/nope"); code != 404 || body["error"] == nil {
+		t.Fatalf("unknown route: %d %v", code, body)
+	}
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	if rec.Code != 200 || !strings.Contains(rec.Body.String(), "cachecar_test_total 1") {
+		t.Fatalf("/metrics: %d %s", rec.Code, rec.Body.String())
+	}
+}

@@ -1,0 +1,460 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/cachecar/cachecar/internal/testenv"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// syncBuffer is an io.Writer the sidecar logs to while the test reads it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func envFunc(m map[string]string) func(string) string {
+	return func(k string) string { return m[k] }
+}
+
+// sidecar is one cachecar started through run, as main would, on :0 ports.
+type sidecar struct {
+	api, health string
+	out         *syncBuffer
+	cancel      context.CancelFunc
+	done        chan error
+}
+
+func startSidecar(t *testing.T, env map[string]string, extra ...string) *sidecar {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &sidecar{out: &syncBuffer{}, cancel: cancel, done: make(chan error, 1)}
+	args := append([]string{"serve", "--listen", "127.0.0.1:0", "--health-listen", "127.0.0.1:0"}, extra...)
+	go func() { s.done <- run(ctx, args, envFunc(env), s.out, s.out) }()
+	t.Cleanup(func() { s.stop(t) })
+	deadline := time.Now().Add(15 * time.Second)
+	for time.Now().Before(deadline) {
+		sc := bufio.NewScanner(strings.NewReader(s.out.String()))
+		for sc.Scan() {
+			var line struct{ Message, API, Health string }
+			if json.Unmarshal(sc.Bytes(), &line) == nil && line.Message == "listening" {
+				s.api, s.health = "http://"+line.API, "http://"+line.Health
+				return s
+			}
+		}
+		select {
+		case err := <-s.done:
+			t.Fatalf("run returned before listening: %v\n%s", err, s.out)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	t.Fatalf("no listening line within 15s:\n%s", s.out)
+	return nil
+}
+
+func (s *sidecar) stop(t *testing.T) {
+	t.Helper()
+	if s.cancel == nil {
+		return
+	}
+	s.cancel()
+	s.cancel = nil
+	select {
+	case err := <-s.done:
+		if err != nil {
+			t.Errorf("run returned %v on shutdown, want nil", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Error("run did not return within 20s of shutdown")
+	}
+}
+
+func get(t *testing.T, url string, hdr ...string) (*http.Response, string) {
+	t.Helper()
+	req, _ := http.NewRequest("GET", url, nil)
+	for i := 0; i+1 < len(hdr); i += 2 {
+		req.Header.Set(hdr[i], hdr[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp, string(b)
+}
+
+// referenceDB returns a URL to a fresh schema holding the reference schema and a few rows.
+func referenceDB(t *testing.T) string {
+	t.Helper()
+	url := testenv.PostgresURL(t)
+	var out bytes.Buffer
+	if err := run(context.Background(), []string{"migrate", "--reference-schema"}, envFunc(map[string]string{"DATABASE_URL": url}), &out, &out); err != nil {
+		t.Fatalf("migrate: %v\n%s", err, &out)
+	}
+	pool, err := pgxpool.New(context.Background(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	_, err = pool.Exec(context.Background(), `
+		INSERT INTO tenants (name, slug) VALUES ('Acme', 'acme'), ('Globex', 'globex');
+		INSERT INTO courses (tenant_id, title, scorm_package, status) SELECT 1 + i % 2, 'Course ' || i, 'c.zip', 'published' FROM generate_series(1, 10) i;
+		INSERT INTO dispatches (tenant_id, course_id, destination, status) SELECT c.tenant_id, c.id, 'org.example', 'active' FROM courses c;
+		INSERT INTO registrations (tenant_id, dispatch_id, course_id, learner_id, status, score)
+		  SELECT d.tenant_id, d.id, d.course_id, 'l' || i, CASE WHEN i % 2 = 0 THEN 'passed' ELSE 'incomplete' END, CASE WHEN i % 2 = 0 THEN 80 END
+		  FROM dispatches d, generate_series(1, 3) i;`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return url
+}
+
+func TestServeMissThenHitAndHealth(t *testing.T) {
+	url := referenceDB(t)
+	addr, prefix := testenv.Valkey(t)
+	s := startSidecar(t, map[string]string{"DATABASE_URL": url, "CACHECAR_VALKEY_ADDRS": addr, "CACHECAR_NAMESPACE": prefix})
+
+	r1, b1 := get(t, s.api+"/v1/courses/3")
+	r2, b2 := get(t, s.api+"/v1/courses/3")
+	if r1.StatusCode != 200 || r1.Header.Get("X-Cache") != "MISS" || r2.Header.Get("X-Cache") != "HIT" || b1 != b2 {
+		t.Fatalf("course twice: %d %s then %d %s; bodies equal: %v", r1.StatusCode, r1.Header.Get("X-Cache"), r2.StatusCode, r2.Header.Get("X-Cache"), b1 == b2)
+	}
+	if !strings.Contains(b1, `"title":"Course 3"`) {
+		t.Fatalf("course body %s", b1)
+	}
+	r3, _ := get(t, s.api+"/v1/courses/3", "If-None-Match", r2.Header.Get("ETag"))
+	if r3.StatusCode != http.StatusNotModified {
+		t.Fatalf("If-None-Match: %d, want 304", r3.StatusCode)
+	}
+	for _, path := range []string{"/v1/tenants/1", "/v1/tenants/1/stats", "/v1/tenants/1/dispatches?limit=2", "/v1/dispatches/1", "/v1/courses?ids=1,2,999"} {
+		if r, b := get(t, s.api+path); r.StatusCode != 200 || !json.Valid([]byte(b)) {
+			t.Fatalf("GET %s: %d %s", path, r.StatusCode, b)
+		}
+	}
+	_, stats := get(t, s.api+"/v1/tenants/1/stats")
+	var st map[string]any
+	json.Unmarshal([]byte(stats), &st)
+	for _, k := range []string{"courses", "active_dispatches", "registrations", "completions", "completion_rate", "average_score", "registrations_last_7_days"} {
+		if _, ok := st[k]; !ok {
+			t.Fatalf("stats lack %q: %s", k, stats)
+		}
+	}
+	if st["courses"] != float64(5) || st["registrations"] != float64(15) {
+		t.Fatalf("stats for tenant 1: %s, want 5 courses and 15 registrations", stats)
+	}
+	_, list := get(t, s.api+"/v1/tenants/1/dispatches?limit=2")
+	var page struct {
+		Items     []map[string]any `json:"items"`
+		NextAfter *float64         `json:"next_after"`
+	}
+	json.Unmarshal([]byte(list), &page)
+	if len(page.Items) != 2 || page.NextAfter == nil {
+		t.Fatalf("first page: %s", list)
+	}
+	_, list2 := get(t, fmt.Sprintf("%s/v1/tenants/1/dispatches?limit=100&after=%d", s.api, int64(*page.NextAfter)))
+	var page2 struct {
+		Items     []map[string]any `json:"items"`
+		NextAfter *float64         `json:"next_after"`
+	}
+	json.Unmarshal([]byte(list2), &page2)
+	if len(page2.Items) != 3 || page2.NextAfter != nil {
+		t.Fatalf("second page: %s, want the other 3 dispatches and no next_after", list2)
+	}
+	if r, b := get(t, s.api+"/v1/tenants/999/dispatches"); r.StatusCode != 404 {
+		t.Fatalf("dispatches of a missing tenant: %d %s", r.StatusCode, b)
+	}
+
+	r, b := get(t, s.health+"/health")
+	var live struct {
+		Status    string
+		Timestamp string
+		Uptime    float64
+	}
+	if json.Unmarshal([]byte(b), &live); r.StatusCode != 200 || live.Status != "ok" || live.Timestamp == "" {
+		t.Fatalf("/health: %d %s", r.StatusCode, b)
+	}
+	if _, err := time.Parse(time.RFC3339, live.Timestamp); err != nil {
+		t.Fatalf("/health timestamp %q is not RFC 3339", live.Timestamp)
+	}
+	if r, b := get(t, s.health+"/health/detailed"); r.StatusCode != 200 || !strings.Contains(b, `"status":"healthy"`) {
+		t.Fatalf("/health/detailed: %d %s", r.StatusCode, b)
+	}
+	if r, _ := get(t, s.health+"/ready"); r.StatusCode != 200 {
+		t.Fatalf("/ready: %d", r.StatusCode)
+	}
+	_, metrics := get(t, s.health+"/metrics")
+	for _, want := range []string{
+		`cachecar_http_requests_total{cache="HIT",code="200",route="GET /v1/courses/{id}"}`,
+		`cachecar_http_request_duration_seconds_bucket`,
+		`cachecar_db_queries_total{outcome="ok",policy="course"}`,
+		`cachecar_db_query_duration_seconds_bucket`,
+		`go_goroutines`,
+	} {
+		if !strings.Contains(metrics, want) {
+			t.Fatalf("/metrics lacks %s", want)
+		}
+	}
+	if strings.Contains(metrics, "/v1/courses/3") {
+		t.Fatal("/metrics has a label with a raw id")
+	}
+	// One access-log line per request, with the request id echoed to the client.
+	rid := "test-request-42"
+	get(t, s.api+"/v1/courses/3", "X-Request-Id", rid)
+	time.Sleep(50 * time.Millisecond)
+	var logged bool
+	for _, line := range strings.Split(s.out.String(), "\n") {
+		if strings.Contains(line, rid) {
+			logged = strings.Contains(line, `"route":"GET /v1/courses/{id}"`) && strings.Contains(line, `"cache":"HIT"`) &&
+				strings.Contains(line, `"status":200`) && strings.Contains(line, `"duration_ms"`)
+		}
+	}
+	if !logged {
+		t.Fatalf("no access-log line with request id, route, status, cache:\n%s", s.out)
+	}
+	if strings.Contains(s.out.String(), "cachecar:cachecar@") || strings.Contains(s.out.String(), "Course 3") {
+		t.Fatal("the log holds a password or a cached value")
+	}
+}
+
+func TestServeValkeyKilledThenBack(t *testing.T) {
+	url := referenceDB(t)
+	srv := testenv.StartRedis(t)
+	s := startSidecar(t, map[string]string{"DATABASE_URL": url, "CACHECAR_VALKEY_ADDRS": srv.Addr, "CACHECAR_VALKEY_TIMEOUT": "250ms"})
+	get(t, s.api+"/v1/courses/1")
+	if r, _ := get(t, s.api+"/v1/courses/1"); r.Header.Get("X-Cache") != "HIT" {
+		t.Fatalf("before the fault: %s", r.Header.Get("X-Cache"))
+	}
+	srv.Stop()
+	r, b := get(t, s.api+"/v1/courses/1")
+	if r.StatusCode != 200 || r.Header.Get("X-Cache") != "BYPASS" || !strings.Contains(b, `"id":1`) {
+		t.Fatalf("Valkey down: %d %s %s, want 200 BYPASS from PostgreSQL", r.StatusCode, r.Header.Get("X-Cache"), b)
+	}
+	if r, b := get(t, s.health+"/health/detailed"); r.StatusCode != 200 || !strings.Contains(b, `"status":"degraded"`) ||
+		!strings.Contains(b, `"redis":{"status":"down"`) {
+		t.Fatalf("/health/detailed with Valkey down: %d %s", r.StatusCode, b)
+	}
+	if r, _ := get(t, s.health+"/ready"); r.StatusCode != 200 {
+		t.Fatalf("/ready with only Valkey down: %d, want 200 (reads still work)", r.StatusCode)
+	}
+	if r, _ := get(t, s.health+"/health"); r.StatusCode != 200 {
+		t.Fatalf("/health with Valkey down: %d", r.StatusCode)
+	}
+	srv.Start(t)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		get(t, s.api+"/v1/courses/1")
+		if r, _ := get(t, s.api+"/v1/courses/1"); r.Header.Get("X-Cache") == "HIT" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no HIT within 10s of Valkey coming back")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if _, b := get(t, s.health+"/health/detailed"); !strings.Contains(b, `"status":"healthy"`) {
+		t.Fatalf("/health/detailed after Valkey came back: %s", b)
+	}
+}
+
+func TestServeStartsWithEverythingDown(t *testing.T) {
+	s := startSidecar(t, map[string]string{
+		"DATABASE_URL":          "postgres://cachecar:secret@" + testenv.ClosedAddr(t) + "/x?sslmode=disable",
+		"CACHECAR_VALKEY_ADDRS": testenv.ClosedAddr(t),
+	})
+	if r, _ := get(t, s.health+"/health"); r.StatusCode != 200 {
+		t.Fatalf("/health with everything down: %d, want 200 (liveness is the process)", r.StatusCode)
+	}
+	if r, _ := get(t, s.health+"/ready"); r.StatusCode != 503 {
+		t.Fatalf("/ready with PostgreSQL down: %d, want 503", r.StatusCode)
+	}
+	r, b := get(t, s.health+"/health/detailed")
+	if r.StatusCode != 503 || !strings.Contains(b, `"status":"unhealthy"`) {
+		t.Fatalf("/health/detailed: %d %s", r.StatusCode, b)
+	}
+	r, b = get(t, s.api+"/v1/courses/1")
+	if r.StatusCode != 503 || !strings.Contains(b, `"code":"database_unavailable"`) || r.Header.Get("Retry-After") == "" {
+		t.Fatalf("read with everything down: %d %s, want 503 database_unavailable", r.StatusCode, b)
+	}
+	if strings.Contains(s.out.String(), "secret") {
+		t.Fatal("the database password reached the log")
+	}
+}
+
+func TestShutdownFinishesInFlightRequests(t *testing.T) {
+	url := referenceDB(t)
+	s := startSidecar(t, map[string]string{
+		"DATABASE_URL":                       url,
+		"CACHECAR_VALKEY_ADDRS":              "",
+		"CACHECAR_POLICIES_TENANT_STATS_SQL": "SELECT json_build_object('slow', $1::bigint)::text FROM pg_sleep(0.5)",
+	})
+	type result struct {
+		code int
+		err  error
+	}
+	got := make(chan result, 1)
+	go func() {
+		resp, err := http.Get(s.api + "/v1/tenants/1/stats")
+		if err != nil {
+			got <- result{err: err}
+			return
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		got <- result{code: resp.StatusCode}
+	}()
+	time.Sleep(150 * time.Millisecond)
+	s.stop(t) // SIGTERM: run's context ends
+	r := <-got
+	if r.err != nil || r.code != 200 {
+		t.Fatalf("in-flight request during shutdown: %d %v, want 200", r.code, r.err)
+	}
+	if _, err := http.Get(s.api + "/v1/tenants/1"); err == nil {
+		t.Fatal("the read API still accepts connections after shutdown")
+	}
+}
+
+func TestCheckConfig(t *testing.T) {
+	t.Run("prints effective config redacted", func(t *testing.T) {
+		var out, errOut bytes.Buffer
+		env := map[string]string{"DATABASE_URL": "postgres://app:hunter2@db:5432/app", "REDIS_PASSWORD": "redispw", "ADMIN_TOKEN": "tok-123", "REDIS_HOST": "cache"}
+		if err := run(context.Background(), []string{"check-config"}, envFunc(env), &out, &errOut); err != nil {
+			t.Fatalf("check-config: %v %s", err, &errOut)
+		}
+		for _, secret := range []string{"hunter2", "redispw", "tok-123"} {
+			if strings.Contains(out.String(), secret) {
+				t.Fatalf("check-config printed secret %q:\n%s", secret, &out)
+			}
+		}
+		for _, want := range []string{"cache:6379", "postgres://app:<redacted>@db:5432/app", "course:{id}"} {
+			if !strings.Contains(out.String(), want) {
+				t.Fatalf("check-config output lacks %q:\n%s", want, &out)
+			}
+		}
+		// The output is itself a valid config file.
+		f := t.TempDir() + "/effective.yaml"
+		os.WriteFile(f, out.Bytes(), 0o600)
+		if err := run(context.Background(), []string{"check-config", "--config", f}, envFunc(nil), io.Discard, io.Discard); err != nil {
+			t.Fatalf("check-config output does not load back: %v", err)
+		}
+	})
+	t.Run("lists every problem and exits 2", func(t *testing.T) {
+		f := t.TempDir() + "/bad.yaml"
+		os.WriteFile(f, []byte("server:\n  listen: nowhere\n  bogus: 1\nvalkey:\n  timeout: soon\n"), 0o600)
+		var errOut bytes.Buffer
+		err := run(context.Background(), []string{"check-config", "--config", f}, envFunc(map[string]string{"CACHE_TTL_DEFAULT": "abc"}), io.Discard, &errOut)
+		if code := exitCode(err, &errOut); code != 2 {
+			t.Fatalf("exit code %d, want 2 (err %v)", code, err)
+		}
+		for _, want := range []string{"server.bogus", "server.listen", "timeout", "CACHE_TTL_DEFAULT"} {
+			if !strings.Contains(errOut.String(), want) {
+				t.Fatalf("problem list lacks %q:\n%s", want, &errOut)
+			}
+		}
+	})
+	t.Run("not YAML", func(t *testing.T) {
+		f := t.TempDir() + "/bad.yaml"
+		os.WriteFile(f, []byte("server: [unclosed\n\t- {"), 0o600)
+		var errOut bytes.Buffer
+		err := run(context.Background(), []string{"serve", "--config", f}, envFunc(nil), io.Discard, &errOut)
+		if code := exitCode(err, &errOut); code != 2 || !strings.Contains(errOut.String(), "not valid YAML") {
+			t.Fatalf("exit %d: %s", code, &errOut)
+		}
+	})
+}
+
+func TestMigrateIsIdempotent(t *testing.T) {
+	url := testenv.PostgresURL(t)
+	env := envFunc(map[string]string{"DATABASE_URL": url})
+	for i := 0; i < 2; i++ {
+		var out bytes.Buffer
+		if err := run(context.Background(), []string{"migrate", "--reference-schema"}, env, &out, &out); err != nil {
+			t.Fatalf("migrate run %d: %v\n%s", i+1, err, &out)
+		}
+	}
+	pool, err := pgxpool.New(context.Background(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	var n int
+	err = pool.QueryRow(context.Background(), `SELECT count(*) FROM information_schema.tables
+		WHERE table_schema = current_schema() AND table_name IN ('tenants','courses','dispatches','registrations','session','cachecar_schema_migrations')`).Scan(&n)
+	if err != nil || n != 6 {
+		t.Fatalf("%d of 6 tables after migrate (%v)", n, err)
+	}
+}
+
+func TestMigrateDemoData(t *testing.T) {
+	if testing.Short() {
+		t.Skip("loads a million rows")
+	}
+	url := testenv.PostgresURL(t)
+	var out bytes.Buffer
+	env := envFunc(map[string]string{"DATABASE_URL": url})
+	if err := run(context.Background(), []string{"migrate", "--demo-data"}, env, &out, &out); err != nil {
+		t.Fatalf("migrate --demo-data: %v\n%s", err, &out)
+	}
+	if !strings.Contains(out.String(), "demo data: loaded") {
+		t.Fatalf("first run: %s", &out)
+	}
+	out.Reset()
+	if err := run(context.Background(), []string{"migrate", "--demo-data"}, env, &out, &out); err != nil || !strings.Contains(out.String(), "already hold data") {
+		t.Fatalf("second run must leave the data alone: %v %s", err, &out)
+	}
+	pool, err := pgxpool.New(context.Background(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	for table, want := range map[string]int64{"tenants": 50, "courses": 5000, "dispatches": 200000, "registrations": 1000000} {
+		var n int64
+		if err := pool.QueryRow(context.Background(), "SELECT count(*) FROM "+table).Scan(&n); err != nil || n != want {
+			t.Fatalf("%s: %d rows (%v), want %d", table, n, err, want)
+		}
+	}
+	var mismatched int64
+	pool.QueryRow(context.Background(), `SELECT count(*) FROM dispatches d JOIN courses c ON c.id = d.course_id WHERE c.tenant_id <> d.tenant_id`).Scan(&mismatched)
+	if mismatched != 0 {
+		t.Fatalf("%d dispatches belong to another tenant than their course", mismatched)
+	}
+}
+
+func TestCommandLineErrors(t *testing.T) {
+	for _, args := range [][]string{{"frobnicate"}, {"serve", "extra"}, {"serve", "--nope"}, {"serve", "--demo-data"}} {
+		var errOut bytes.Buffer
+		err := run(context.Background(), args, envFunc(nil), io.Discard, &errOut)
+		var ee *exitError
+		if !errors.As(err, &ee) || ee.code != 2 {
+			t.Fatalf("%v: err %v, want exit 2", args, err)
+		}
+	}
+	var out bytes.Buffer
+	if err := run(context.Background(), []string{"version"}, envFunc(nil), &out, io.Discard); err != nil || !strings.HasPrefix(out.String(), "cachecar ") {
+		t.Fatalf("version: %v %q", err, &out)
+	}
+}
