@@ -69,6 +69,17 @@ func ETag(body []byte) string {
 // Get answers one read of policy p. key is the rendered key (without namespace); args are the
 // SQL arguments of p.SQL.
 func (r *Resolver) Get(ctx context.Context, p *Policy, key string, args ...any) (Result, error) {
+	return r.GetFunc(ctx, p, key, func(ctx context.Context) ([]byte, error) {
+		return r.loader.LoadOne(ctx, p.SQL, args...)
+	})
+}
+
+// LoadFunc loads one entry's bytes. It returns ErrNotFound when there is nothing to cache.
+type LoadFunc func(ctx context.Context) ([]byte, error)
+
+// GetFunc answers one read of policy p whose entry is loaded by load instead of p.SQL (a parsed
+// file, say), with the same tiers, single-flight and fill as Get.
+func (r *Resolver) GetFunc(ctx context.Context, p *Policy, key string, load LoadFunc) (Result, error) {
 	key = r.opts.Namespace + key
 	cacheState := Bypass
 	if r.store != nil {
@@ -96,7 +107,11 @@ func (r *Resolver) Get(ctx context.Context, p *Policy, key string, args ...any) 
 	ch := r.flight.DoChan(key, func() (any, error) {
 		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.opts.QueryTimeout)
 		defer cancel()
-		body, err := r.load(lctx, p, args...)
+		start := time.Now()
+		body, err := load(lctx)
+		if p.SQL != "" { // database loads only: a policy without SQL loads from elsewhere
+			r.observe(p, start, err)
+		}
 		if err != nil {
 			return nil, err
 		}
@@ -198,13 +213,6 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 		}
 	}
 	return items, state, nil
-}
-
-func (r *Resolver) load(ctx context.Context, p *Policy, args ...any) ([]byte, error) {
-	start := time.Now()
-	body, err := r.loader.LoadOne(ctx, p.SQL, args...)
-	r.observe(p, start, err)
-	return body, err
 }
 
 func (r *Resolver) observe(p *Policy, start time.Time, err error) {
