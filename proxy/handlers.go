@@ -134,8 +134,9 @@ func (s *Server) dispatchList() http.Handler {
 		}
 		limit := int64(defaultListLimit)
 		if v, ok := q["limit"]; ok {
+			// Only the canonical spelling: ParseInt alone takes "+5" and "005" too.
 			n, err := strconv.ParseInt(v, 10, 64)
-			if err != nil || n < 1 || n > maxListLimit || len(v) > 3 {
+			if err != nil || n < 1 || n > maxListLimit || strconv.FormatInt(n, 10) != v {
 				writeError(w, r, s, badRequest("bad_limit", fmt.Sprintf("limit must be a whole number from 1 to %d", maxListLimit)))
 				return
 			}

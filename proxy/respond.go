@@ -20,7 +20,8 @@ func writeResult(w http.ResponseWriter, r *http.Request, body []byte, cache stri
 	h.Set("X-Cache", cache)
 	h.Set("ETag", etag)
 	if withAge {
-		h.Set("Age", strconv.FormatInt(int64(age/time.Second), 10))
+		// Age is a non-negative number of seconds (RFC 9111 5.1), whatever the Reader says.
+		h.Set("Age", strconv.FormatInt(max(int64(age/time.Second), 0), 10))
 	}
 	if inm := r.Header.Get("If-None-Match"); inm != "" && etagMatch(inm, etag) {
 		w.WriteHeader(http.StatusNotModified)
@@ -67,23 +68,25 @@ func writeJSONError(w http.ResponseWriter, status int, code, msg string) {
 // writeError maps a read's error onto its HTTP status: the one place that does.
 func writeError(w http.ResponseWriter, r *http.Request, s *Server, err error) {
 	var in *cachepolicy.InputError
+	// observe has set the request id; repeating it ties this line to the access-log line.
+	rid := w.Header().Get("X-Request-Id")
 	switch {
 	case errors.As(err, &in):
 		writeJSONError(w, http.StatusBadRequest, in.Code, in.Message)
 	case errors.Is(err, cachepolicy.ErrNotFound):
 		writeJSONError(w, http.StatusNotFound, "not_found", "no such "+resourceName(r))
 	case errors.Is(err, cachepolicy.ErrUnavailable):
-		s.log.Warn().Err(err).Str("route", r.Pattern).Msg("database unavailable")
+		s.log.Warn().Err(err).Str("request_id", rid).Str("route", r.Pattern).Msg("database unavailable")
 		w.Header().Set("Retry-After", "1")
 		writeJSONError(w, http.StatusServiceUnavailable, "database_unavailable", "the database is unreachable and nothing is cached for this request")
 	case errors.Is(err, cachepolicy.ErrTimeout):
-		s.log.Warn().Err(err).Str("route", r.Pattern).Msg("database timeout")
+		s.log.Warn().Err(err).Str("request_id", rid).Str("route", r.Pattern).Msg("database timeout")
 		writeJSONError(w, http.StatusGatewayTimeout, "database_timeout", "the database did not answer in time")
 	case errors.Is(err, context.Canceled) && r.Context().Err() != nil:
 		// The client went away; nobody reads this answer. 499 is nginx's "client closed request".
 		w.WriteHeader(499)
 	default:
-		s.log.Error().Err(err).Str("route", r.Pattern).Msg("read failed")
+		s.log.Error().Err(err).Str("request_id", rid).Str("route", r.Pattern).Msg("read failed")
 		writeJSONError(w, http.StatusInternalServerError, "internal", "internal error; see the sidecar's log")
 	}
 }
@@ -93,7 +96,7 @@ func resourceName(r *http.Request) string {
 	switch r.Pattern {
 	case "GET /v1/tenants/{id}", "GET /v1/tenants/{id}/stats", "GET /v1/tenants/{id}/dispatches":
 		return "tenant"
-	case "GET /v1/courses/{id}":
+	case "GET /v1/courses/{id}", "GET /v1/courses":
 		return "course"
 	case "GET /v1/dispatches/{id}":
 		return "dispatch"
