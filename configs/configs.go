@@ -41,7 +41,20 @@ type Config struct {
 	Cache     CacheConfig    `mapstructure:"cache"`
 	Log       LogConfig      `mapstructure:"log"`
 	Policies  Policies       `mapstructure:"policies"`
+	Manifests Manifests      `mapstructure:"manifests"`
 }
+
+// Manifests configures the parsed SCORM manifest route.
+type Manifests struct {
+	Dir              string        `mapstructure:"dir"`
+	Key              string        `mapstructure:"key"`
+	TTL              time.Duration `mapstructure:"ttl"`
+	MaxManifestBytes int64         `mapstructure:"max_manifest_bytes"`
+	MaxEntries       int           `mapstructure:"max_entries"`
+}
+
+// ManifestParams are the placeholders of manifests.key.
+var ManifestParams = []string{"filename", "mtime"}
 
 // ServerConfig is the read API server.
 type ServerConfig struct {
@@ -434,6 +447,20 @@ func (c *Config) validate() []string {
 	for _, name := range names {
 		p = append(p, named[name].validate("policies."+name, PolicyParams[name])...)
 	}
+	if c.Manifests.Dir == "" {
+		p = append(p, "manifests.dir: must be set")
+	}
+	if c.Manifests.MaxManifestBytes <= 0 {
+		p = append(p, "manifests.max_manifest_bytes: must be positive")
+	}
+	if c.Manifests.MaxEntries <= 0 {
+		p = append(p, "manifests.max_entries: must be positive")
+	}
+	if c.Manifests.TTL <= 0 {
+		p = append(p, "manifests.ttl: must be a positive duration")
+	}
+	mk := Policy{Key: c.Manifests.Key, IDPattern: "^x$", SQL: "-"}
+	p = append(p, mk.validate("manifests", ManifestParams)...)
 	if c.Policies.Course.BatchSQL == "" {
 		p = append(p, "policies.course.batch_sql: must be set")
 	}

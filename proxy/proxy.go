@@ -25,6 +25,8 @@ type Policies struct {
 type Options struct {
 	// AccessSample is the fraction of requests logged (0 none, 1 all); 5xx are always logged.
 	AccessSample float64
+	// Manifests configures the SCORM manifest route; nil leaves the route out.
+	Manifests *Manifests
 }
 
 // Server is the read API. Its Handler is safe for concurrent use.

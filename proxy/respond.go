@@ -100,6 +100,8 @@ func resourceName(r *http.Request) string {
 		return "course"
 	case "GET /v1/dispatches/{id}":
 		return "dispatch"
+	case "GET /v1/manifests/{filename}":
+		return "package"
 	}
 	return "resource"
 }

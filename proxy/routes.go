@@ -16,6 +16,9 @@ func (s *Server) routes() http.Handler {
 	get("/v1/courses/{id}", s.single(s.pol.Course, "course id"))
 	get("/v1/courses", s.courseBatch())
 	get("/v1/dispatches/{id}", s.single(s.pol.Dispatch, "dispatch id"))
+	if s.opts.Manifests != nil {
+		get("/v1/manifests/{filename}", s.manifest())
+	}
 	mux.Handle("/", notFound())
 	return mux
 }

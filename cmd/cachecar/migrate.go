@@ -8,6 +8,7 @@ import (
 
 	"github.com/cachecar/cachecar/configs"
 	"github.com/cachecar/cachecar/internal/schema"
+	"github.com/cachecar/cachecar/internal/scorm/scormgen"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -30,6 +31,13 @@ func migrate(ctx context.Context, cfg *configs.Config, reference, demo bool, std
 		fmt.Fprintln(stdout, "demo data: loaded")
 	case demo:
 		fmt.Fprintln(stdout, "demo data: tables already hold data, left as they are")
+	}
+	if demo {
+		names, err := scormgen.WriteDemo(cfg.Manifests.Dir)
+		if err != nil {
+			return fmt.Errorf("demo SCORM packages: %w", err)
+		}
+		fmt.Fprintf(stdout, "demo SCORM packages in %s: %s\n", cfg.Manifests.Dir, strings.Join(names, ", "))
 	}
 	if len(rep.Applied) == 0 {
 		fmt.Fprintln(stdout, "migrations: up to date")

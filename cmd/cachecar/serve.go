@@ -13,6 +13,7 @@ import (
 	"github.com/cachecar/cachecar/admin"
 	"github.com/cachecar/cachecar/cachepolicy"
 	"github.com/cachecar/cachecar/configs"
+	"github.com/cachecar/cachecar/internal/scorm"
 	"github.com/cachecar/cachecar/proxy"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -75,7 +76,19 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 
 	res := cachepolicy.New(cachepolicy.Options{Namespace: cfg.Namespace, QueryTimeout: cfg.Database.QueryTimeout},
 		store, loader, log, cm)
-	api := proxy.New(proxy.Options{AccessSample: cfg.Log.AccessSample}, res, pol, log, reg)
+	manifestPolicy, err := cachepolicy.NewPolicy("manifest", cfg.Manifests.Key, configs.ManifestParams, cfg.Manifests.TTL, `^.+$`, "", "")
+	if err != nil {
+		return &exitError{code: 2, err: err}
+	}
+	api := proxy.New(proxy.Options{
+		AccessSample: cfg.Log.AccessSample,
+		Manifests: &proxy.Manifests{
+			Dir:    cfg.Manifests.Dir,
+			Policy: manifestPolicy,
+			Limits: scorm.Options{MaxManifestBytes: cfg.Manifests.MaxManifestBytes, MaxEntries: cfg.Manifests.MaxEntries},
+			Reader: res,
+		},
+	}, res, pol, log, reg)
 	health := admin.NewHealth(admin.HealthOptions{CheckTimeout: cfg.Health.CheckTimeout, CacheEnabled: cfg.Cache.Enabled},
 		loader, valkeyPinger, reg)
 
