@@ -1,0 +1,140 @@
+// Command directpg answers GET /v1/courses/{id} straight from PostgreSQL with pgxpool: what the
+// app does without a cache, the baseline for cachecar's hits and misses.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// courseQuery is the query cachecar's course loader runs on a miss, so that the two compare.
+const courseQuery = `SELECT row_to_json(c)::text FROM courses c WHERE c.id = $1`
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, "directpg:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("directpg", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	listen := fs.String("listen", "127.0.0.1:18081", "address to listen on")
+	dbURL := fs.String("database-url", getenv("DATABASE_URL"), "PostgreSQL URL (default $DATABASE_URL)")
+	poolSize := fs.Int("pool-size", 16, "pgxpool size; the pool opens every connection at start")
+	timeout := fs.Duration("query-timeout", 5*time.Second, "timeout of one query")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *dbURL == "" {
+		return errors.New("no database: set -database-url or DATABASE_URL")
+	}
+	if *poolSize < 1 {
+		return fmt.Errorf("pool size %d: must be at least 1", *poolSize)
+	}
+
+	cfg, err := pgxpool.ParseConfig(*dbURL)
+	if err != nil {
+		return fmt.Errorf("parse database url: %w", err)
+	}
+	cfg.MaxConns = int32(*poolSize)
+	// Open every connection up front so that the first seconds of a run do not pay for dialing.
+	cfg.MinConns = int32(*poolSize)
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return fmt.Errorf("create pool: %w", err)
+	}
+	defer pool.Close()
+	if err := pool.Ping(ctx); err != nil {
+		return fmt.Errorf("ping database: %w", err)
+	}
+
+	mux := http.NewServeMux()
+	mux.Handle("GET /v1/courses/{id}", courseHandler(pool, *timeout))
+
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	fmt.Fprintf(stdout, "directpg: listening on %s, pool size %d\n", ln.Addr(), *poolSize)
+	return serve(ctx, srv, ln)
+}
+
+// rowQuerier is the one pool method the handler uses.
+type rowQuerier interface {
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// courseHandler loads one course row as JSON on every request.
+func courseHandler(db rowQuerier, timeout time.Duration) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		id, err := strconv.ParseInt(r.PathValue("id"), 10, 64)
+		if err != nil || id < 1 {
+			writeError(w, http.StatusBadRequest, "bad_id", "course id must be a positive integer")
+			return
+		}
+		ctx, cancel := context.WithTimeout(r.Context(), timeout)
+		defer cancel()
+		var body []byte
+		err = db.QueryRow(ctx, courseQuery, id).Scan(&body)
+		switch {
+		case errors.Is(err, pgx.ErrNoRows):
+			writeError(w, http.StatusNotFound, "not_found", "course not found")
+			return
+		case errors.Is(err, context.DeadlineExceeded):
+			writeError(w, http.StatusGatewayTimeout, "timeout", "database query timed out")
+			return
+		case err != nil:
+			writeError(w, http.StatusServiceUnavailable, "database_unavailable", "database query failed")
+			return
+		}
+		h := w.Header()
+		h.Set("Content-Type", "application/json")
+		h.Set("Content-Length", strconv.Itoa(len(body)))
+		_, _ = w.Write(body)
+	})
+}
+
+// writeError writes the project's error shape; messages are fixed strings, never internals.
+func writeError(w http.ResponseWriter, status int, code, message string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_, _ = fmt.Fprintf(w, `{"error":{"code":%q,"message":%q}}`, code, message)
+}
+
+// serve runs srv on ln until ctx is done, then lets in-flight requests finish.
+func serve(ctx context.Context, srv *http.Server, ln net.Listener) error {
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case err := <-errc:
+		return fmt.Errorf("serve: %w", err)
+	case <-ctx.Done():
+	}
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(shutdownCtx); err != nil {
+		return fmt.Errorf("shutdown: %w", err)
+	}
+	if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("serve: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,499 @@
+#!/usr/bin/env bash
+# bench/run.sh: cachecar's benchmark. Four scenarios, one load generator (wrk), one concurrency:
+#   a  bench/fixedjson  fixed 1 KB JSON from net/http: the HTTP ceiling of this machine
+#   b  bench/directpg   one SELECT per request through pgxpool (16): the app without a cache
+#   c  cachecar hits    every course id warmed first, then random ids
+#   d  cachecar misses  fresh namespace, every id requested once
+# Prints a Markdown report (also written to var/bench/last.md). See bench/README.md.
+#
+# Environment: DATABASE_URL (required for b, c, d), REDIS_HOST (127.0.0.1), REDIS_PORT (6379),
+# CACHECAR_BIN (bin/cachecar), BENCH_DURATION (10s), BENCH_CONNECTIONS (50), BENCH_THREADS (2),
+# BENCH_SCENARIOS ("a b c d"), BENCH_ID_LAST (5000: ids 1..BENCH_ID_LAST exist in courses),
+# BENCH_MISS_WARM (200: ids requested untimed before d so that cachecar's pools are open).
+#
+# It stops only the processes it started, by PID. Exit status: 0 when every selected scenario
+# ran; the targets are informational.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+DURATION=${BENCH_DURATION:-10s}
+CONNECTIONS=${BENCH_CONNECTIONS:-50}
+THREADS=${BENCH_THREADS:-2}
+SCENARIOS=${BENCH_SCENARIOS:-a b c d}
+ID_LAST=${BENCH_ID_LAST:-5000}
+MISS_WARM=${BENCH_MISS_WARM:-200}
+CACHECAR_BIN=${CACHECAR_BIN:-bin/cachecar}
+REDIS_HOST=${REDIS_HOST:-127.0.0.1}
+REDIS_PORT=${REDIS_PORT:-6379}
+DATABASE_URL=${DATABASE_URL:-}
+
+OUT=var/bench
+BIN=$OUT/bin
+WRK_OPTS=(-t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency)
+
+log() { printf '[bench] %s\n' "$*" >&2; }
+
+# ---------------------------------------------------------------------------------------------
+# Processes: everything started goes into STARTED and is stopped by PID on exit.
+STARTED=()
+
+# stop_pid PID: SIGTERM, up to 10 s grace, then SIGKILL; sets STOP_STATUS to the exit status.
+# Not meant for $(...): only this shell can wait for its children.
+stop_pid() {
+	local pid=$1 i
+	STOP_STATUS=0
+	if ! kill -0 "$pid" 2>/dev/null; then
+		wait "$pid" 2>/dev/null || STOP_STATUS=$?
+		return 0
+	fi
+	kill -TERM "$pid" 2>/dev/null || true
+	for ((i = 0; i < 100; i++)); do
+		kill -0 "$pid" 2>/dev/null || break
+		sleep 0.1
+	done
+	if kill -0 "$pid" 2>/dev/null; then
+		log "PID $pid ignored SIGTERM for 10 s; sending SIGKILL"
+		kill -KILL "$pid" 2>/dev/null || true
+	fi
+	wait "$pid" 2>/dev/null || STOP_STATUS=$?
+}
+
+# forget PID: remove PID from STARTED once it has been stopped.
+forget() {
+	local pid=$1 keep=() p
+	for p in "${STARTED[@]}"; do
+		[[ $p == "$pid" ]] || keep+=("$p")
+	done
+	STARTED=("${keep[@]}")
+}
+
+cleanup() {
+	local pid
+	for pid in "${STARTED[@]}"; do
+		stop_pid "$pid"
+	done
+	STARTED=()
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT
+trap 'log "terminated"; exit 143' TERM
+
+# free_port: sets FREE_PORT to a loopback port nobody listens on, below Linux's ephemeral range
+# (32768+) so that wrk's own client ports cannot take it, and not one this run already picked.
+PICKED=" "
+free_port() {
+	local p i
+	for ((i = 0; i < 200; i++)); do
+		p=$((20000 + RANDOM % 12000))
+		[[ $PICKED == *" $p "* ]] && continue
+		if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+			PICKED+="$p "
+			FREE_PORT=$p
+			return 0
+		fi
+	done
+	return 1
+}
+
+random_hex() { od -An -N6 -tx1 /dev/urandom | tr -d ' \n'; }
+
+# ---------------------------------------------------------------------------------------------
+# Results, by scenario letter.
+declare -A RPS P50 P99 ERRS FAILED NOTE CMD
+DESC_a="fixedjson: fixed 1 KB JSON, Go net/http"
+DESC_b="directpg: pgxpool (16), one SELECT per request"
+DESC_c="cachecar hit: random ids, all warmed"
+DESC_d="cachecar miss: fresh namespace, each id once"
+
+fail() { # fail LETTER MESSAGE
+	FAILED[$1]=$2
+	log "scenario $1 FAILED: $2"
+}
+
+# to_ms VALUE: wrk's time ("250.00us", "1.38ms", "2.01s", "1.00m") in milliseconds.
+to_ms() {
+	awk -v t="$1" 'BEGIN {
+		v = t + 0; u = t; sub(/^[0-9.]+/, "", u)
+		if (u == "us") m = v / 1000; else if (u == "ms") m = v; else if (u == "s") m = v * 1000
+		else if (u == "m") m = v * 60000; else if (u == "h") m = v * 3600000; else exit 1
+		printf "%.3f", m }'
+}
+
+# parse_wrk LETTER FILE: fills RPS, P50, P99, ERRS from wrk --latency output.
+parse_wrk() {
+	local s=$1 f=$2 p50 p99 rps errs
+	p50=$(awk '$1 == "50%" { print $2; exit }' "$f")
+	p99=$(awk '$1 == "99%" { print $2; exit }' "$f")
+	rps=$(awk '$1 == "Requests/sec:" { print $2; exit }' "$f")
+	# "Socket errors: connect 0, read 0, write 0, timeout 0" and "Non-2xx or 3xx responses: 3"
+	# appear only when non-zero.
+	errs=$(awk '
+		/Socket errors:/ { for (i = 3; i <= NF; i += 2) { v = $(i + 1); gsub(/,/, "", v); n += v } }
+		/Non-2xx/ { n += $NF }
+		END { print n + 0 }' "$f")
+	if [[ -z $p50 || -z $p99 || -z $rps ]]; then
+		fail "$s" "could not parse wrk output ($f)"
+		return 1
+	fi
+	P50[$s]=$(to_ms "$p50") && P99[$s]=$(to_ms "$p99") || {
+		fail "$s" "unknown time unit in wrk output ($p50, $p99)"
+		return 1
+	}
+	RPS[$s]=$rps
+	ERRS[$s]=$errs
+}
+
+# run_wrk LETTER URL SCRIPT ARGS...: runs wrk in the background (so that the traps can stop it),
+# output in $OUT/wrk-LETTER.txt.
+run_wrk() {
+	local s=$1 url=$2 script=$3 pid status=0
+	shift 3
+	local cmd=(wrk "${WRK_OPTS[@]}" -s "$script" "$url" -- "$@")
+	CMD[$s]="${cmd[*]}"
+	log "scenario $s: ${cmd[*]}"
+	"${cmd[@]}" >"$OUT/wrk-$s.txt" 2>&1 &
+	pid=$!
+	STARTED+=("$pid")
+	wait "$pid" || status=$?
+	forget "$pid"
+	sed 's/^/    /' "$OUT/wrk-$s.txt" >&2
+	if ((status != 0)); then
+		fail "$s" "wrk exited with status $status"
+		return 1
+	fi
+	parse_wrk "$s" "$OUT/wrk-$s.txt"
+}
+
+# wait_ready LETTER PID URL TIMEOUT_S: waits for URL to answer 200 while PID stays alive.
+wait_ready() {
+	local s=$1 pid=$2 url=$3 timeout=$4 deadline
+	deadline=$((SECONDS + timeout))
+	while ((SECONDS < deadline)); do
+		if ! kill -0 "$pid" 2>/dev/null; then
+			return 1
+		fi
+		if "$BIN/warm" -wait "$url" -wait-timeout 1s >/dev/null 2>&1; then
+			log "scenario $s: $url ready"
+			return 0
+		fi
+	done
+	return 1
+}
+
+# start_helper LETTER NAME ARGS...: starts a Go helper, waits until course 1 answers 200.
+# Sets HELPER_PID and HELPER_URL.
+start_helper() {
+	local s=$1 name=$2 port
+	shift 2
+	free_port || {
+		fail "$s" "no free port"
+		return 1
+	}
+	port=$FREE_PORT
+	"$BIN/$name" -listen "127.0.0.1:$port" "$@" >"$OUT/$name.log" 2>&1 &
+	HELPER_PID=$!
+	STARTED+=("$HELPER_PID")
+	HELPER_URL="http://127.0.0.1:$port"
+	if ! wait_ready "$s" "$HELPER_PID" "$HELPER_URL/v1/courses/1" 30; then
+		fail "$s" "$name exited or did not answer 200 on /v1/courses/1 within 30 s (log: $OUT/$name.log: $(tail -n 3 "$OUT/$name.log" | tr '\n' ' '))"
+		stop_pid "$HELPER_PID"
+		forget "$HELPER_PID"
+		return 1
+	fi
+}
+
+stop_helper() { # stop_helper LETTER NAME PID
+	stop_pid "$3"
+	forget "$3"
+	if ((STOP_STATUS != 0)); then
+		log "scenario $1: $2 exited with status $STOP_STATUS on SIGTERM (log: $OUT/$2.log)"
+	fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# cachecar
+
+CACHECAR_VERSION="not run"
+
+# start_cachecar LETTER: starts "$CACHECAR_BIN serve" on free ports with a fresh namespace and
+# waits for /ready. Sets CC_PID, CC_URL, CC_NS, CC_LOG.
+start_cachecar() {
+	local s=$1 port hport
+	if [[ ! -x $CACHECAR_BIN ]]; then
+		fail "$s" "cachecar binary not found or not executable at '$CACHECAR_BIN' (build it: go build -o bin/cachecar ./cmd/cachecar, or set CACHECAR_BIN)"
+		return 1
+	fi
+	if [[ -z $DATABASE_URL ]]; then
+		fail "$s" "DATABASE_URL is not set"
+		return 1
+	fi
+	free_port && port=$FREE_PORT && free_port && hport=$FREE_PORT || {
+		fail "$s" "no free port"
+		return 1
+	}
+	CC_NS="bench:$(random_hex):"
+	CC_LOG="$OUT/cachecar-$s.log"
+	CC_URL="http://127.0.0.1:$port"
+	# ADMIN_TOKEN is dropped so that the admin port stays off: it is not benchmarked and its
+	# default port could be taken by a cachecar the developer runs.
+	env -u ADMIN_TOKEN -u CACHECAR_ADMIN_TOKEN \
+		DATABASE_URL="$DATABASE_URL" REDIS_HOST="$REDIS_HOST" REDIS_PORT="$REDIS_PORT" \
+		CACHECAR_SERVER_LISTEN="127.0.0.1:$port" CACHECAR_HEALTH_LISTEN="127.0.0.1:$hport" \
+		CACHECAR_NAMESPACE="$CC_NS" \
+		"$CACHECAR_BIN" serve >"$CC_LOG" 2>&1 &
+	CC_PID=$!
+	STARTED+=("$CC_PID")
+	log "scenario $s: cachecar PID $CC_PID on $CC_URL, health 127.0.0.1:$hport, namespace $CC_NS, log $CC_LOG"
+	if ! wait_ready "$s" "$CC_PID" "http://127.0.0.1:$hport/ready" 30; then
+		if kill -0 "$CC_PID" 2>/dev/null; then
+			fail "$s" "cachecar /ready did not answer 200 within 30 s (log: $CC_LOG)"
+		else
+			fail "$s" "cachecar exited during start-up (log: $CC_LOG: $(tail -n 3 "$CC_LOG" | tr '\n' ' '))"
+		fi
+		stop_pid "$CC_PID"
+		forget "$CC_PID"
+		return 1
+	fi
+}
+
+stop_cachecar() { # stop_cachecar LETTER
+	stop_pid "$CC_PID"
+	forget "$CC_PID"
+	if ((STOP_STATUS != 0)); then
+		NOTE[$1]+=" cachecar exited with status $STOP_STATUS on SIGTERM (want 0)."
+		log "scenario $1: cachecar exited with status $STOP_STATUS on SIGTERM (log: $CC_LOG)"
+	fi
+	clear_namespace "$CC_NS"
+}
+
+# access_counts LOG SKIP: X-Cache results of the access-log lines after the first SKIP lines
+# ("HIT=n MISS=m ..."), empty when the log has none. Every request is logged (access_sample 1),
+# so this shows what wrk's answers were without making wrk parse headers.
+access_counts() {
+	# "none": no cache result, e.g. a request wrk abandoned at the end of the run (status 499).
+	tail -n +"$(($2 + 1))" "$1" | grep -o '"cache":"[A-Z]*"' | sed 's/"cache":"\([A-Z]*\)"/\1/; s/^$/none/' |
+		sort | uniq -c | awk '{ printf "%s%s=%s", sep, $2, $1; sep = " " }' || true
+}
+
+# hit_fraction COUNTS: HIT over all in "HIT=n MISS=m ..."
+hit_fraction() {
+	awk -v c="$1" 'BEGIN { n = split(c, kv, " "); for (i = 1; i <= n; i++) { split(kv[i], p, "=");
+		t += p[2]; if (p[1] == "HIT") h = p[2] } if (t > 0) printf "%.4f", h / t; else print "n/a" }'
+}
+
+# clear_namespace NS: best effort; the keys would expire with their TTL anyway.
+clear_namespace() {
+	command -v redis-cli >/dev/null || return 0
+	local rc=(redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT")
+	[[ -n ${REDIS_PASSWORD:-} ]] && export REDISCLI_AUTH=$REDIS_PASSWORD
+	"${rc[@]}" --scan --pattern "$1*" 2>/dev/null | xargs -r -n 500 "${rc[@]}" unlink >/dev/null 2>&1 || true
+}
+
+# ---------------------------------------------------------------------------------------------
+# Scenarios
+
+scenario_a() {
+	start_helper a fixedjson || return 1
+	run_wrk a "$HELPER_URL" bench/random.lua 1 "$ID_LAST" || true
+	stop_helper a fixedjson "$HELPER_PID"
+	[[ -z ${FAILED[a]:-} ]]
+}
+
+scenario_b() {
+	if [[ -z $DATABASE_URL ]]; then
+		fail b "DATABASE_URL is not set"
+		return 1
+	fi
+	start_helper b directpg -database-url "$DATABASE_URL" -pool-size 16 || return 1
+	run_wrk b "$HELPER_URL" bench/random.lua 1 "$ID_LAST" || true
+	stop_helper b directpg "$HELPER_PID"
+	[[ -z ${FAILED[b]:-} ]]
+}
+
+scenario_c() {
+	local out skip counts
+	start_cachecar c || return 1
+	# A few non-HIT answers in the verify pass (a BYPASS on a cache timeout) are reported, not
+	# fatal; below 95% the run would not be measuring hits.
+	if ! out=$("$BIN/warm" -base "$CC_URL" -first 1 -last "$ID_LAST" -concurrency 16 -verify -min-hit 0.95 2>&1); then
+		printf '%s\n' "$out" | sed 's/^/    /' >&2
+		fail c "warm-up failed: $(printf '%s' "$out" | tail -n 1)"
+		stop_cachecar c
+		return 1
+	fi
+	printf '%s\n' "$out" | sed 's/^/    /' >&2
+	NOTE[c]+=" warm-up $(printf '%s' "$out" | grep 'verify pass' | sed 's/^warm: //')."
+	skip=$(wc -l <"$CC_LOG")
+	run_wrk c "$CC_URL" bench/random.lua 1 "$ID_LAST" || true
+	stop_cachecar c
+	counts=$(access_counts "$CC_LOG" "$skip")
+	if [[ -n $counts ]]; then
+		NOTE[c]+=" During the run, cachecar's access log: $counts (hit fraction $(hit_fraction "$counts"))."
+	else
+		NOTE[c]+=" cachecar's access log has no cache field: the hit fraction during the run is unknown."
+	fi
+	[[ -z ${FAILED[c]:-} ]]
+}
+
+scenario_d() {
+	local first=1 out done_dir line n window rps complete xcache miss statuses
+	start_cachecar d || return 1
+	if ((MISS_WARM > 0)); then
+		# Untimed: opens cachecar's PostgreSQL and Redis connections, as directpg opens its pool
+		# at start. These ids are then left out of the timed run.
+		if ! out=$("$BIN/warm" -base "$CC_URL" -first 1 -last "$MISS_WARM" -concurrency "$CONNECTIONS" 2>&1); then
+			fail d "pre-warm failed: $(printf '%s' "$out" | tail -n 1)"
+			stop_cachecar d
+			return 1
+		fi
+		first=$((MISS_WARM + 1))
+	fi
+	done_dir=$(mktemp -d "$OUT/miss-done.XXXXXX")
+	run_wrk d "$CC_URL" bench/miss.lua "$first" "$ID_LAST" "$THREADS" "$done_dir" || true
+	rm -rf "$done_dir"
+	stop_cachecar d
+	[[ -z ${FAILED[d]:-} ]] || return 1
+
+	# Throughput comes from the script's own clock: wrk divides by the whole run, including the
+	# end of the run after the last slice was done.
+	line=$(grep '^MISS_RESULT' "$OUT/wrk-d.txt" || true)
+	xcache=$(grep '^MISS_XCACHE' "$OUT/wrk-d.txt" | sed 's/^MISS_XCACHE //' || true)
+	statuses=$(grep '^MISS_STATUS' "$OUT/wrk-d.txt" | sed 's/^MISS_STATUS //' || true)
+	if [[ -z $line ]]; then
+		fail d "bench/miss.lua printed no MISS_RESULT line"
+		return 1
+	fi
+	n=$(sed -n 's/.*requests=\([0-9]*\).*/\1/p' <<<"$line")
+	window=$(sed -n 's/.*window_us=\([0-9]*\).*/\1/p' <<<"$line")
+	rps=$(sed -n 's/.*rps=\([0-9.]*\).*/\1/p' <<<"$line")
+	complete=$(sed -n 's/.*complete=\([01]\).*/\1/p' <<<"$line")
+	miss=$(sed -n 's/.*MISS=\([0-9]*\).*/\1/p' <<<" $xcache")
+	RPS[d]=$rps
+	NOTE[d]+=" ids $first..$ID_LAST once each, $n answered in $(awk -v w="$window" 'BEGIN { printf "%.0f", w / 1000 }') ms; X-Cache $xcache; status $statuses; miss fraction $(awk -v m="${miss:-0}" -v n="$n" 'BEGIN { if (n > 0) printf "%.4f", m / n; else print "n/a" }')."
+	if [[ $complete != 1 ]]; then
+		NOTE[d]+=" The run hit -d $DURATION before every id was requested."
+	fi
+	if [[ ${miss:-0} != "$n" ]]; then
+		log "scenario d: WARNING not every answer was a MISS (X-Cache $xcache)"
+	fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+ratio() { # ratio NUM DEN: NUM/DEN with 3 decimals, or empty
+	[[ -n $1 && -n $2 ]] || return 0
+	awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f", a / b }'
+}
+
+# verdict VALUE OP LIMIT: PASS or MISS ("n/a" without a value)
+verdict() {
+	[[ -n $1 ]] || {
+		echo "n/a"
+		return 0
+	}
+	awk -v v="$1" -v op="$2" -v l="$3" 'BEGIN {
+		ok = (op == ">=") ? (v >= l) : (v <= l); print ok ? "PASS" : "MISS" }'
+}
+
+report() {
+	local s row status ca cb dbp c99 v
+	echo "## Benchmark run $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+	echo
+	echo "- machine: nproc $(nproc), $(uname -sr) $(uname -m); every process on loopback, wrk on the same cores"
+	echo "- CPU busy in the second before the run: ${CPU_BUSY}%$( ((CPU_BUSY > 20)) && printf ' (other work was running: numbers are not representative)')"
+	echo "- go: $(go version | sed 's/^go version //'); wrk: $(wrk -v 2>&1 | head -n 1 | sed 's/^wrk //; s/ Copyright.*//')"
+	echo "- cachecar: ${CACHECAR_VERSION}"
+	echo "- load: \`wrk ${WRK_OPTS[*]}\` in every scenario; course ids 1..$ID_LAST"
+	for s in a b c d; do
+		[[ -n ${CMD[$s]:-} ]] && echo "- $s: \`${CMD[$s]}\`"
+	done
+	echo
+	echo "| scenario | what | requests/s | p50 ms | p99 ms | errors |"
+	echo "|---|---|---:|---:|---:|---:|"
+	for s in a b c d; do
+		v="DESC_$s"
+		if [[ -n ${RPS[$s]:-} && -z ${FAILED[$s]:-} ]]; then
+			echo "| $s | ${!v} | $(awk -v r="${RPS[$s]}" 'BEGIN { printf "%.0f", r }') | ${P50[$s]} | ${P99[$s]} | ${ERRS[$s]} |"
+		elif [[ -n ${FAILED[$s]:-} ]]; then
+			echo "| $s | ${!v} | failed | | | |"
+		else
+			echo "| $s | ${!v} | not run | | | |"
+		fi
+	done
+	echo
+	ca=$(ratio "${RPS[c]:-}" "${RPS[a]:-}")
+	cb=$(ratio "${RPS[c]:-}" "${RPS[b]:-}")
+	dbp=$(ratio "${P50[d]:-}" "${P50[b]:-}")
+	c99=${P99[c]:-}
+	echo "| target | value | goal | result |"
+	echo "|---|---:|---|---|"
+	echo "| c/a throughput (hit vs HTTP ceiling) | ${ca:-n/a} | >= 0.45 | $(verdict "$ca" ">=" 0.45) |"
+	echo "| c/b throughput (hit vs no cache) | ${cb:-n/a} | >= 2.3 | $(verdict "$cb" ">=" 2.3) |"
+	echo "| c p99 latency ms | ${c99:-n/a} | <= 10 | $(verdict "$c99" "<=" 10) |"
+	echo "| d/b p50 latency (miss vs no cache) | ${dbp:-n/a} | <= 1.3 | $(verdict "$dbp" "<=" 1.3) |"
+	echo
+	for s in a b c d; do
+		if [[ -n ${FAILED[$s]:-} ]]; then
+			echo "- $s: FAILED: ${FAILED[$s]}"
+		elif [[ -n ${NOTE[$s]:-} ]]; then
+			echo "- $s:${NOTE[$s]}"
+		fi
+	done
+	echo "- errors = non-2xx answers plus socket errors; d's requests/s is answered requests over the"
+	echo "  time from its first request to its last answer (bench/miss.lua), not wrk's Requests/sec."
+}
+
+# ---------------------------------------------------------------------------------------------
+# Main
+
+for tool in wrk go; do
+	command -v "$tool" >/dev/null || {
+		log "$tool is not installed"
+		exit 1
+	}
+done
+# cpu_busy: percent of all CPU time spent busy over one second, from /proc/stat. Taken before
+# anything starts: on 2 cores, a concurrent build or test run makes every number meaningless.
+cpu_busy() {
+	local a b
+	a=$(head -n 1 /proc/stat)
+	sleep 1
+	b=$(head -n 1 /proc/stat)
+	awk -v a="$a" -v b="$b" 'BEGIN {
+		n = split(a, x, " "); split(b, y, " ")
+		for (i = 2; i <= n; i++) { d = y[i] - x[i]; t += d; if (i == 5 || i == 6) idle += d }
+		printf "%d", (t > 0) ? 100 * (t - idle) / t : 0 }'
+}
+CPU_BUSY=$(cpu_busy)
+mkdir -p "$BIN"
+log "building helpers into $BIN"
+go build -o "$BIN/" ./bench/fixedjson ./bench/directpg ./bench/warm
+
+if [[ " $SCENARIOS " == *" c "* || " $SCENARIOS " == *" d "* ]] && [[ -x $CACHECAR_BIN ]]; then
+	CACHECAR_VERSION=$(timeout 5 "$CACHECAR_BIN" version 2>&1 | head -n 1 || true)
+	CACHECAR_VERSION="$CACHECAR_BIN, ${CACHECAR_VERSION:-version unknown}"
+fi
+
+for s in $SCENARIOS; do
+	case $s in
+	a | b | c | d) "scenario_$s" || true ;;
+	*)
+		log "unknown scenario '$s' in BENCH_SCENARIOS (want a subset of: a b c d)"
+		exit 1
+		;;
+	esac
+done
+
+report | tee "$OUT/last.md"
+log "report written to $OUT/last.md"
+
+rc=0
+for s in $SCENARIOS; do
+	if [[ -n ${FAILED[$s]:-} ]]; then
+		log "scenario $s did not run: ${FAILED[$s]}"
+		rc=1
+	fi
+done
+exit "$rc"
