@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"net/http"
+	"net/http/pprof"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -32,6 +33,8 @@ type HealthOptions struct {
 	CheckTimeout time.Duration
 	// CacheEnabled is false when caching is switched off by config.
 	CacheEnabled bool
+	// Pprof serves net/http/pprof under /debug/pprof/.
+	Pprof bool
 }
 
 // Health serves /health, /health/detailed, /ready and /metrics.
@@ -60,6 +63,13 @@ func (h *Health) Handler() http.Handler {
 	mux.HandleFunc("GET /health/detailed", h.detailed)
 	mux.HandleFunc("GET /ready", h.ready)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(h.gather, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError}))
+	if h.opts.Pprof {
+		mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+		mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, map[string]any{"error": map[string]string{
 			"code": "no_route", "message": "no such route; the health port serves /health, /health/detailed, /ready and /metrics"}})

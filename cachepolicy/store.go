@@ -33,6 +33,9 @@ type StoreOptions struct {
 	// ReconnectMax caps the back-off between attempts while Valkey was unreachable at start-up.
 	// Once connected, valkey-go reconnects by itself on the next call.
 	ReconnectMax time.Duration
+	// MaxFlushDelay is valkey-go's: how long the writer may wait to batch concurrent commands
+	// into one write. 0 flushes at once.
+	MaxFlushDelay time.Duration
 }
 
 // Store is the shared cache tier in Valkey/Redis. It is safe for concurrent use. While it has
@@ -67,6 +70,7 @@ func (s *Store) Connect() error {
 		Dialer:           net.Dialer{Timeout: s.opts.DialTimeout, KeepAlive: 30 * time.Second},
 		ConnWriteTimeout: s.opts.Timeout * 20,
 		ClientName:       "cachecar",
+		MaxFlushDelay:    s.opts.MaxFlushDelay,
 	})
 	if err != nil {
 		s.setUp(false)

@@ -70,6 +70,7 @@ type ServerConfig struct {
 type HealthConfig struct {
 	Listen       string        `mapstructure:"listen"`
 	CheckTimeout time.Duration `mapstructure:"check_timeout"`
+	Pprof        bool          `mapstructure:"pprof"`
 }
 
 // AdminConfig is the admin port; it is closed while Token is empty.
@@ -95,6 +96,8 @@ type ValkeyConfig struct {
 	Timeout      time.Duration `mapstructure:"timeout"`
 	DialTimeout  time.Duration `mapstructure:"dial_timeout"`
 	ReconnectMax time.Duration `mapstructure:"reconnect_max"`
+	// MaxFlushDelay is valkey-go's MaxFlushDelay; 0 flushes at once.
+	MaxFlushDelay time.Duration `mapstructure:"max_flush_delay"`
 }
 
 // CacheConfig switches caching and holds the default TTL.
@@ -410,6 +413,9 @@ func (c *Config) validate() []string {
 	positive("valkey.dial_timeout", c.Valkey.DialTimeout)
 	positive("valkey.reconnect_max", c.Valkey.ReconnectMax)
 	positive("cache.ttl_default", c.Cache.TTLDefault)
+	if c.Valkey.MaxFlushDelay < 0 || c.Valkey.MaxFlushDelay > time.Millisecond {
+		p = append(p, fmt.Sprintf("valkey.max_flush_delay: must be from 0 to 1ms, got %s", c.Valkey.MaxFlushDelay))
+	}
 	if c.Server.DrainDelay < 0 {
 		p = append(p, "server.drain_delay: must not be negative")
 	}

@@ -60,7 +60,7 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 		store = cachepolicy.NewStore(cachepolicy.StoreOptions{
 			Addrs: cfg.Valkey.Addrs, Username: cfg.Valkey.Username, Password: cfg.Valkey.Password,
 			DB: cfg.Valkey.DB, Timeout: cfg.Valkey.Timeout, DialTimeout: cfg.Valkey.DialTimeout,
-			ReconnectMax: cfg.Valkey.ReconnectMax,
+			ReconnectMax: cfg.Valkey.ReconnectMax, MaxFlushDelay: cfg.Valkey.MaxFlushDelay,
 		}, log.With().Str("component", "valkey").Logger(), cm)
 		defer store.Close()
 		if err := store.Connect(); err != nil {
@@ -89,7 +89,7 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 			Reader: res,
 		},
 	}, res, pol, log, reg)
-	health := admin.NewHealth(admin.HealthOptions{CheckTimeout: cfg.Health.CheckTimeout, CacheEnabled: cfg.Cache.Enabled},
+	health := admin.NewHealth(admin.HealthOptions{CheckTimeout: cfg.Health.CheckTimeout, CacheEnabled: cfg.Cache.Enabled, Pprof: cfg.Health.Pprof},
 		loader, valkeyPinger, reg)
 
 	apiLn, err := net.Listen("tcp", cfg.Server.Listen)
