@@ -203,7 +203,9 @@ func TestManifestInvalidPackagesAnswer422AndTheVerdictIsCached(t *testing.T) {
 			m.write(t, tc.name, tc.data)
 			r1, b1 := m.get(t, tc.name)
 			r2, b2 := m.get(t, tc.name)
-			var e struct{ Error struct{ Code, Message string } }
+			var e struct {
+				Error struct{ Code, Message string }
+			}
 			json.Unmarshal(b1, &e)
 			if r1.StatusCode != 422 || e.Error.Code != "invalid_package" || !strings.Contains(e.Error.Message, tc.want) {
 				t.Fatalf("%d %s, want 422 invalid_package naming %q", r1.StatusCode, b1, tc.want)
