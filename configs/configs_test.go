@@ -341,19 +341,28 @@ func TestEnvOnlyConfig(t *testing.T) {
 		"CACHECAR_POLICIES_TENANT_STATS_TTL":        "2m",
 		"CACHECAR_POLICIES_TENANT_STATS_KEY":        "stats:{tenant_id}",
 		"CACHECAR_POLICIES_TENANT_STATS_ID_PATTERN": "^[1-9][0-9]*$",
+		"CACHECAR_HEALTH_PPROF":                     "true",
+		"CACHECAR_VALKEY_MAX_FLUSH_DELAY":           "0s",
+		"CACHECAR_MANIFESTS_DIR":                    "/srv/scorm",
+		"CACHECAR_MANIFESTS_KEY":                    "m:{mtime}:{filename}",
+		"CACHECAR_MANIFESTS_TTL":                    "30m",
+		"CACHECAR_MANIFESTS_MAX_MANIFEST_BYTES":     "1048576",
+		"CACHECAR_MANIFESTS_MAX_ENTRIES":            "500",
 	}
 	cfg := mustLoad(t, Source{Getenv: env(e)})
 	want := Config{
 		Namespace: "app1:",
 		Server: ServerConfig{Listen: "127.0.0.1:18080", ReadHeaderTimeout: 3 * time.Second, WriteTimeout: 20 * time.Second,
 			IdleTimeout: time.Minute, DrainDelay: 5 * time.Second, ShutdownTimeout: 25 * time.Second},
-		Health:   HealthConfig{Listen: "0.0.0.0:18081", CheckTimeout: 2 * time.Second},
+		Health:   HealthConfig{Listen: "0.0.0.0:18081", CheckTimeout: 2 * time.Second, Pprof: true},
 		Admin:    AdminConfig{Listen: "127.0.0.1:18082", Token: "admintoken"},
 		Database: DatabaseConfig{URL: e["DATABASE_URL"], MaxConns: 32, ConnectTimeout: 3 * time.Second, QueryTimeout: 4 * time.Second},
 		Valkey: ValkeyConfig{Addrs: []string{"redis.internal:6380"}, Username: "cachecar", Password: "redispw", DB: 2,
 			Timeout: 80 * time.Millisecond, DialTimeout: 2 * time.Second, ReconnectMax: 10 * time.Second},
 		Cache: CacheConfig{Enabled: true, TTLDefault: 10 * time.Minute},
 		Log:   LogConfig{Level: "debug", AccessSample: 0.5},
+		Manifests: Manifests{Dir: "/srv/scorm", Key: "m:{mtime}:{filename}", TTL: 30 * time.Minute,
+			MaxManifestBytes: 1 << 20, MaxEntries: 500},
 	}
 	def := mustLoad(t, Source{})
 	want.Policies = def.Policies
@@ -754,6 +763,27 @@ func TestPolicyParamsMatchNamed(t *testing.T) {
 	for name := range named {
 		if _, ok := PolicyParams[name]; !ok {
 			t.Errorf("policy %q has no PolicyParams entry", name)
+		}
+	}
+}
+
+func TestManifestsAndFlushDelayProblems(t *testing.T) {
+	for _, tc := range []struct {
+		set  []string
+		want string
+	}{
+		{[]string{"manifests.key=scorm:{filename}"}, "must contain {mtime} exactly once"},
+		{[]string{"manifests.key=scorm:{filename}:{mtime}:{id}"}, "unknown placeholder {id}"},
+		{[]string{"manifests.dir="}, "manifests.dir: must be set"},
+		{[]string{"manifests.max_manifest_bytes=0"}, "manifests.max_manifest_bytes: must be positive"},
+		{[]string{"manifests.max_entries=-1"}, "manifests.max_entries: must be positive"},
+		{[]string{"manifests.ttl=0s"}, "manifests.ttl: must be a positive duration"},
+		{[]string{"valkey.max_flush_delay=5ms"}, "valkey.max_flush_delay: must be from 0 to 1ms"},
+	} {
+		_, err := Load(Source{Sets: tc.set})
+		var pe *ProblemsError
+		if !errors.As(err, &pe) || !strings.Contains(pe.Error(), tc.want) {
+			t.Errorf("%v: got %v, want a problem containing %q", tc.set, err, tc.want)
 		}
 	}
 }
