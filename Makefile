@@ -20,6 +20,7 @@ TEST_ENV := CACHECAR_TEST_DATABASE_URL='$(TEST_DATABASE_URL)' \
             CACHECAR_TEST_REDIS_SERVER=$$(command -v redis-server)
 
 GO_TEST_FLAGS ?= -race -count=1 -timeout 12m
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
 .PHONY: run test build services services-down migrate bench fuzz vet fmt check-go clean
 
@@ -32,6 +33,7 @@ run: check-go services build migrate
 	@echo "  curl -i http://127.0.0.1:8080/v1/tenants/1/stats"
 	@echo "  curl -i 'http://127.0.0.1:8080/v1/tenants/1/dispatches?limit=5'"
 	@echo "  curl -i http://127.0.0.1:8080/v1/dispatches/1"
+	@echo "  curl -i http://127.0.0.1:8080/v1/manifests/data-privacy-2004-4th.zip"
 	@echo "  curl http://127.0.0.1:8081/health/detailed ; curl http://127.0.0.1:8081/metrics"
 	@echo
 	$(RUN_ENV) ./bin/cachecar serve
@@ -40,7 +42,7 @@ test: check-go services
 	$(TEST_ENV) go test $(GO_TEST_FLAGS) ./...
 
 build: check-go
-	go build -o bin/cachecar ./cmd/cachecar
+	go build -ldflags "-X main.version=$(VERSION)" -o bin/cachecar ./cmd/cachecar
 
 services:
 	@bash deploy/local/services.sh up
