@@ -465,8 +465,7 @@ func (c *Config) validate() []string {
 	if c.Manifests.TTL <= 0 {
 		p = append(p, "manifests.ttl: must be a positive duration")
 	}
-	mk := Policy{Key: c.Manifests.Key, IDPattern: "^x$", SQL: "-"}
-	p = append(p, mk.validate("manifests", ManifestParams)...)
+	p = append(p, validateKey("manifests.key", c.Manifests.Key, ManifestParams)...)
 	if c.Policies.Course.BatchSQL == "" {
 		p = append(p, "policies.course.batch_sql: must be set")
 	}
@@ -474,30 +473,7 @@ func (c *Config) validate() []string {
 }
 
 func (pol *Policy) validate(prefix string, params []string) []string {
-	var p []string
-	if pol.Key == "" {
-		p = append(p, prefix+".key: must be set")
-	} else {
-		if strings.ContainsAny(pol.Key, "*?[]\\ \n\r\t") {
-			p = append(p, prefix+".key: must not contain glob characters, backslashes or spaces")
-		}
-		found := map[string]int{}
-		for _, m := range placeholderRE.FindAllStringSubmatch(pol.Key, -1) {
-			found[m[1]]++
-		}
-		for _, want := range params {
-			if found[want] != 1 {
-				p = append(p, fmt.Sprintf("%s.key: %q must contain {%s} exactly once", prefix, pol.Key, want))
-			}
-			delete(found, want)
-		}
-		for extra := range found {
-			p = append(p, fmt.Sprintf("%s.key: unknown placeholder {%s} (known: {%s})", prefix, extra, strings.Join(params, "}, {")))
-		}
-		if rest := placeholderRE.ReplaceAllString(pol.Key, ""); strings.ContainsAny(rest, "{}") {
-			p = append(p, fmt.Sprintf("%s.key: %q has an unbalanced brace", prefix, pol.Key))
-		}
-	}
+	p := validateKey(prefix+".key", pol.Key, params)
 	if pol.TTL < 0 {
 		p = append(p, prefix+".ttl: must not be negative")
 	}
@@ -512,6 +488,35 @@ func (pol *Policy) validate(prefix string, params []string) []string {
 	}
 	if strings.TrimSpace(pol.SQL) == "" {
 		p = append(p, prefix+".sql: must be set")
+	}
+	return p
+}
+
+// validateKey checks a key template: set, no glob characters, each of params exactly once and
+// no other placeholder, so that two different reads never share a key.
+func validateKey(name, key string, params []string) []string {
+	if key == "" {
+		return []string{name + ": must be set"}
+	}
+	var p []string
+	if strings.ContainsAny(key, "*?[]\\ \n\r\t") {
+		p = append(p, name+": must not contain glob characters, backslashes or spaces")
+	}
+	found := map[string]int{}
+	for _, m := range placeholderRE.FindAllStringSubmatch(key, -1) {
+		found[m[1]]++
+	}
+	for _, want := range params {
+		if found[want] != 1 {
+			p = append(p, fmt.Sprintf("%s: %q must contain {%s} exactly once", name, key, want))
+		}
+		delete(found, want)
+	}
+	for extra := range found {
+		p = append(p, fmt.Sprintf("%s: unknown placeholder {%s} (known: {%s})", name, extra, strings.Join(params, "}, {")))
+	}
+	if rest := placeholderRE.ReplaceAllString(key, ""); strings.ContainsAny(rest, "{}") {
+		p = append(p, fmt.Sprintf("%s: %q has an unbalanced brace", name, key))
 	}
 	return p
 }

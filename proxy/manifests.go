@@ -10,6 +10,7 @@ import (
 	"os"
 	"regexp"
 	"strconv"
+	"strings"
 	"sync"
 
 	"github.com/cachecar/cachecar/cachepolicy"
@@ -71,7 +72,7 @@ func (s *Server) manifest() http.Handler {
 			return
 		}
 		name := r.PathValue("filename")
-		if !filenameRE.MatchString(name) || bytes.Contains([]byte(name), []byte("..")) {
+		if !filenameRE.MatchString(name) || strings.Contains(name, "..") {
 			writeError(w, r, s, badRequest("bad_filename",
 				"filename must be a plain file name ending in .zip: letters, digits, '.', '_' and '-', not starting with a dot, no '..', no path"))
 			return

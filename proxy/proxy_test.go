@@ -19,6 +19,7 @@ import (
 
 	"github.com/cachecar/cachecar/cachepolicy"
 	"github.com/cachecar/cachecar/configs"
+	"github.com/cachecar/cachecar/internal/testenv"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 )
@@ -108,28 +109,6 @@ func (f *fakeReader) Reset() {
 }
 
 // syncBuffer is a bytes.Buffer safe for the concurrent writes of a live server's log.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-func (s *syncBuffer) Reset() {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.b.Reset()
-}
 
 // compilePolicies is cmd/cachecar's, copied: the tests run on the shipped defaults.
 func compilePolicies(cfg *configs.Config) (Policies, error) {
@@ -157,7 +136,7 @@ type harness struct {
 	h    http.Handler
 	fake *fakeReader
 	reg  *prometheus.Registry
-	log  *syncBuffer
+	log  *testenv.SyncBuffer
 }
 
 func newHarness(t *testing.T, opts Options) *harness {
@@ -172,7 +151,7 @@ func newHarness(t *testing.T, opts Options) *harness {
 	}
 	fake := &fakeReader{t: t, result: cachepolicy.Result{Body: testBody, Cache: cachepolicy.Hit, Age: 42 * time.Second}, state: cachepolicy.Miss}
 	reg := prometheus.NewRegistry()
-	buf := &syncBuffer{}
+	buf := &testenv.SyncBuffer{}
 	srv := New(opts, fake, pol, zerolog.New(buf), reg)
 	return &harness{h: srv.Handler(), fake: fake, reg: reg, log: buf}
 }

@@ -11,31 +11,12 @@ import (
 	"net/http"
 	"os"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/cachecar/cachecar/internal/testenv"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
-
-// syncBuffer is an io.Writer the sidecar logs to while the test reads it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 func envFunc(m map[string]string) func(string) string {
 	return func(k string) string { return m[k] }
@@ -44,7 +25,7 @@ func envFunc(m map[string]string) func(string) string {
 // sidecar is one cachecar started through run, as main would, on :0 ports.
 type sidecar struct {
 	api, health string
-	out         *syncBuffer
+	out         *testenv.SyncBuffer
 	cancel      context.CancelFunc
 	done        chan error
 }
@@ -52,7 +33,7 @@ type sidecar struct {
 func startSidecar(t *testing.T, env map[string]string, extra ...string) *sidecar {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &sidecar{out: &syncBuffer{}, cancel: cancel, done: make(chan error, 1)}
+	s := &sidecar{out: &testenv.SyncBuffer{}, cancel: cancel, done: make(chan error, 1)}
 	args := append([]string{"serve", "--listen", "127.0.0.1:0", "--health-listen", "127.0.0.1:0"}, extra...)
 	go func() { s.done <- run(ctx, args, envFunc(env), s.out, s.out) }()
 	t.Cleanup(func() { s.stop(t) })
