@@ -14,6 +14,7 @@ import (
 	"reflect"
 	"regexp"
 	"regexp/syntax"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -40,8 +41,36 @@ type Config struct {
 	Valkey    ValkeyConfig   `mapstructure:"valkey"`
 	Cache     CacheConfig    `mapstructure:"cache"`
 	Log       LogConfig      `mapstructure:"log"`
-	Policies  Policies       `mapstructure:"policies"`
-	Manifests Manifests      `mapstructure:"manifests"`
+	Policies     Policies           `mapstructure:"policies"`
+	Manifests    Manifests          `mapstructure:"manifests"`
+	Invalidation InvalidationConfig `mapstructure:"invalidation"`
+}
+
+// InvalidationConfig is the LISTEN/NOTIFY invalidation: the triggers migrate installs and the
+// listener that applies their notifications.
+type InvalidationConfig struct {
+	// Enabled false serves cached entries until their TTL ends, whatever PostgreSQL changes.
+	Enabled bool `mapstructure:"enabled"`
+	// ListenURL is the listener's own connection; empty uses database.url.
+	ListenURL string `mapstructure:"listen_url"`
+	// Channel is the NOTIFY channel the triggers send on.
+	Channel string `mapstructure:"channel"`
+	// ReconnectMax caps the back-off between listener connection attempts.
+	ReconnectMax time.Duration `mapstructure:"reconnect_max"`
+	// PingInterval is how long the listener waits for a notification before it checks that its
+	// connection still works.
+	PingInterval time.Duration `mapstructure:"ping_interval"`
+	// MaxRows is the most rows one statement's notifications name one by one; a statement that
+	// changes more sends one table-wide message instead.
+	MaxRows int `mapstructure:"max_rows"`
+}
+
+// EffectiveListenURL is the listener's connection URL.
+func (c InvalidationConfig) EffectiveListenURL(databaseURL string) string {
+	if c.ListenURL != "" {
+		return c.ListenURL
+	}
+	return databaseURL
 }
 
 // Manifests configures the parsed SCORM manifest route.
@@ -129,6 +158,19 @@ type Policy struct {
 	IDPattern string        `mapstructure:"id_pattern"`
 	SQL       string        `mapstructure:"sql"`
 	BatchSQL  string        `mapstructure:"batch_sql,omitempty"`
+	// InvalidateOn lists the tables whose changes make this policy's entries stale.
+	InvalidateOn []Dependency `mapstructure:"invalidate_on"`
+}
+
+// Dependency says that a change to a row of Table makes stale the keys whose placeholders equal
+// the row's columns: Columns maps a key placeholder to a column of the table. When Columns binds
+// every placeholder of the key, the change names exactly one key; when it binds only some (the
+// dispatch list's {tenant_id}), it names every key sharing those values, through a tag set.
+type Dependency struct {
+	Table   string            `mapstructure:"table" yaml:"table"`
+	Columns map[string]string `mapstructure:"columns" yaml:"columns"`
+	// Unknown collects keys that are neither table nor columns, so they can be reported.
+	Unknown map[string]any `mapstructure:",remain" yaml:"-"`
 }
 
 // PolicyParams lists, per policy name, the placeholders its key must contain.
@@ -191,7 +233,8 @@ func Load(src Source) (*Config, error) {
 	lists := map[string]bool{}
 	for _, k := range v.AllKeys() {
 		known[k] = true
-		if _, isList := v.Get(k).([]any); isList {
+		// invalidate_on is a list of maps; its text form (ParseDependencies) has its own syntax.
+		if _, isList := v.Get(k).([]any); isList && !strings.HasSuffix(k, ".invalidate_on") {
 			lists[k] = true
 		}
 	}
@@ -239,6 +282,7 @@ func Load(src Source) (*Config, error) {
 		dc.WeaklyTypedInput = true
 		dc.DecodeHook = mapstructure.ComposeDecodeHookFunc(
 			bareNumberDurationHook,
+			dependenciesHook,
 			mapstructure.StringToTimeDurationHookFunc(),
 			mapstructure.StringToSliceHookFunc(","),
 		)
@@ -332,6 +376,45 @@ func setString(v *viper.Viper, key, val string, isList bool) {
 		return
 	}
 	v.Set(key, val)
+}
+
+// dependenciesHook reads invalidate_on from text, the form environment variables and --set use:
+// "tenants(id=id) dispatches(tenant_id=tenant_id)", or "none" for no dependency.
+func dependenciesHook(f, t reflect.Type, data any) (any, error) {
+	if t != reflect.TypeOf([]Dependency(nil)) || f.Kind() != reflect.String {
+		return data, nil
+	}
+	return ParseDependencies(data.(string))
+}
+
+var dependencyRE = regexp.MustCompile(`^([^()\s]+)\(([^()]*)\)$`)
+
+// ParseDependencies parses the text form of invalidate_on (see dependenciesHook).
+func ParseDependencies(s string) ([]Dependency, error) {
+	s = strings.TrimSpace(s)
+	if s == "none" {
+		return []Dependency{}, nil
+	}
+	var out []Dependency
+	for _, item := range strings.Fields(s) {
+		m := dependencyRE.FindStringSubmatch(item)
+		if m == nil {
+			return nil, fmt.Errorf("%q: want table(placeholder=column,...), e.g. tenants(id=id), or none", item)
+		}
+		d := Dependency{Table: m[1], Columns: map[string]string{}}
+		for _, pair := range strings.Split(m[2], ",") {
+			k, v, ok := strings.Cut(pair, "=")
+			if !ok || k == "" || v == "" {
+				return nil, fmt.Errorf("%q: want placeholder=column, got %q", item, pair)
+			}
+			d.Columns[k] = v
+		}
+		out = append(out, d)
+	}
+	if len(out) == 0 {
+		return nil, errors.New(`empty: write "none" for no dependency`)
+	}
+	return out, nil
 }
 
 // bareNumberDurationHook refuses a bare number where a duration is expected: YAML `ttl: 600`
@@ -466,6 +549,19 @@ func (c *Config) validate() []string {
 		p = append(p, "manifests.ttl: must be a positive duration")
 	}
 	p = append(p, validateKey("manifests.key", c.Manifests.Key, ManifestParams)...)
+	if !identRE.MatchString(c.Invalidation.Channel) {
+		p = append(p, fmt.Sprintf("invalidation.channel: %q must be a lower-case SQL identifier (letters, digits, _; at most 63)", c.Invalidation.Channel))
+	}
+	positive("invalidation.reconnect_max", c.Invalidation.ReconnectMax)
+	positive("invalidation.ping_interval", c.Invalidation.PingInterval)
+	if c.Invalidation.MaxRows < 1 || c.Invalidation.MaxRows > 1000000 {
+		p = append(p, fmt.Sprintf("invalidation.max_rows: must be from 1 to 1000000, got %d", c.Invalidation.MaxRows))
+	}
+	if c.Invalidation.ListenURL != "" {
+		if _, err := pgxpool.ParseConfig(c.Invalidation.ListenURL); err != nil {
+			p = append(p, "invalidation.listen_url: not a valid PostgreSQL URL or DSN")
+		}
+	}
 	if c.Policies.Course.BatchSQL == "" {
 		p = append(p, "policies.course.batch_sql: must be set")
 	}
@@ -489,8 +585,36 @@ func (pol *Policy) validate(prefix string, params []string) []string {
 	if strings.TrimSpace(pol.SQL) == "" {
 		p = append(p, prefix+".sql: must be set")
 	}
+	if m := placeholderRE.FindStringIndex(pol.Key); m != nil && m[0] == 0 {
+		// Resync after a listener gap deletes a policy's keys by their literal prefix.
+		p = append(p, prefix+".key: must start with literal text (like \"course:\"), not a placeholder")
+	}
+	for i, d := range pol.InvalidateOn {
+		name := fmt.Sprintf("%s.invalidate_on[%d]", prefix, i)
+		for k := range d.Unknown {
+			p = append(p, fmt.Sprintf("%s: unknown key %q (known: table, columns)", name, k))
+		}
+		if !identRE.MatchString(d.Table) {
+			p = append(p, fmt.Sprintf("%s.table: %q must be a lower-case SQL identifier (letters, digits, _; at most 63)", name, d.Table))
+		}
+		if len(d.Columns) == 0 {
+			p = append(p, name+".columns: must map at least one key placeholder to a column")
+		}
+		for ph, col := range d.Columns {
+			if !slices.Contains(params, ph) {
+				p = append(p, fmt.Sprintf("%s.columns: {%s} is not a placeholder of the key (known: {%s})", name, ph, strings.Join(params, "}, {")))
+			}
+			if !identRE.MatchString(col) {
+				p = append(p, fmt.Sprintf("%s.columns.%s: %q must be a lower-case SQL identifier", name, ph, col))
+			}
+		}
+	}
 	return p
 }
+
+// identRE is a lower-case, unquoted SQL identifier: what triggers, tables, columns and the
+// channel may be named, so that none needs quoting rules to be safe in generated SQL.
+var identRE = regexp.MustCompile(`^[a-z_][a-z0-9_]{0,62}$`)
 
 // validateKey checks a key template: set, no glob characters, each of params exactly once and
 // no other placeholder, so that two different reads never share a key.
@@ -564,6 +688,7 @@ func (c *Config) Redacted() Config {
 	out.Valkey.Password = mask(c.Valkey.Password)
 	out.Admin.Token = mask(c.Admin.Token)
 	out.Database.URL = RedactURL(c.Database.URL)
+	out.Invalidation.ListenURL = RedactURL(c.Invalidation.ListenURL)
 	return out
 }
 

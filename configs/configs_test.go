@@ -348,6 +348,14 @@ func TestEnvOnlyConfig(t *testing.T) {
 		"CACHECAR_MANIFESTS_TTL":                    "30m",
 		"CACHECAR_MANIFESTS_MAX_MANIFEST_BYTES":     "1048576",
 		"CACHECAR_MANIFESTS_MAX_ENTRIES":            "500",
+		"CACHECAR_POLICIES_COURSE_INVALIDATE_ON":    "courses(id=id) course_versions(id=course_id)",
+		"CACHECAR_POLICIES_TENANT_INVALIDATE_ON":    "none",
+		"CACHECAR_INVALIDATION_ENABLED":             "false",
+		"CACHECAR_INVALIDATION_LISTEN_URL":          "postgres://listen:lpw@db.internal:5432/app",
+		"CACHECAR_INVALIDATION_CHANNEL":             "app1_inv",
+		"CACHECAR_INVALIDATION_RECONNECT_MAX":       "7s",
+		"CACHECAR_INVALIDATION_PING_INTERVAL":       "9s",
+		"CACHECAR_INVALIDATION_MAX_ROWS":            "500",
 	}
 	cfg := mustLoad(t, Source{Getenv: env(e)})
 	want := Config{
@@ -363,11 +371,15 @@ func TestEnvOnlyConfig(t *testing.T) {
 		Log:   LogConfig{Level: "debug", AccessSample: 0.5},
 		Manifests: Manifests{Dir: "/srv/scorm", Key: "m:{mtime}:{filename}", TTL: 30 * time.Minute,
 			MaxManifestBytes: 1 << 20, MaxEntries: 500},
+		Invalidation: InvalidationConfig{Enabled: false, ListenURL: "postgres://listen:lpw@db.internal:5432/app", Channel: "app1_inv",
+			ReconnectMax: 7 * time.Second, PingInterval: 9 * time.Second, MaxRows: 500},
 	}
 	def := mustLoad(t, Source{})
 	want.Policies = def.Policies
 	want.Policies.Tenant.TTL = 2 * time.Hour
-	want.Policies.Course = Policy{Key: "c:{id}", TTL: 15 * time.Minute, IDPattern: "^[1-9][0-9]{0,9}$", SQL: "SELECT 'x'", BatchSQL: "SELECT 1, 'x'"}
+	want.Policies.Course = Policy{Key: "c:{id}", TTL: 15 * time.Minute, IDPattern: "^[1-9][0-9]{0,9}$", SQL: "SELECT 'x'", BatchSQL: "SELECT 1, 'x'",
+		InvalidateOn: []Dependency{{Table: "courses", Columns: map[string]string{"id": "id"}}, {Table: "course_versions", Columns: map[string]string{"id": "course_id"}}}}
+	want.Policies.Tenant.InvalidateOn = []Dependency{}
 	want.Policies.Dispatch.TTL = 7 * time.Minute
 	want.Policies.DispatchList.TTL = 8 * time.Minute
 	want.Policies.TenantStats.TTL = 2 * time.Minute
@@ -404,6 +416,22 @@ func TestProblems(t *testing.T) {
 			want: [][]string{{"unknown key", `"server.lisen"`}}},
 		{name: "unknown policy", file: "policies:\n  lesson:\n    key: \"lesson:{id}\"\n",
 			want: [][]string{{"unknown key", `"policies.lesson.key"`}}},
+		{name: "invalidate_on unknown placeholder, bad table and column, extra key",
+			file: "policies:\n  course:\n    invalidate_on:\n      - {table: Courses, columns: {course_id: id}, when: always}\n      - {table: courses, columns: {id: \"id; drop\"}}\n      - {table: courses}\n",
+			want: [][]string{
+				{"policies.course.invalidate_on[0].table", `"Courses"`},
+				{"policies.course.invalidate_on[0].columns", "{course_id} is not a placeholder"},
+				{"policies.course.invalidate_on[0]", `unknown key "when"`},
+				{"policies.course.invalidate_on[1].columns.id", "identifier"},
+				{"policies.course.invalidate_on[2].columns", "at least one"},
+			}},
+		{name: "invalidate_on text form", sets: []string{"policies.tenant.invalidate_on=tenants(id)"},
+			want: [][]string{{"policies.tenant.invalidate_on", "placeholder=column"}}},
+		{name: "invalidation values", env: map[string]string{"CACHECAR_INVALIDATION_CHANNEL": "bad-channel",
+			"CACHECAR_INVALIDATION_MAX_ROWS": "0", "CACHECAR_INVALIDATION_PING_INTERVAL": "0s", "CACHECAR_INVALIDATION_LISTEN_URL": "postgres://a b@%zz"},
+			want: [][]string{{"invalidation.channel"}, {"invalidation.max_rows"}, {"invalidation.ping_interval"}, {"invalidation.listen_url"}}},
+		{name: "key starting with a placeholder", sets: []string{"policies.course.key={id}:course"},
+			want: [][]string{{"policies.course.key", "literal text"}}},
 		{name: "bad duration in file", file: "valkey:\n  timeout: fast\n",
 			want: [][]string{{"valkey.timeout", "duration"}}},
 		{name: "bare number duration in file", file: "policies:\n  course:\n    ttl: 600\n",
