@@ -7,6 +7,8 @@ import (
 	"errors"
 	"hash/fnv"
 	"strconv"
+	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -30,11 +32,18 @@ type Loader interface {
 type Options struct {
 	// Namespace prefixes every key ("" for none).
 	Namespace string
-	// QueryTimeout bounds one load; it must be positive.
+	// QueryTimeout bounds one load; it must be positive. A fill lease lives a second longer.
 	QueryTimeout time.Duration
+	// Invalidation is set when a listener keeps the cache fresh: entries of invalidated policies
+	// are then served only between SetLive(true) and SetLive(false). Unset, they are served
+	// until their TTL ends.
+	Invalidation bool
+	// Policies are the policies whose keys a resync deletes (those with Invalidated set).
+	Policies []*Policy
 }
 
-// Resolver answers reads: cache first, then one load per cold key, then a fill.
+// Resolver answers reads: cache first, then one load per cold key, then a fill. It also is the
+// invalidation listener's Cache.
 type Resolver struct {
 	opts   Options
 	store  *Store // nil: no shared cache, every read is a BYPASS
@@ -42,11 +51,14 @@ type Resolver struct {
 	m      *Metrics
 	log    zerolog.Logger
 	flight singleflight.Group
+	live   atomic.Bool
 }
 
 // New returns a resolver. store may be nil (no cache configured or cache disabled).
 func New(opts Options, store *Store, loader Loader, log zerolog.Logger, m *Metrics) *Resolver {
-	return &Resolver{opts: opts, store: store, loader: loader, m: m, log: log}
+	r := &Resolver{opts: opts, store: store, loader: loader, m: m, log: log}
+	r.live.Store(!opts.Invalidation)
+	return r
 }
 
 // Result is one answered read. Body is the JSON exactly as PostgreSQL produced it.
@@ -66,10 +78,18 @@ func ETag(body []byte) string {
 	return string(append(b, '"'))
 }
 
-// Get answers one read of policy p. key is the rendered key (without namespace); args are the
-// SQL arguments of p.SQL.
-func (r *Resolver) Get(ctx context.Context, p *Policy, key string, args ...any) (Result, error) {
-	return r.GetFunc(ctx, p, key, func(ctx context.Context) ([]byte, error) {
+// usable reports whether entries of p may be read and filled now: there is a cache, and p's
+// entries are either not invalidated or invalidation is live. While the listener is away a
+// change may have been missed, so nothing filled before may be trusted, and nothing filled now
+// would be invalidated.
+func (r *Resolver) usable(p *Policy) bool {
+	return r.store != nil && (!p.Invalidated || r.live.Load())
+}
+
+// Get answers one read of policy p. vals are the values of the key's placeholders, in key
+// order; args are the SQL arguments of p.SQL.
+func (r *Resolver) Get(ctx context.Context, p *Policy, vals []string, args ...any) (Result, error) {
+	return r.GetFunc(ctx, p, vals, func(ctx context.Context) ([]byte, error) {
 		return r.loader.LoadOne(ctx, p.SQL, args...)
 	})
 }
@@ -78,17 +98,20 @@ func (r *Resolver) Get(ctx context.Context, p *Policy, key string, args ...any) 
 type LoadFunc func(ctx context.Context) ([]byte, error)
 
 // GetFunc answers one read of policy p whose entry is loaded by load instead of p.SQL (a parsed
-// file, say), with the same tiers, single-flight and fill as Get.
-func (r *Resolver) GetFunc(ctx context.Context, p *Policy, key string, load LoadFunc) (Result, error) {
-	key = r.opts.Namespace + key
+// file, say), with the same tiers, single-flight, lease and fill as Get.
+func (r *Resolver) GetFunc(ctx context.Context, p *Policy, vals []string, load LoadFunc) (Result, error) {
+	key := r.opts.Namespace + p.Key.Render(vals...)
 	cacheState := Bypass
-	if r.store != nil {
+	fill := false // take a lease and fill; false when another reader's lease is in the key
+	if r.usable(p) {
 		body, pttl, err := r.store.Get(ctx, key)
 		switch {
 		case err == nil:
 			r.m.lookups.WithLabelValues(p.Name, "hit").Inc()
 			return Result{Body: body, Cache: Hit, Age: age(p.TTL, pttl)}, nil
 		case errors.Is(err, errMiss):
+			cacheState, fill = Miss, true
+		case errors.Is(err, errLeased):
 			cacheState = Miss
 		default:
 			r.logValkey(err)
@@ -99,6 +122,13 @@ func (r *Resolver) GetFunc(ctx context.Context, p *Policy, key string, load Load
 	} else {
 		r.m.lookups.WithLabelValues(p.Name, "bypass").Inc()
 	}
+	var tags []string
+	if fill && len(p.Tags) > 0 {
+		tags = make([]string, len(p.Tags))
+		for i, t := range p.Tags {
+			tags[i] = r.opts.Namespace + t.Render(vals...)
+		}
+	}
 
 	// One load per key per process: concurrent misses wait for the first one's query. The
 	// load runs detached from the first caller's cancellation, so that a client hanging up does
@@ -107,17 +137,37 @@ func (r *Resolver) GetFunc(ctx context.Context, p *Policy, key string, load Load
 	ch := r.flight.DoChan(key, func() (any, error) {
 		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.opts.QueryTimeout)
 		defer cancel()
+		// The lease goes in before the database is read: an invalidation after this point
+		// deletes it, and the fill below is refused.
+		lease := ""
+		if fill {
+			l := newLease()
+			got, err := r.store.Lease(lctx, key, l, tags, r.leaseTTL(), p.TTL)
+			if err != nil {
+				r.logValkey(err)
+			} else if got {
+				lease = l
+			}
+		}
 		start := time.Now()
 		body, err := load(lctx)
 		if p.SQL != "" { // database loads only: a policy without SQL loads from elsewhere
 			r.observe(p, start, err)
 		}
 		if err != nil {
+			if lease != "" {
+				if err := r.store.Release(context.WithoutCancel(lctx), key, lease); err != nil {
+					r.logValkey(err)
+				}
+			}
 			return nil, err
 		}
-		if cacheState == Miss {
-			if err := r.store.Set(lctx, key, body, p.TTL); err != nil {
+		if lease != "" {
+			stored, err := r.store.Fill(lctx, key, lease, body, p.TTL)
+			if err != nil {
 				r.logValkey(err)
+			} else if !stored {
+				r.m.fillsRefused.WithLabelValues(p.Name).Inc()
 			}
 		}
 		return body, nil
@@ -136,6 +186,10 @@ func (r *Resolver) GetFunc(ctx context.Context, p *Policy, key string, load Load
 	}
 }
 
+// leaseTTL is how long a fill lease lives: past the longest load, so that only a crashed
+// reader's lease ever expires on its own.
+func (r *Resolver) leaseTTL() time.Duration { return r.opts.QueryTimeout + time.Second }
+
 // Item is one entry of a batch read; Body nil means not found.
 type Item struct {
 	ID   int64
@@ -144,7 +198,7 @@ type Item struct {
 
 // GetMany answers a batch of single-row reads of p by id with one MGET and, for the misses, one
 // query of p.BatchSQL. The result is in the order of ids. The cache result is Hit only when every
-// id was cached.
+// id was cached. p's key must have one placeholder (so p has no tags).
 func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item, string, error) {
 	keys := make([]string, len(ids))
 	for i, id := range ids {
@@ -156,7 +210,7 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 	}
 	var missing []int
 	state := Bypass
-	if r.store != nil {
+	if r.usable(p) {
 		vals, err := r.store.MGet(ctx, keys)
 		if err == nil {
 			state = Hit
@@ -186,33 +240,108 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 	if len(missing) == 0 {
 		return items, state, nil
 	}
+	lctx, cancel := context.WithTimeout(ctx, r.opts.QueryTimeout)
+	defer cancel()
+	var leases []string
+	var got []bool
+	if state == Miss {
+		missKeys := make([]string, len(missing))
+		leases = make([]string, len(missing))
+		for j, i := range missing {
+			missKeys[j] = keys[i]
+			leases[j] = newLease()
+		}
+		var err error
+		if got, err = r.store.LeaseMany(lctx, missKeys, leases, r.leaseTTL()); err != nil {
+			r.logValkey(err)
+		}
+	}
 	missIDs := make([]int64, len(missing))
 	for j, i := range missing {
 		missIDs[j] = ids[i]
 	}
-	lctx, cancel := context.WithTimeout(ctx, r.opts.QueryTimeout)
-	defer cancel()
 	start := time.Now()
 	found, err := r.loader.LoadMany(lctx, p.BatchSQL, missIDs)
 	r.observe(p, start, err)
 	if err != nil {
 		return nil, "", err
 	}
-	var fillKeys []string
+	var fillKeys, fillLeases []string
 	var fillVals [][]byte
-	for _, i := range missing {
-		if b, ok := found[ids[i]]; ok {
+	for j, i := range missing {
+		b, ok := found[ids[i]]
+		if ok {
 			items[i].Body = b
-			fillKeys = append(fillKeys, keys[i])
-			fillVals = append(fillVals, b)
 		}
+		if got == nil || !got[j] {
+			continue
+		}
+		if !ok {
+			// Nothing to store: give the lease back so the next reader can take one.
+			if err := r.store.Release(lctx, keys[i], leases[j]); err != nil {
+				r.logValkey(err)
+			}
+			continue
+		}
+		fillKeys = append(fillKeys, keys[i])
+		fillLeases = append(fillLeases, leases[j])
+		fillVals = append(fillVals, b)
 	}
-	if state == Miss {
-		if err := r.store.SetMany(lctx, fillKeys, fillVals, p.TTL); err != nil {
-			r.logValkey(err)
-		}
+	stored, err := r.store.FillMany(lctx, fillKeys, fillLeases, fillVals, p.TTL)
+	if err != nil {
+		r.logValkey(err)
+	} else if refused := len(fillKeys) - stored; refused > 0 {
+		r.m.fillsRefused.WithLabelValues(p.Name).Add(float64(refused))
 	}
 	return items, state, nil
+}
+
+// SetLive says whether invalidation is live (the listener is connected and has resynced). While
+// it is not, entries of invalidated policies are neither served nor filled. Without
+// Options.Invalidation it does nothing.
+func (r *Resolver) SetLive(live bool) {
+	if r.opts.Invalidation {
+		r.live.Store(live)
+	}
+}
+
+// Live reports whether entries of invalidated policies are served.
+func (r *Resolver) Live() bool { return r.live.Load() }
+
+// Invalidate deletes keys and the keys of the tag sets tags. keys and tags are complete (the
+// namespace included).
+func (r *Resolver) Invalidate(ctx context.Context, keys, tags []string) (int, error) {
+	if r.store == nil {
+		return 0, nil
+	}
+	return r.store.Invalidate(ctx, keys, tags)
+}
+
+// Resync deletes every entry, fill lease and tag set of the invalidated policies, found by
+// their key prefixes with SCAN (never KEYS or FLUSHDB).
+func (r *Resolver) Resync(ctx context.Context) (int, error) {
+	if r.store == nil {
+		return 0, nil
+	}
+	prefixes := []string{r.opts.Namespace + tagPrefix}
+	for _, p := range r.opts.Policies {
+		if p.Invalidated {
+			prefixes = append(prefixes, r.opts.Namespace+p.KeyPrefix())
+		}
+	}
+	return r.store.DeletePrefixed(ctx, globEscape(r.opts.Namespace)+"*", prefixes)
+}
+
+// globEscape escapes the glob characters of s for SCAN MATCH.
+func globEscape(s string) string {
+	var b strings.Builder
+	for _, c := range s {
+		if strings.ContainsRune(`*?[]\`, c) {
+			b.WriteByte('\\')
+		}
+		b.WriteRune(c)
+	}
+	return b.String()
 }
 
 func (r *Resolver) observe(p *Policy, start time.Time, err error) {

@@ -5,13 +5,14 @@ import "github.com/prometheus/client_golang/prometheus"
 // Metrics are the resolver's Prometheus series. Labels are policy names, results and outcomes:
 // small fixed sets, never ids.
 type Metrics struct {
-	lookups     *prometheus.CounterVec   // policy, result: hit|miss|bypass
-	queries     *prometheus.CounterVec   // policy, outcome: ok|not_found|unavailable|timeout|error
-	queryTime   *prometheus.HistogramVec // policy
-	shared      *prometheus.CounterVec   // policy: loads answered by another caller's query
-	valkeyErrs  *prometheus.CounterVec   // op
-	valkeyUp    prometheus.Gauge
-	valkeyConns prometheus.Counter
+	lookups      *prometheus.CounterVec   // policy, result: hit|miss|bypass
+	queries      *prometheus.CounterVec   // policy, outcome: ok|not_found|unavailable|timeout|error
+	queryTime    *prometheus.HistogramVec // policy
+	shared       *prometheus.CounterVec   // policy: loads answered by another caller's query
+	fillsRefused *prometheus.CounterVec   // policy: fills refused because an invalidation revoked the lease
+	valkeyErrs   *prometheus.CounterVec   // op
+	valkeyUp     prometheus.Gauge
+	valkeyConns  prometheus.Counter
 }
 
 // NewMetrics registers the resolver's metrics on reg.
@@ -47,6 +48,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Successful connections of the Valkey client (start-up and reconnects after an outage at start-up).",
 		}),
 	}
-	reg.MustRegister(m.lookups, m.queries, m.queryTime, m.shared, m.valkeyErrs, m.valkeyUp, m.valkeyConns)
+	m.fillsRefused = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "cachecar_cache_fills_refused_total",
+		Help: "Fills refused because an invalidation deleted the fill lease while the load ran (the stale-set race, closed).",
+	}, []string{"policy"})
+	reg.MustRegister(m.lookups, m.queries, m.queryTime, m.shared, m.fillsRefused, m.valkeyErrs, m.valkeyUp, m.valkeyConns)
 	return m
 }

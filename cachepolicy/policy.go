@@ -24,6 +24,73 @@ type Policy struct {
 	SQL string
 	// BatchSQL loads many entries by id ($1 bigint[]), returning (id, json) rows. Optional.
 	BatchSQL string
+	// Invalidated is set when changes of some table invalidate the policy's entries: they are
+	// served and filled only while invalidation is live (Resolver.SetLive).
+	Invalidated bool
+	// Tags are the tag sets every key of the policy is registered in when its fill lease is
+	// taken, one per dependency that binds only some of the key's placeholders. Invalidating a
+	// tag deletes all its keys, without SCAN or KEYS.
+	Tags []*Tag
+}
+
+// tagPrefix starts every tag-set key (after the namespace). Resync deletes these with the
+// policies' keys.
+const tagPrefix = "cachecar:tag:"
+
+// Tag is the tag set of the keys of one policy that share the values of some placeholders:
+// "cachecar:tag:dispatch_list:{tenant_id}" holds every dispatch list key of one tenant.
+type Tag struct {
+	prefix string
+	slots  []int // indexes into the policy's placeholders, in the order of Params
+	params []string
+}
+
+// NewTag returns the tag of policy over the placeholders bound (a subset of params, the
+// policy's placeholders in key order).
+func NewTag(policy string, params, bound []string) (*Tag, error) {
+	t := &Tag{prefix: tagPrefix + policy + ":"}
+	for _, b := range bound {
+		i := -1
+		for j, p := range params {
+			if p == b {
+				i = j
+			}
+		}
+		if i < 0 {
+			return nil, fmt.Errorf("policy %s: tag placeholder {%s} is not in the key", policy, b)
+		}
+		t.slots = append(t.slots, i)
+		t.params = append(t.params, b)
+	}
+	if len(t.slots) == 0 {
+		return nil, fmt.Errorf("policy %s: a tag needs at least one placeholder", policy)
+	}
+	return t, nil
+}
+
+// Params returns the placeholders the tag binds, in the order RenderBound takes their values.
+func (t *Tag) Params() []string { return t.params }
+
+// Render returns the tag-set key of a key with placeholder values vals (in key order).
+func (t *Tag) Render(vals ...string) string {
+	b := make([]string, len(t.slots))
+	for i, s := range t.slots {
+		b[i] = vals[s]
+	}
+	return t.RenderBound(b...)
+}
+
+// RenderBound returns the tag-set key from the bound placeholders' values, in Params order.
+func (t *Tag) RenderBound(vals ...string) string {
+	return t.prefix + strings.Join(vals, ":")
+}
+
+// KeyPrefix is the literal text every key of the policy starts with.
+func (p *Policy) KeyPrefix() string {
+	if len(p.Key.parts) == 0 {
+		return p.Key.tail
+	}
+	return p.Key.parts[0]
 }
 
 // NewPolicy compiles a policy. params names the placeholders of key, in the order Render takes

@@ -96,7 +96,7 @@ func TestMissThenHitStoresPostgresBytes(t *testing.T) {
 	p := itemPolicy(t, "")
 	ctx := context.Background()
 
-	first, err := f.res.Get(ctx, p, "item:3", int64(3))
+	first, err := f.res.Get(ctx, p, []string{"3"}, int64(3))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -118,7 +118,7 @@ func TestMissThenHitStoresPostgresBytes(t *testing.T) {
 	if ttl <= 0 || ttl > time.Minute.Milliseconds() {
 		t.Fatalf("PTTL %d ms, want within the policy's 1m", ttl)
 	}
-	second, err := f.res.Get(ctx, p, "item:3", int64(3))
+	second, err := f.res.Get(ctx, p, []string{"3"}, int64(3))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -138,7 +138,7 @@ func TestAgeComesFromRemainingTTL(t *testing.T) {
 	ctx := context.Background()
 	// An entry filled 42 s ago has 18 s left of its minute.
 	f.raw.Do(ctx, f.raw.B().Set().Key(prefix+"item:1").Value(`{"id":1}`).Px(18*time.Second).Build())
-	r, err := f.res.Get(ctx, p, "item:1", int64(1))
+	r, err := f.res.Get(ctx, p, []string{"1"}, int64(1))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -154,13 +154,13 @@ func TestNotFoundIsNotCached(t *testing.T) {
 	p := itemPolicy(t, "")
 	ctx := context.Background()
 	for i := 0; i < 2; i++ {
-		if _, err := f.res.Get(ctx, p, "item:99", int64(99)); !errors.Is(err, ErrNotFound) {
+		if _, err := f.res.Get(ctx, p, []string{"99"}, int64(99)); !errors.Is(err, ErrNotFound) {
 			t.Fatalf("read %d: err %v, want ErrNotFound", i, err)
 		}
 	}
 	// NULL from the loader is "not found" too.
 	pool.Exec(ctx, "INSERT INTO items VALUES (7, NULL)")
-	if _, err := f.res.Get(ctx, p, "item:7", int64(7)); !errors.Is(err, ErrNotFound) {
+	if _, err := f.res.Get(ctx, p, []string{"7"}, int64(7)); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("NULL row: err %v, want ErrNotFound", err)
 	}
 	if n, _ := f.raw.Do(ctx, f.raw.B().Exists().Key(prefix+"item:99", prefix+"item:7").Build()).AsInt64(); n != 0 {
@@ -184,7 +184,7 @@ func TestConcurrentMissesCostOneQuery(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			<-start
-			r, err := f.res.Get(context.Background(), p, "item:2", int64(2))
+			r, err := f.res.Get(context.Background(), p, []string{"2"}, int64(2))
 			bodies[i], errs[i] = r.Body, err
 		}()
 	}
@@ -211,13 +211,13 @@ func TestCallerCancelDoesNotFailOthers(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	firstErr := make(chan error, 1)
 	go func() {
-		_, err := f.res.Get(ctx, p, "item:4", int64(4))
+		_, err := f.res.Get(ctx, p, []string{"4"}, int64(4))
 		firstErr <- err
 	}()
 	time.Sleep(50 * time.Millisecond)
 	second := make(chan error, 1)
 	go func() {
-		_, err := f.res.Get(context.Background(), p, "item:4", int64(4))
+		_, err := f.res.Get(context.Background(), p, []string{"4"}, int64(4))
 		second <- err
 	}()
 	time.Sleep(50 * time.Millisecond)
@@ -236,7 +236,7 @@ func TestGetManyOneMGetOneQuery(t *testing.T) {
 	f := newFixture(t, pool, addr, prefix, time.Second)
 	p := itemPolicy(t, "")
 	ctx := context.Background()
-	if _, err := f.res.Get(ctx, p, "item:1", int64(1)); err != nil { // item 1 cached
+	if _, err := f.res.Get(ctx, p, []string{"1"}, int64(1)); err != nil { // item 1 cached
 		t.Fatal(err)
 	}
 	items, state, err := f.res.GetMany(ctx, p, []int64{1, 2, 3, 404})
@@ -275,13 +275,13 @@ func TestValkeyKilledReadsGoToPostgres(t *testing.T) {
 	f := newFixture(t, pool, srv.Addr, "", 200*time.Millisecond)
 	p := itemPolicy(t, "")
 	ctx := context.Background()
-	if r, err := f.res.Get(ctx, p, "item:1", int64(1)); err != nil || r.Cache != Miss {
+	if r, err := f.res.Get(ctx, p, []string{"1"}, int64(1)); err != nil || r.Cache != Miss {
 		t.Fatalf("before the fault: %v %v", r.Cache, err)
 	}
 
 	srv.Stop()
 	for i := 0; i < 5; i++ {
-		r, err := f.res.Get(ctx, p, "item:1", int64(1))
+		r, err := f.res.Get(ctx, p, []string{"1"}, int64(1))
 		if err != nil {
 			t.Fatalf("read %d with Valkey down failed: %v", i, err)
 		}
@@ -303,7 +303,7 @@ func TestValkeyKilledReadsGoToPostgres(t *testing.T) {
 	srv.Start(t) // empty: the kill lost everything
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		r, err := f.res.Get(ctx, p, "item:1", int64(1))
+		r, err := f.res.Get(ctx, p, []string{"1"}, int64(1))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -337,7 +337,7 @@ func TestValkeyUnreachableAtStartThenReconnects(t *testing.T) {
 	go func() { store.Run(ctx); close(done) }()
 	defer func() { cancel(); <-done }()
 
-	r, err := res.Get(ctx, p, "item:5", int64(5))
+	r, err := res.Get(ctx, p, []string{"5"}, int64(5))
 	if err != nil || r.Cache != Bypass {
 		t.Fatalf("with no Valkey: %s %v, want BYPASS", r.Cache, err)
 	}
@@ -345,7 +345,7 @@ func TestValkeyUnreachableAtStartThenReconnects(t *testing.T) {
 	testenv.StartRedisAt(t, addr)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		r, err := res.Get(ctx, p, "item:5", int64(5))
+		r, err := res.Get(ctx, p, []string{"5"}, int64(5))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -369,12 +369,12 @@ func TestDatabaseDownAndTimeout(t *testing.T) {
 	defer downPool.Close()
 	f := newFixture(t, downPool, addr, prefix, time.Second)
 	p := itemPolicy(t, "")
-	if _, err := f.res.Get(ctx, p, "item:1", int64(1)); !errors.Is(err, ErrUnavailable) {
+	if _, err := f.res.Get(ctx, p, []string{"1"}, int64(1)); !errors.Is(err, ErrUnavailable) {
 		t.Fatalf("database down, nothing cached: err %v, want ErrUnavailable", err)
 	}
 	// Cached entries keep being served while the database is down.
 	f.raw.Do(ctx, f.raw.B().Set().Key(prefix+"item:1").Value(`{"id":1}`).Px(time.Minute).Build())
-	if r, err := f.res.Get(ctx, p, "item:1", int64(1)); err != nil || r.Cache != Hit {
+	if r, err := f.res.Get(ctx, p, []string{"1"}, int64(1)); err != nil || r.Cache != Hit {
 		t.Fatalf("database down, entry cached: %s %v, want HIT", r.Cache, err)
 	}
 	if _, _, err := f.res.GetMany(ctx, p, []int64{1, 2}); !errors.Is(err, ErrUnavailable) {
@@ -386,7 +386,7 @@ func TestDatabaseDownAndTimeout(t *testing.T) {
 	slow.res.opts.QueryTimeout = 100 * time.Millisecond
 	sp := itemPolicy(t, "SELECT body FROM items, pg_sleep(3) WHERE id = $1")
 	start := time.Now()
-	if _, err := slow.res.Get(ctx, sp, "item:2", int64(2)); !errors.Is(err, ErrTimeout) {
+	if _, err := slow.res.Get(ctx, sp, []string{"2"}, int64(2)); !errors.Is(err, ErrTimeout) {
 		t.Fatalf("slow query: err %v, want ErrTimeout", err)
 	}
 	if d := time.Since(start); d > 2*time.Second {

@@ -175,6 +175,10 @@ func (s *Store) Get(ctx context.Context, key string) ([]byte, time.Duration, err
 		}
 		return nil, 0, s.fail("get", err)
 	}
+	if isLease(body) {
+		s.ok()
+		return nil, 0, errLeased
+	}
 	pttl, err := res[1].AsInt64()
 	if err != nil {
 		pttl = -1 // the value is good; only its age is unknown
@@ -207,48 +211,11 @@ func (s *Store) MGet(ctx context.Context, keys []string) ([][]byte, error) {
 		if err != nil {
 			return nil, s.fail("mget", err)
 		}
+		if isLease(b) {
+			continue // a fill in flight: a miss to this reader
+		}
 		out[i] = b
 	}
 	s.ok()
 	return out, nil
-}
-
-// Set stores value under key for ttl.
-func (s *Store) Set(ctx context.Context, key string, value []byte, ttl time.Duration) error {
-	c, err := s.get()
-	if err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
-	defer cancel()
-	cmd := c.B().Set().Key(key).Value(valkey.BinaryString(value)).Px(ttl).Build()
-	if err := c.Do(ctx, cmd).Error(); err != nil {
-		return s.fail("set", err)
-	}
-	s.ok()
-	return nil
-}
-
-// SetMany stores every key/value pair for ttl, pipelined in one round trip.
-func (s *Store) SetMany(ctx context.Context, keys []string, values [][]byte, ttl time.Duration) error {
-	if len(keys) == 0 {
-		return nil
-	}
-	c, err := s.get()
-	if err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
-	defer cancel()
-	cmds := make(valkey.Commands, len(keys))
-	for i := range keys {
-		cmds[i] = c.B().Set().Key(keys[i]).Value(valkey.BinaryString(values[i])).Px(ttl).Build()
-	}
-	for _, r := range c.DoMulti(ctx, cmds...) {
-		if err := r.Error(); err != nil {
-			return s.fail("set", err)
-		}
-	}
-	s.ok()
-	return nil
 }

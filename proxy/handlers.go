@@ -35,7 +35,7 @@ func (s *Server) single(p *cachepolicy.Policy, idName string) http.Handler {
 		// The key is rendered from the parsed id, never from the raw text, so that one row
 		// has one key whatever the id pattern lets through (say, leading zeros).
 		sid := strconv.FormatInt(id, 10)
-		res, err := s.read.Get(r.Context(), p, p.Key.Render(sid), id)
+		res, err := s.read.Get(r.Context(), p, []string{sid}, id)
 		if err != nil {
 			writeError(w, r, s, err)
 			return
@@ -159,8 +159,8 @@ func (s *Server) dispatchList() http.Handler {
 			}
 			status, statusKey = v, v
 		}
-		key := p.Key.Render(strconv.FormatInt(tenant, 10), statusKey, strconv.FormatInt(after, 10), strconv.FormatInt(limit, 10))
-		res, err := s.read.Get(r.Context(), p, key, tenant, status, after, limit)
+		vals := []string{strconv.FormatInt(tenant, 10), statusKey, strconv.FormatInt(after, 10), strconv.FormatInt(limit, 10)}
+		res, err := s.read.Get(r.Context(), p, vals, tenant, status, after, limit)
 		if err != nil {
 			writeError(w, r, s, err)
 			return

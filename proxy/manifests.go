@@ -19,7 +19,7 @@ import (
 
 // FileReader reads through the cache with a caller's loader; *cachepolicy.Resolver is the real one.
 type FileReader interface {
-	GetFunc(ctx context.Context, p *cachepolicy.Policy, key string, load cachepolicy.LoadFunc) (cachepolicy.Result, error)
+	GetFunc(ctx context.Context, p *cachepolicy.Policy, vals []string, load cachepolicy.LoadFunc) (cachepolicy.Result, error)
 }
 
 // Manifests configures GET /v1/manifests/{filename}.
@@ -96,8 +96,8 @@ func (s *Server) manifest() http.Handler {
 			writeJSONError(w, http.StatusNotFound, "not_found", "no such package")
 			return
 		}
-		key := m.cfg.Policy.Key.Render(name, strconv.FormatInt(fi.ModTime().Unix(), 10))
-		res, err := m.cfg.Reader.GetFunc(r.Context(), m.cfg.Policy, key, func(ctx context.Context) ([]byte, error) {
+		vals := []string{name, strconv.FormatInt(fi.ModTime().Unix(), 10)}
+		res, err := m.cfg.Reader.GetFunc(r.Context(), m.cfg.Policy, vals, func(ctx context.Context) ([]byte, error) {
 			return parsePackage(root, name, m.cfg.Limits)
 		})
 		if err != nil {

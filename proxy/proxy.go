@@ -12,7 +12,7 @@ import (
 
 // Reader answers reads through the cache; *cachepolicy.Resolver is the real one.
 type Reader interface {
-	Get(ctx context.Context, p *cachepolicy.Policy, key string, args ...any) (cachepolicy.Result, error)
+	Get(ctx context.Context, p *cachepolicy.Policy, vals []string, args ...any) (cachepolicy.Result, error)
 	GetMany(ctx context.Context, p *cachepolicy.Policy, ids []int64) ([]cachepolicy.Item, string, error)
 }
 

@@ -54,7 +54,8 @@ type fakeReader struct {
 // keyRE is every key the default policies may render: nothing else may reach a Reader.
 var keyRE = regexp.MustCompile(`^(?:(?:tenant|course|dispatch):[1-9][0-9]{0,18}|dashboard:stats:[1-9][0-9]{0,18}|dispatches:list:[1-9][0-9]{0,18}:(?:-|[a-z][a-z_]{0,31}):(?:0|[1-9][0-9]{0,18}):(?:[1-9]|[1-9][0-9]|100))$`)
 
-func (f *fakeReader) Get(ctx context.Context, p *cachepolicy.Policy, key string, args ...any) (cachepolicy.Result, error) {
+func (f *fakeReader) Get(ctx context.Context, p *cachepolicy.Policy, vals []string, args ...any) (cachepolicy.Result, error) {
+	key := p.Key.Render(vals...)
 	f.mu.Lock()
 	f.calls = append(f.calls, call{Method: "Get", Policy: p.Name, Key: key, Args: args})
 	f.mu.Unlock()

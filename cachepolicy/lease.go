@@ -1,0 +1,265 @@
+package cachepolicy
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/valkey-io/valkey-go"
+)
+
+// Fill leases close the stale-set race (DESIGN.md invariant 1). A reader that misses puts a
+// lease, a value only it knows, into the empty key before it reads PostgreSQL; its fill then
+// replaces the value only if the lease is still there (compare-and-set in a Lua script). An
+// invalidation deletes the key, lease included, so a fill that read the database before the
+// invalidation finds its lease gone and is refused: the stale value never lands. This is Meta's
+// memcache lease, with the key itself holding the token so that one DEL both invalidates and
+// revokes. Keys of tag sets are registered in their sets in the same script that takes the lease,
+// so an invalidation of the tag also revokes leases of keys not yet filled.
+//
+// A reader that finds another's lease (a fill in flight) loads from PostgreSQL and answers
+// without filling.
+
+// leasePrefix starts every lease value. Cached values are JSON (or a manifest verdict) and never
+// start with a NUL byte.
+const leasePrefix = "\x00cachecar-lease:"
+
+// isLease reports whether a cached value is a fill lease rather than an entry.
+func isLease(b []byte) bool {
+	return len(b) >= len(leasePrefix) && string(b[:len(leasePrefix)]) == leasePrefix
+}
+
+func newLease() string {
+	var b [12]byte
+	rand.Read(b[:])
+	return leasePrefix + hex.EncodeToString(b[:])
+}
+
+// leaseScript takes the lease of KEYS[1] if the key is empty, and registers the key in the tag
+// sets KEYS[2..]: each is a sorted set scored by the latest time its member can still exist, so
+// that taking a lease also prunes members that have expired and a set never grows past the keys
+// alive in it. ARGV: lease value, lease TTL (ms), member score (ms), now (ms), tag-set TTL (ms).
+var leaseScript = valkey.NewLuaScript(`
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+for i = 2, #KEYS do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[4])
+  redis.call('ZADD', KEYS[i], ARGV[3], KEYS[1])
+  if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[5]) then redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
+end
+return 1`)
+
+// fillScript sets KEYS[1] to ARGV[2] for ARGV[3] ms only if it still holds the lease ARGV[1].
+var fillScript = valkey.NewLuaScript(`
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1`)
+
+// releaseScript deletes KEYS[1] only if it still holds the lease ARGV[1] (a load that failed).
+var releaseScript = valkey.NewLuaScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0`)
+
+// invalidateScript deletes the first ARGV[1] keys, then every member of the tag sets that
+// follow, and the sets, atomically: no lease can be taken in a set between reading its members
+// and deleting them. Members are not declared in KEYS, so this runs on a standalone server or a
+// primary with replicas, not on a Valkey Cluster.
+var invalidateScript = valkey.NewLuaScript(`
+local n = 0
+local nk = tonumber(ARGV[1])
+for i = 1, nk do n = n + redis.call('UNLINK', KEYS[i]) end
+for i = nk + 1, #KEYS do
+  local m = redis.call('ZRANGE', KEYS[i], 0, -1)
+  for j = 1, #m, 500 do
+    n = n + redis.call('UNLINK', unpack(m, j, math.min(j + 499, #m)))
+  end
+  redis.call('UNLINK', KEYS[i])
+end
+return n`)
+
+// errLeased: the key holds another reader's fill lease (its load is in flight).
+var errLeased = fmt.Errorf("fill lease held by another reader")
+
+// Lease takes the fill lease of key, registering key in tags, and reports whether it got it.
+// leaseTTL bounds how long a crashed reader's lease blocks fills; ttl is the entry's TTL.
+func (s *Store) Lease(ctx context.Context, key, lease string, tags []string, leaseTTL, ttl time.Duration) (bool, error) {
+	c, err := s.get()
+	if err != nil {
+		return false, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
+	defer cancel()
+	var n int64
+	if len(tags) == 0 {
+		err = c.Do(ctx, c.B().Set().Key(key).Value(lease).Nx().Px(leaseTTL).Build()).Error()
+		if valkey.IsValkeyNil(err) {
+			s.ok()
+			return false, nil
+		}
+		n = 1
+	} else {
+		now := time.Now()
+		life := leaseTTL + ttl
+		n, err = leaseScript.Exec(ctx, c, append([]string{key}, tags...), []string{
+			lease, ms(leaseTTL), strconv.FormatInt(now.Add(life).UnixMilli(), 10),
+			strconv.FormatInt(now.UnixMilli(), 10), ms(life),
+		}).AsInt64()
+	}
+	if err != nil {
+		return false, s.fail("lease", err)
+	}
+	s.ok()
+	return n == 1, nil
+}
+
+// Fill stores value under key for ttl if key still holds lease, and reports whether it did.
+func (s *Store) Fill(ctx context.Context, key, lease string, value []byte, ttl time.Duration) (bool, error) {
+	c, err := s.get()
+	if err != nil {
+		return false, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
+	defer cancel()
+	n, err := fillScript.Exec(ctx, c, []string{key}, []string{lease, valkey.BinaryString(value), ms(ttl)}).AsInt64()
+	if err != nil {
+		return false, s.fail("fill", err)
+	}
+	s.ok()
+	return n == 1, nil
+}
+
+// FillMany is Fill for many keys, pipelined; it returns how many were stored.
+func (s *Store) FillMany(ctx context.Context, keys, leases []string, values [][]byte, ttl time.Duration) (int, error) {
+	if len(keys) == 0 {
+		return 0, nil
+	}
+	c, err := s.get()
+	if err != nil {
+		return 0, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
+	defer cancel()
+	execs := make([]valkey.LuaExec, len(keys))
+	for i := range keys {
+		execs[i] = valkey.LuaExec{Keys: []string{keys[i]}, Args: []string{leases[i], valkey.BinaryString(values[i]), ms(ttl)}}
+	}
+	stored := 0
+	for _, r := range fillScript.ExecMulti(ctx, c, execs...) {
+		n, err := r.AsInt64()
+		if err != nil {
+			return stored, s.fail("fill", err)
+		}
+		stored += int(n)
+	}
+	s.ok()
+	return stored, nil
+}
+
+// LeaseMany takes the fill leases of keys (no tags), pipelined, and reports which it got.
+func (s *Store) LeaseMany(ctx context.Context, keys, leases []string, leaseTTL time.Duration) ([]bool, error) {
+	c, err := s.get()
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
+	defer cancel()
+	cmds := make(valkey.Commands, len(keys))
+	for i := range keys {
+		cmds[i] = c.B().Set().Key(keys[i]).Value(leases[i]).Nx().Px(leaseTTL).Build()
+	}
+	got := make([]bool, len(keys))
+	for i, r := range c.DoMulti(ctx, cmds...) {
+		err := r.Error()
+		if valkey.IsValkeyNil(err) {
+			continue
+		}
+		if err != nil {
+			return nil, s.fail("lease", err)
+		}
+		got[i] = true
+	}
+	s.ok()
+	return got, nil
+}
+
+// Release gives up the lease of key after a load that stored nothing, so the next reader can
+// take one at once instead of waiting for it to expire.
+func (s *Store) Release(ctx context.Context, key, lease string) error {
+	c, err := s.get()
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
+	defer cancel()
+	if err := releaseScript.Exec(ctx, c, []string{key}, []string{lease}).Error(); err != nil {
+		return s.fail("release", err)
+	}
+	s.ok()
+	return nil
+}
+
+// Invalidate deletes keys and every member of the tag sets tags (and the sets), atomically, and
+// returns how many keys it deleted.
+func (s *Store) Invalidate(ctx context.Context, keys, tags []string) (int, error) {
+	c, err := s.get()
+	if err != nil {
+		return 0, err
+	}
+	var n int64
+	if len(tags) == 0 {
+		n, err = c.Do(ctx, c.B().Unlink().Key(keys...).Build()).AsInt64()
+	} else {
+		n, err = invalidateScript.Exec(ctx, c, append(append([]string(nil), keys...), tags...),
+			[]string{strconv.Itoa(len(keys))}).AsInt64()
+	}
+	if err != nil {
+		return 0, s.fail("invalidate", err)
+	}
+	s.ok()
+	return int(n), nil
+}
+
+// DeletePrefixed deletes every key under match (a SCAN glob) that starts with one of prefixes,
+// with SCAN and UNLINK in batches: never KEYS, never FLUSHDB, and never a key outside the
+// prefixes (sessions and other apps' keys share the server). It returns how many it deleted.
+func (s *Store) DeletePrefixed(ctx context.Context, match string, prefixes []string) (int, error) {
+	c, err := s.get()
+	if err != nil {
+		return 0, err
+	}
+	deleted := 0
+	var cursor uint64
+	for {
+		e, err := c.Do(ctx, c.B().Scan().Cursor(cursor).Match(match).Count(1000).Build()).AsScanEntry()
+		if err != nil {
+			return deleted, s.fail("scan", err)
+		}
+		var batch []string
+		for _, k := range e.Elements {
+			for _, p := range prefixes {
+				if strings.HasPrefix(k, p) {
+					batch = append(batch, k)
+					break
+				}
+			}
+		}
+		if len(batch) > 0 {
+			n, err := c.Do(ctx, c.B().Unlink().Key(batch...).Build()).AsInt64()
+			if err != nil {
+				return deleted, s.fail("unlink", err)
+			}
+			deleted += int(n)
+		}
+		cursor = e.Cursor
+		if cursor == 0 {
+			break
+		}
+	}
+	s.ok()
+	return deleted, nil
+}
+
+func ms(d time.Duration) string { return strconv.FormatInt(d.Milliseconds(), 10) }

@@ -1,0 +1,389 @@
+// Package invalidation keeps the cache fresh from PostgreSQL itself: the triggers migrate
+// installs, the LISTEN/NOTIFY listener, and the mapping from a changed row to the keys it makes
+// stale.
+package invalidation
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rs/zerolog"
+)
+
+// Rule maps the changes of one table to the cache entries they make stale.
+type Rule struct {
+	// Policy names the rule's policy in messages.
+	Policy string
+	// Table is the watched table (unqualified, resolved through the search_path).
+	Table string
+	// Columns are the table's columns the rule reads, in the order Target takes their values.
+	Columns []string
+	// Target turns one changed row's values of Columns (text; "" for NULL) into the key it makes
+	// stale, or with tag true into the tag set whose keys it makes stale. ok false means the
+	// values cannot be part of any key (NULL, not a valid id): nothing is invalidated for them.
+	Target func(vals []string) (target string, tag bool, ok bool)
+}
+
+// Spec is what the triggers send and the listener applies.
+type Spec struct {
+	// Channel is the NOTIFY channel.
+	Channel string
+	// MaxRows is the most rows one statement's messages name; beyond it, a table-wide message.
+	MaxRows int
+	Rules   []Rule
+}
+
+// tables returns each watched table with the sorted union of the columns its rules read.
+func (s Spec) tables() map[string][]string {
+	out := map[string][]string{}
+	for _, r := range s.Rules {
+		for _, c := range r.Columns {
+			if !slices.Contains(out[r.Table], c) {
+				out[r.Table] = append(out[r.Table], c)
+			}
+		}
+	}
+	for _, cols := range out {
+		sort.Strings(cols)
+	}
+	return out
+}
+
+// Cache is what the listener needs of the cache; *cachepolicy.Resolver is the real one.
+type Cache interface {
+	// Invalidate deletes keys, and every key registered in the tag sets tags (with the sets),
+	// and returns how many keys it deleted. An error means some may be left.
+	Invalidate(ctx context.Context, keys, tags []string) (int, error)
+	// Resync deletes every entry (and fill lease) that depends on the database: after a gap,
+	// notifications may have been lost and any of them may be stale.
+	Resync(ctx context.Context) (int, error)
+	// SetLive says whether invalidation is live. While it is not, the cache must not serve
+	// entries that depend on the database, nor fill them.
+	SetLive(live bool)
+}
+
+// Options configures a Listener.
+type Options struct {
+	// URL is the PostgreSQL connection the listener LISTENs on. It must be a direct session (or
+	// a session-pooling PgBouncer): LISTEN does not survive transaction pooling.
+	URL string
+	// ConnectTimeout bounds one connection attempt.
+	ConnectTimeout time.Duration
+	// ReconnectMax caps the back-off between attempts; the first retry comes after 50-100 ms.
+	ReconnectMax time.Duration
+	// PingInterval is how long the listener waits for a notification before it checks that the
+	// connection still works, so that a silently dropped connection is noticed.
+	PingInterval time.Duration
+	// CacheTimeout bounds one Invalidate call; ResyncTimeout bounds one Resync.
+	CacheTimeout  time.Duration
+	ResyncTimeout time.Duration
+}
+
+// Listener applies the triggers' notifications to the cache. Run it with Run.
+type Listener struct {
+	opts    Options
+	spec    Spec
+	byTable map[string][]Rule
+	cache   Cache
+	log     zerolog.Logger
+	m       *metrics
+
+	mu     sync.Mutex
+	status Status
+}
+
+// Listener states, as Status reports them.
+const (
+	StateConnecting = "connecting" // not yet connected, or reconnecting after a failure
+	StateLive       = "live"       // listening, resynced: the cache serves
+	StateError      = "error"      // the schema or triggers are wrong; retrying until fixed
+)
+
+// Status is the listener's state for health and stats.
+type Status struct {
+	State            string
+	Since            time.Time // when State was entered
+	LastNotification time.Time // zero: none yet
+	Reconnects       int64
+	Error            string // the last failure, without addresses or credentials
+}
+
+// New returns a listener; it starts nothing. reg receives its metrics.
+func New(opts Options, spec Spec, cache Cache, log zerolog.Logger, reg prometheus.Registerer) *Listener {
+	l := &Listener{opts: opts, spec: spec, byTable: map[string][]Rule{}, cache: cache, log: log, m: newMetrics(reg)}
+	for _, r := range spec.Rules {
+		l.byTable[r.Table] = append(l.byTable[r.Table], r)
+	}
+	l.status = Status{State: StateConnecting, Since: time.Now()}
+	return l
+}
+
+// Status returns the listener's current state.
+func (l *Listener) Status() Status {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.status
+}
+
+func (l *Listener) setState(state, errText string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.status.State != state {
+		l.status.Since = time.Now()
+	}
+	l.status.State = state
+	l.status.Error = errText
+}
+
+// Run listens until ctx ends. Each session connects, LISTENs, checks the triggers, resyncs the
+// cache and only then lets it serve; any failure ends the session (the cache stops serving at
+// once) and a new one starts after an exponential back-off with jitter.
+func (l *Listener) Run(ctx context.Context) error {
+	const first = 100 * time.Millisecond
+	backoff := first
+	for {
+		wasLive, err := l.session(ctx)
+		l.cache.SetLive(false)
+		l.m.up.Set(0)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if wasLive {
+			backoff = first
+		}
+		state, msg := StateConnecting, describe(err)
+		if IsSchemaError(err) {
+			state = StateError
+			l.log.Error().Err(err).Msg("invalidation cannot start; cached entries of invalidated policies are not served until it does")
+		} else {
+			l.log.Warn().Str("error", msg).Dur("retry_in", backoff).Msg("invalidation listener disconnected; reads bypass the cache until it is back")
+		}
+		l.setState(state, msg)
+		l.m.reconnects.Inc()
+		l.mu.Lock()
+		l.status.Reconnects++
+		l.mu.Unlock()
+		wait := backoff/2 + rand.N(backoff/2+1)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(wait):
+		}
+		backoff = min(backoff*2, l.opts.ReconnectMax)
+	}
+}
+
+// describe turns a session error into text for health: the failure, not the address or DSN.
+func describe(err error) string {
+	var pgErr *pgconn.PgError
+	var se *SchemaError
+	switch {
+	case errors.As(err, &se):
+		return se.Error()
+	case errors.As(err, &pgErr):
+		return "postgresql: " + pgErr.Message + " (" + pgErr.Code + ")"
+	case pgconn.Timeout(err) || errors.Is(err, context.DeadlineExceeded):
+		return "timed out"
+	case err == nil:
+		return ""
+	}
+	var ce *pgconn.ConnectError
+	if errors.As(err, &ce) {
+		return "cannot connect to postgresql"
+	}
+	var ie *invalidateError
+	if errors.As(err, &ie) {
+		return ie.Error()
+	}
+	return "connection lost"
+}
+
+// invalidateError is a failure of the cache during a session: entries may be left stale, so the
+// session ends and the next one resyncs.
+type invalidateError struct{ op string }
+
+func (e *invalidateError) Error() string { return "cache " + e.op + " failed" }
+
+// session runs one connection. wasLive reports whether the cache was let serve during it.
+func (l *Listener) session(ctx context.Context) (wasLive bool, err error) {
+	cfg, err := pgx.ParseConfig(l.opts.URL)
+	if err != nil {
+		return false, &SchemaError{Problems: []string{"invalidation.listen_url is not a valid PostgreSQL URL"}}
+	}
+	cfg.ConnectTimeout = l.opts.ConnectTimeout
+	if cfg.RuntimeParams["application_name"] == "" {
+		cfg.RuntimeParams["application_name"] = "cachecar-listener"
+	}
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return false, err
+	}
+	defer func() {
+		cctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		conn.Close(cctx)
+	}()
+
+	// LISTEN first: from here on no change is missed, so the resync below cannot race a change
+	// committed between it and the first notification.
+	if _, err := conn.Exec(ctx, "LISTEN "+quoteIdent(l.spec.Channel)); err != nil {
+		return false, fmt.Errorf("listen: %w", err)
+	}
+	if err := Verify(ctx, conn, l.spec); err != nil {
+		return false, err
+	}
+	if err := l.resync(ctx, "connect"); err != nil {
+		return false, err
+	}
+	l.cache.SetLive(true)
+	l.m.up.Set(1)
+	l.setState(StateLive, "")
+	l.log.Info().Str("channel", l.spec.Channel).Msg("invalidation listening")
+
+	for {
+		wctx, cancel := context.WithTimeout(ctx, l.opts.PingInterval)
+		n, err := conn.WaitForNotification(wctx)
+		cancel()
+		if ctx.Err() != nil {
+			return true, nil
+		}
+		if err != nil {
+			if wctx.Err() == nil || conn.IsClosed() {
+				return true, err
+			}
+			// Quiet for a ping interval: make sure the connection still carries notifications.
+			pctx, cancel := context.WithTimeout(ctx, l.opts.ConnectTimeout)
+			err := conn.Ping(pctx)
+			cancel()
+			if err != nil {
+				return true, fmt.Errorf("ping: %w", err)
+			}
+			continue
+		}
+		if err := l.handle(ctx, n.Payload); err != nil {
+			return true, err
+		}
+	}
+}
+
+// resync deletes every database-derived entry while the cache does not serve them.
+func (l *Listener) resync(ctx context.Context, reason string) error {
+	l.cache.SetLive(false)
+	rctx, cancel := context.WithTimeout(ctx, l.opts.ResyncTimeout)
+	defer cancel()
+	start := time.Now()
+	n, err := l.cache.Resync(rctx)
+	if err != nil {
+		l.log.Warn().Err(err).Msg("resync failed")
+		return &invalidateError{op: "resync"}
+	}
+	l.m.resyncs.WithLabelValues(reason).Inc()
+	l.m.resyncKeys.Add(float64(n))
+	l.log.Info().Str("reason", reason).Int("keys", n).Dur("took", time.Since(start)).Msg("cache resynced")
+	return nil
+}
+
+// handle applies one notification. A payload that is not one of the triggers' messages is
+// logged and counted, never applied: a hand-run NOTIFY must not delete keys.
+func (l *Listener) handle(ctx context.Context, payload string) error {
+	l.mu.Lock()
+	l.status.LastNotification = time.Now()
+	l.mu.Unlock()
+	c, err := ParseChange(payload)
+	if err != nil {
+		l.m.notes.WithLabelValues("malformed").Inc()
+		l.log.Warn().Err(err).Int("bytes", len(payload)).Msg("ignored a notification that is not a cachecar trigger message")
+		return nil
+	}
+	rules := l.byTable[c.Table]
+	if len(rules) == 0 {
+		l.m.notes.WithLabelValues("foreign").Inc()
+		l.log.Debug().Str("table", c.Table).Msg("ignored a notification for a table no policy depends on")
+		return nil
+	}
+	if c.All {
+		l.m.notes.WithLabelValues("table_wide").Inc()
+		if err := l.resync(ctx, "table_wide"); err != nil {
+			return err
+		}
+		l.cache.SetLive(true)
+		l.observeLag(c.At)
+		return nil
+	}
+	keys, tags, err := l.targets(c, rules)
+	if err != nil {
+		l.m.notes.WithLabelValues("malformed").Inc()
+		l.log.Error().Err(err).Str("table", c.Table).Msg("ignored a notification without the columns the policies need; run `cachecar migrate`")
+		return nil
+	}
+	l.m.notes.WithLabelValues("applied").Inc()
+	if len(keys)+len(tags) == 0 {
+		return nil
+	}
+	ictx, cancel := context.WithTimeout(ctx, l.opts.CacheTimeout)
+	defer cancel()
+	n, err := l.cache.Invalidate(ictx, keys, tags)
+	if err != nil {
+		// Some keys may still hold what this change made stale: treat it as a gap.
+		l.log.Warn().Err(err).Msg("invalidation failed; resyncing")
+		return &invalidateError{op: "invalidate"}
+	}
+	l.m.keys.Add(float64(n))
+	l.observeLag(c.At)
+	return nil
+}
+
+func (l *Listener) observeLag(at time.Time) {
+	lag := time.Since(at)
+	if lag < 0 { // the database's clock is ahead of ours
+		lag = 0
+	}
+	l.m.lag.Observe(lag.Seconds())
+}
+
+// targets maps a change's rows through rules to the keys and tags to delete, without repeats.
+func (l *Listener) targets(c Change, rules []Rule) (keys, tags []string, err error) {
+	seen := map[string]bool{}
+	for _, r := range rules {
+		idx := make([]int, len(r.Columns))
+		for i, col := range r.Columns {
+			idx[i] = slices.Index(c.Columns, col)
+			if idx[i] < 0 {
+				return nil, nil, fmt.Errorf("message lacks column %q of policy %s", col, r.Policy)
+			}
+		}
+		vals := make([]string, len(idx))
+		for _, row := range c.Rows {
+			for i, j := range idx {
+				vals[i] = row[j]
+			}
+			target, tag, ok := r.Target(vals)
+			if !ok {
+				continue
+			}
+			mark := "k" + target
+			if tag {
+				mark = "t" + target
+			}
+			if seen[mark] {
+				continue
+			}
+			seen[mark] = true
+			if tag {
+				tags = append(tags, target)
+			} else {
+				keys = append(keys, target)
+			}
+		}
+	}
+	return keys, tags, nil
+}
