@@ -33,14 +33,14 @@ var DefaultYAML []byte
 
 // Config is the whole configuration of one cachecar process.
 type Config struct {
-	Namespace string         `mapstructure:"namespace"`
-	Server    ServerConfig   `mapstructure:"server"`
-	Health    HealthConfig   `mapstructure:"health"`
-	Admin     AdminConfig    `mapstructure:"admin"`
-	Database  DatabaseConfig `mapstructure:"database"`
-	Valkey    ValkeyConfig   `mapstructure:"valkey"`
-	Cache     CacheConfig    `mapstructure:"cache"`
-	Log       LogConfig      `mapstructure:"log"`
+	Namespace    string             `mapstructure:"namespace"`
+	Server       ServerConfig       `mapstructure:"server"`
+	Health       HealthConfig       `mapstructure:"health"`
+	Admin        AdminConfig        `mapstructure:"admin"`
+	Database     DatabaseConfig     `mapstructure:"database"`
+	Valkey       ValkeyConfig       `mapstructure:"valkey"`
+	Cache        CacheConfig        `mapstructure:"cache"`
+	Log          LogConfig          `mapstructure:"log"`
 	Policies     Policies           `mapstructure:"policies"`
 	Manifests    Manifests          `mapstructure:"manifests"`
 	Invalidation InvalidationConfig `mapstructure:"invalidation"`
