@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/cachecar/cachecar/invalidation"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
@@ -35,6 +36,13 @@ type HealthOptions struct {
 	CacheEnabled bool
 	// Pprof serves net/http/pprof under /debug/pprof/.
 	Pprof bool
+	// Listener is the invalidation listener; nil when invalidation is off.
+	Listener ListenerStatus
+}
+
+// ListenerStatus reports the invalidation listener's state; *invalidation.Listener is the real one.
+type ListenerStatus interface {
+	Status() invalidation.Status
 }
 
 // Health serves /health, /health/detailed, /ready and /metrics.
@@ -96,6 +104,30 @@ type ServiceStatus struct {
 	Status       string   `json:"status"`
 	ResponseTime *float64 `json:"responseTime,omitempty"` // milliseconds
 	Error        string   `json:"error,omitempty"`
+	// Since and LastNotification are the listener's: when it entered its state, and when the
+	// last notification came (RFC 3339).
+	Since            string `json:"since,omitempty"`
+	LastNotification string `json:"lastNotification,omitempty"`
+}
+
+// listenerStatus maps the listener's state onto a service status: up while live; down while
+// (re)connecting; error when the schema or triggers keep it from starting.
+func (h *Health) listenerStatus() ServiceStatus {
+	if h.opts.Listener == nil {
+		return ServiceStatus{Status: "disabled"}
+	}
+	st := h.opts.Listener.Status()
+	out := ServiceStatus{Status: "down", Error: st.Error, Since: st.Since.UTC().Format(time.RFC3339)}
+	switch st.State {
+	case invalidation.StateLive:
+		out.Status = "up"
+	case invalidation.StateError:
+		out.Status = "error"
+	}
+	if !st.LastNotification.IsZero() {
+		out.LastNotification = st.LastNotification.UTC().Format(time.RFC3339Nano)
+	}
+	return out
 }
 
 func (h *Health) check(ctx context.Context, p Pinger) ServiceStatus {
@@ -115,8 +147,9 @@ func (h *Health) check(ctx context.Context, p Pinger) ServiceStatus {
 	return ServiceStatus{Status: "up", ResponseTime: &ms}
 }
 
-// detailed reports every dependency: healthy when all are up, degraded when the cache is down
-// (reads still work from PostgreSQL), unhealthy when PostgreSQL is down (503).
+// detailed reports every dependency: healthy when all are up, degraded when the cache or the
+// invalidation listener is down (reads still work, from PostgreSQL), unhealthy when PostgreSQL
+// is down (503).
 func (h *Health) detailed(w http.ResponseWriter, r *http.Request) {
 	var db, redis ServiceStatus
 	var wg sync.WaitGroup
@@ -138,6 +171,11 @@ func (h *Health) detailed(w http.ResponseWriter, r *http.Request) {
 	case redis.Status != "up":
 		cache.Status = "degraded"
 	}
+	listener := h.listenerStatus()
+	if cache.Status == "up" && listener.Status != "up" && listener.Status != "disabled" {
+		// Without the listener, invalidated policies' reads bypass the cache.
+		cache.Status = "degraded"
+	}
 	status, code := "healthy", http.StatusOK
 	if cache.Status == "degraded" {
 		status = "degraded"
@@ -149,7 +187,7 @@ func (h *Health) detailed(w http.ResponseWriter, r *http.Request) {
 		"status":    status,
 		"timestamp": h.now().UTC().Format(time.RFC3339),
 		"uptime":    h.uptime(),
-		"services":  map[string]ServiceStatus{"database": db, "redis": redis, "cache": cache},
+		"services":  map[string]ServiceStatus{"database": db, "redis": redis, "cache": cache, "listener": listener},
 	})
 }
 

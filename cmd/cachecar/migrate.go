@@ -9,6 +9,8 @@ import (
 	"github.com/cachecar/cachecar/configs"
 	"github.com/cachecar/cachecar/internal/schema"
 	"github.com/cachecar/cachecar/internal/scorm/scormgen"
+	"github.com/cachecar/cachecar/invalidation"
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -19,7 +21,24 @@ func migrate(ctx context.Context, cfg *configs.Config, reference, demo bool, std
 		return err
 	}
 	defer pool.Close()
-	rep, err := schema.Migrate(ctx, pool, schema.Options{Reference: reference, Demo: demo})
+	pol, err := compilePolicies(cfg)
+	if err != nil {
+		return &exitError{code: 2, err: err}
+	}
+	spec, err := invalidationSpec(cfg, pol)
+	if err != nil {
+		return &exitError{code: 2, err: err}
+	}
+	var trig invalidation.InstallReport
+	rep, err := schema.Migrate(ctx, pool, schema.Options{Reference: reference, Demo: demo,
+		After: func(ctx context.Context, tx pgx.Tx) error {
+			var err error
+			trig, err = invalidation.Install(ctx, tx, spec)
+			return err
+		}})
+	if invalidation.IsSchemaError(err) {
+		return &exitError{code: 2, err: fmt.Errorf("migrate: %w", err)}
+	}
 	if err != nil {
 		return fmt.Errorf("migrate: %w", err)
 	}
@@ -43,6 +62,14 @@ func migrate(ctx context.Context, cfg *configs.Config, reference, demo bool, std
 		fmt.Fprintln(stdout, "migrations: up to date")
 	} else {
 		fmt.Fprintln(stdout, "migrations applied:", strings.Join(rep.Applied, ", "))
+	}
+	if len(trig.Installed) > 0 {
+		fmt.Fprintf(stdout, "invalidation triggers (channel %s): %s\n", spec.Channel, strings.Join(trig.Installed, ", "))
+	} else {
+		fmt.Fprintln(stdout, "invalidation triggers: none (no policy has invalidate_on, or invalidation is disabled)")
+	}
+	if len(trig.Removed) > 0 {
+		fmt.Fprintln(stdout, "invalidation triggers removed from:", strings.Join(trig.Removed, ", "))
 	}
 	return nil
 }

@@ -44,6 +44,7 @@ func startSidecar(t *testing.T, env map[string]string, extra ...string) *sidecar
 			var line struct{ Message, API, Health string }
 			if json.Unmarshal(sc.Bytes(), &line) == nil && line.Message == "listening" {
 				s.api, s.health = "http://"+line.API, "http://"+line.Health
+				s.waitListener(t, 10*time.Second)
 				return s
 			}
 		}
@@ -55,6 +56,41 @@ func startSidecar(t *testing.T, env map[string]string, extra ...string) *sidecar
 	}
 	t.Fatalf("no listening line within 15s:\n%s", s.out)
 	return nil
+}
+
+// listenerState returns the invalidation listener's and the database's status from
+// /health/detailed.
+func (s *sidecar) listenerState(t *testing.T) (listener, database string) {
+	t.Helper()
+	resp, err := http.Get(s.health + "/health/detailed")
+	if err != nil {
+		t.Fatalf("health: %v", err)
+	}
+	defer resp.Body.Close()
+	var h struct {
+		Services map[string]struct{ Status string }
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&h); err != nil {
+		t.Fatalf("health: %v", err)
+	}
+	return h.Services["listener"].Status, h.Services["database"].Status
+}
+
+// waitListener waits until the invalidation listener is live (cached reads are served), unless
+// it is disabled or cannot start because the database is down.
+func (s *sidecar) waitListener(t *testing.T, max time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(max)
+	for {
+		l, db := s.listenerState(t)
+		if l == "up" || l == "disabled" || l == "error" || db != "up" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("invalidation listener not live within %s (status %q)\n%s", max, l, s.out)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 func (s *sidecar) stop(t *testing.T) {

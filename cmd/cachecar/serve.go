@@ -14,7 +14,9 @@ import (
 	"github.com/cachecar/cachecar/cachepolicy"
 	"github.com/cachecar/cachecar/configs"
 	"github.com/cachecar/cachecar/internal/scorm"
+	"github.com/cachecar/cachecar/invalidation"
 	"github.com/cachecar/cachecar/proxy"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/rs/zerolog"
@@ -47,6 +49,10 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 	if err != nil {
 		return &exitError{code: 2, err: err}
 	}
+	spec, err := invalidationSpec(cfg, pol)
+	if err != nil {
+		return &exitError{code: 2, err: err}
+	}
 
 	cm := cachepolicy.NewMetrics(reg)
 	var store *cachepolicy.Store
@@ -74,8 +80,41 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 		log.Warn().Msg("admin.token is set, but this version has no admin port yet; it is ignored")
 	}
 
-	res := cachepolicy.New(cachepolicy.Options{Namespace: cfg.Namespace, QueryTimeout: cfg.Database.QueryTimeout},
-		store, loader, log, cm)
+	// Invalidation runs when there is a shared cache to keep fresh and policies that ask for it.
+	useListener := store != nil && len(spec.Rules) > 0
+	switch {
+	case useListener:
+		// A schema that cannot work (a policy naming a missing column, triggers not installed)
+		// stops start-up with the reason, when PostgreSQL can be asked now. When it cannot, the
+		// listener keeps asking, and reads of invalidated policies bypass the cache meanwhile.
+		vctx, cancel := context.WithTimeout(ctx, cfg.Database.ConnectTimeout+cfg.Health.CheckTimeout)
+		err := verifyTriggers(vctx, pool, spec)
+		cancel()
+		if invalidation.IsSchemaError(err) {
+			return &exitError{code: 2, err: err}
+		}
+	case store != nil && !cfg.Invalidation.Enabled:
+		log.Warn().Msg("invalidation.enabled is false: cached entries are served until their TTL ends, whatever PostgreSQL changes")
+	case store != nil:
+		log.Warn().Msg("no policy has invalidate_on: cached entries are served until their TTL ends")
+	}
+	res := cachepolicy.New(cachepolicy.Options{
+		Namespace:    cfg.Namespace,
+		QueryTimeout: cfg.Database.QueryTimeout,
+		Invalidation: useListener,
+		Policies:     []*cachepolicy.Policy{pol.Tenant, pol.Course, pol.Dispatch, pol.DispatchList, pol.TenantStats},
+	}, store, loader, log, cm)
+	var listener *invalidation.Listener
+	if useListener {
+		listener = invalidation.New(invalidation.Options{
+			URL:            cfg.Invalidation.EffectiveListenURL(cfg.Database.URL),
+			ConnectTimeout: cfg.Database.ConnectTimeout,
+			ReconnectMax:   cfg.Invalidation.ReconnectMax,
+			PingInterval:   cfg.Invalidation.PingInterval,
+			CacheTimeout:   max(cfg.Valkey.Timeout, time.Second),
+			ResyncTimeout:  time.Minute,
+		}, spec, res, log.With().Str("component", "invalidation").Logger(), reg)
+	}
 	manifestPolicy, err := cachepolicy.NewPolicy("manifest", cfg.Manifests.Key, configs.ManifestParams, cfg.Manifests.TTL, `^.+$`, "", "")
 	if err != nil {
 		return &exitError{code: 2, err: err}
@@ -89,8 +128,11 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 			Reader: res,
 		},
 	}, res, pol, log, reg)
-	health := admin.NewHealth(admin.HealthOptions{CheckTimeout: cfg.Health.CheckTimeout, CacheEnabled: cfg.Cache.Enabled, Pprof: cfg.Health.Pprof},
-		loader, valkeyPinger, reg)
+	healthOpts := admin.HealthOptions{CheckTimeout: cfg.Health.CheckTimeout, CacheEnabled: cfg.Cache.Enabled, Pprof: cfg.Health.Pprof}
+	if listener != nil {
+		healthOpts.Listener = listener
+	}
+	health := admin.NewHealth(healthOpts, loader, valkeyPinger, reg)
 
 	apiLn, err := net.Listen("tcp", cfg.Server.Listen)
 	if err != nil {
@@ -121,6 +163,10 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 	if store != nil {
 		bg.Add(1)
 		go func() { defer bg.Done(); store.Run(bgCtx) }()
+	}
+	if listener != nil {
+		bg.Add(1)
+		go func() { defer bg.Done(); listener.Run(bgCtx) }()
 	}
 	serveErr := make(chan error, 2)
 	for _, s := range []struct {
@@ -180,4 +226,14 @@ func compilePolicies(cfg *configs.Config) (proxy.Policies, error) {
 		*targets[name] = p
 	}
 	return out, nil
+}
+
+// verifyTriggers checks the tables and triggers of spec on one pooled connection.
+func verifyTriggers(ctx context.Context, pool *pgxpool.Pool, spec invalidation.Spec) error {
+	conn, err := pool.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Release()
+	return invalidation.Verify(ctx, conn, spec)
 }

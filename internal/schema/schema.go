@@ -7,6 +7,7 @@ import (
 	_ "embed"
 	"fmt"
 
+	"github.com/cachecar/cachecar/invalidation"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
@@ -29,9 +30,11 @@ type Migration struct {
 }
 
 // Migrations are cachecar's own, applied in order, each once and recorded in
-// cachecar_schema_migrations. The read path keeps nothing else in the database yet; invalidation
-// triggers and the session table come as migrations here.
-var Migrations []Migration
+// cachecar_schema_migrations. The invalidation triggers themselves depend on the configured
+// policies, so Options.After installs them on every run; the table that records them is here.
+var Migrations = []Migration{
+	{Version: 1, Name: "invalidation trigger bookkeeping", SQL: invalidation.BookkeepingSQL},
+}
 
 // Options says what Migrate does besides cachecar's own migrations.
 type Options struct {
@@ -39,6 +42,9 @@ type Options struct {
 	Reference bool
 	// Demo loads demo data when the tenants table is empty. Implies Reference.
 	Demo bool
+	// After, when set, runs last, under the same advisory lock, in one transaction: the
+	// invalidation triggers, which depend on the configuration.
+	After func(ctx context.Context, tx pgx.Tx) error
 }
 
 // Report says what Migrate did.
@@ -110,6 +116,11 @@ func Migrate(ctx context.Context, pool *pgxpool.Pool, opts Options) (Report, err
 			return rep, fmt.Errorf("migration %d (%s): %w", m.Version, m.Name, err)
 		}
 		rep.Applied = append(rep.Applied, fmt.Sprintf("%d %s", m.Version, m.Name))
+	}
+	if opts.After != nil {
+		if err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error { return opts.After(ctx, tx) }); err != nil {
+			return rep, err
+		}
 	}
 	return rep, nil
 }
