@@ -249,28 +249,72 @@ func (l *Listener) session(ctx context.Context) (wasLive bool, err error) {
 	l.setState(StateLive, "")
 	l.log.Info().Str("channel", l.spec.Channel).Msg("invalidation listening")
 
+	// One goroutine reads notifications off the connection; this one applies them. Whatever
+	// arrived while the previous batch was being applied is applied in one call: under a burst
+	// of writes, the lag stays one round trip to Valkey instead of a growing queue of them.
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	notes := make(chan string, maxBatch)
+	readErr := make(chan error, 1)
+	go func() { readErr <- l.read(sctx, conn, notes) }()
+	for {
+		var batch []string
+		select {
+		case <-ctx.Done():
+			cancel()
+			<-readErr
+			return true, nil
+		case err := <-readErr:
+			return true, err
+		case p := <-notes:
+			batch = append(batch, p)
+		}
+	drain:
+		for len(batch) < maxBatch {
+			select {
+			case p := <-notes:
+				batch = append(batch, p)
+			default:
+				break drain
+			}
+		}
+		if err := l.apply(ctx, batch); err != nil {
+			cancel()
+			<-readErr
+			return true, err
+		}
+	}
+}
+
+// maxBatch bounds the notifications applied in one call to the cache.
+const maxBatch = 512
+
+// read passes every notification of conn to notes until ctx ends or the connection fails. After
+// a quiet ping interval it pings, so that a silently dropped connection is noticed.
+func (l *Listener) read(ctx context.Context, conn *pgx.Conn, notes chan<- string) error {
 	for {
 		wctx, cancel := context.WithTimeout(ctx, l.opts.PingInterval)
 		n, err := conn.WaitForNotification(wctx)
 		cancel()
 		if ctx.Err() != nil {
-			return true, nil
+			return nil
 		}
 		if err != nil {
 			if wctx.Err() == nil || conn.IsClosed() {
-				return true, err
+				return err
 			}
-			// Quiet for a ping interval: make sure the connection still carries notifications.
 			pctx, cancel := context.WithTimeout(ctx, l.opts.ConnectTimeout)
 			err := conn.Ping(pctx)
 			cancel()
 			if err != nil {
-				return true, fmt.Errorf("ping: %w", err)
+				return fmt.Errorf("ping: %w", err)
 			}
 			continue
 		}
-		if err := l.handle(ctx, n.Payload); err != nil {
-			return true, err
+		select {
+		case notes <- n.Payload:
+		case <-ctx.Done():
+			return nil
 		}
 	}
 }
@@ -292,53 +336,76 @@ func (l *Listener) resync(ctx context.Context, reason string) error {
 	return nil
 }
 
-// handle applies one notification. A payload that is not one of the triggers' messages is
-// logged and counted, never applied: a hand-run NOTIFY must not delete keys.
-func (l *Listener) handle(ctx context.Context, payload string) error {
+// apply applies a batch of notifications with one call to the cache. A payload that is not one
+// of the triggers' messages is logged and counted, never applied: a hand-run NOTIFY must not
+// delete keys.
+func (l *Listener) apply(ctx context.Context, payloads []string) error {
 	l.mu.Lock()
 	l.status.LastNotification = time.Now()
 	l.mu.Unlock()
-	c, err := ParseChange(payload)
-	if err != nil {
-		l.m.notes.WithLabelValues("malformed").Inc()
-		l.log.Warn().Err(err).Int("bytes", len(payload)).Msg("ignored a notification that is not a cachecar trigger message")
-		return nil
+	var changes []Change
+	tableWide := false
+	for _, payload := range payloads {
+		c, err := ParseChange(payload)
+		if err != nil {
+			l.m.notes.WithLabelValues("malformed").Inc()
+			l.log.Warn().Err(err).Int("bytes", len(payload)).Msg("ignored a notification that is not a cachecar trigger message")
+			continue
+		}
+		if len(l.byTable[c.Table]) == 0 {
+			l.m.notes.WithLabelValues("foreign").Inc()
+			l.log.Debug().Str("table", c.Table).Msg("ignored a notification for a table no policy depends on")
+			continue
+		}
+		if c.All {
+			l.m.notes.WithLabelValues("table_wide").Inc()
+			tableWide = true
+		}
+		changes = append(changes, c)
 	}
-	rules := l.byTable[c.Table]
-	if len(rules) == 0 {
-		l.m.notes.WithLabelValues("foreign").Inc()
-		l.log.Debug().Str("table", c.Table).Msg("ignored a notification for a table no policy depends on")
-		return nil
-	}
-	if c.All {
-		l.m.notes.WithLabelValues("table_wide").Inc()
+	if tableWide {
+		// Deleting everything covers every other change of the batch too: they were all
+		// committed before the resync starts.
 		if err := l.resync(ctx, "table_wide"); err != nil {
 			return err
 		}
 		l.cache.SetLive(true)
+		for _, c := range changes {
+			if !c.All {
+				l.m.notes.WithLabelValues("applied").Inc()
+			}
+			l.observeLag(c.At)
+		}
+		return nil
+	}
+	var keys, tags []string
+	seen := map[string]bool{}
+	applied := changes[:0]
+	for _, c := range changes {
+		var err error
+		keys, tags, err = l.targets(c, l.byTable[c.Table], seen, keys, tags)
+		if err != nil {
+			l.m.notes.WithLabelValues("malformed").Inc()
+			l.log.Error().Err(err).Str("table", c.Table).Msg("ignored a notification without the columns the policies need; run `cachecar migrate`")
+			continue
+		}
+		l.m.notes.WithLabelValues("applied").Inc()
+		applied = append(applied, c)
+	}
+	if len(keys)+len(tags) > 0 {
+		ictx, cancel := context.WithTimeout(ctx, l.opts.CacheTimeout)
+		defer cancel()
+		n, err := l.cache.Invalidate(ictx, keys, tags)
+		if err != nil {
+			// Some keys may still hold what these changes made stale: treat it as a gap.
+			l.log.Warn().Err(err).Msg("invalidation failed; resyncing")
+			return &invalidateError{op: "invalidate"}
+		}
+		l.m.keys.Add(float64(n))
+	}
+	for _, c := range applied {
 		l.observeLag(c.At)
-		return nil
 	}
-	keys, tags, err := l.targets(c, rules)
-	if err != nil {
-		l.m.notes.WithLabelValues("malformed").Inc()
-		l.log.Error().Err(err).Str("table", c.Table).Msg("ignored a notification without the columns the policies need; run `cachecar migrate`")
-		return nil
-	}
-	l.m.notes.WithLabelValues("applied").Inc()
-	if len(keys)+len(tags) == 0 {
-		return nil
-	}
-	ictx, cancel := context.WithTimeout(ctx, l.opts.CacheTimeout)
-	defer cancel()
-	n, err := l.cache.Invalidate(ictx, keys, tags)
-	if err != nil {
-		// Some keys may still hold what this change made stale: treat it as a gap.
-		l.log.Warn().Err(err).Msg("invalidation failed; resyncing")
-		return &invalidateError{op: "invalidate"}
-	}
-	l.m.keys.Add(float64(n))
-	l.observeLag(c.At)
 	return nil
 }
 
@@ -350,16 +417,20 @@ func (l *Listener) observeLag(at time.Time) {
 	l.m.lag.Observe(lag.Seconds())
 }
 
-// targets maps a change's rows through rules to the keys and tags to delete, without repeats.
-func (l *Listener) targets(c Change, rules []Rule) (keys, tags []string, err error) {
-	seen := map[string]bool{}
+// targets maps a change's rows through rules to the keys and tags to delete, appending to keys
+// and tags those not yet seen. A change lacking a rule's column adds nothing and is an error.
+func (l *Listener) targets(c Change, rules []Rule, seen map[string]bool, keys, tags []string) ([]string, []string, error) {
+	for _, r := range rules {
+		for _, col := range r.Columns {
+			if !slices.Contains(c.Columns, col) {
+				return keys, tags, fmt.Errorf("message lacks column %q of policy %s", col, r.Policy)
+			}
+		}
+	}
 	for _, r := range rules {
 		idx := make([]int, len(r.Columns))
 		for i, col := range r.Columns {
 			idx[i] = slices.Index(c.Columns, col)
-			if idx[i] < 0 {
-				return nil, nil, fmt.Errorf("message lacks column %q of policy %s", col, r.Policy)
-			}
 		}
 		vals := make([]string, len(idx))
 		for _, row := range c.Rows {

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"strconv"
 	"time"
 )
 
@@ -55,14 +54,22 @@ func ParseChange(payload string) (Change, error) {
 	if len(payload) > 8000 {
 		return Change{}, fmt.Errorf("%w: %d bytes", errMalformed, len(payload))
 	}
-	dec := json.NewDecoder(bytes.NewReader([]byte(payload)))
-	dec.DisallowUnknownFields()
-	var w wireChange
-	if err := dec.Decode(&w); err != nil {
+	// Field names are checked exactly first: encoding/json would take "V" for "v". Unmarshal
+	// also refuses trailing data after the object.
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal([]byte(payload), &fields); err != nil {
 		return Change{}, fmt.Errorf("%w: %v", errMalformed, err)
 	}
-	if dec.More() {
-		return Change{}, fmt.Errorf("%w: trailing data", errMalformed)
+	for name := range fields {
+		switch name {
+		case "v", "t", "op", "ts", "c", "r", "all":
+		default:
+			return Change{}, fmt.Errorf("%w: unknown field %.20q", errMalformed, name)
+		}
+	}
+	var w wireChange
+	if err := json.Unmarshal([]byte(payload), &w); err != nil {
+		return Change{}, fmt.Errorf("%w: %v", errMalformed, err)
 	}
 	if w.V == nil || *w.V != payloadVersion {
 		return Change{}, fmt.Errorf("%w: not version %d", errMalformed, payloadVersion)
@@ -120,9 +127,8 @@ func scalar(v json.RawMessage) (string, error) {
 		}
 		return s, nil
 	case v[0] == '-' || (v[0] >= '0' && v[0] <= '9'):
-		if _, err := strconv.ParseFloat(string(v), 64); err != nil {
-			return "", fmt.Errorf("%w: bad number", errMalformed)
-		}
+		// v is a valid JSON number (it was decoded as one): keep its text, whatever its size
+		// (a numeric column can exceed float64). Whether it makes a key is the rule's call.
 		return string(v), nil
 	}
 	return "", fmt.Errorf("%w: value %.20s is not a number, string or null", errMalformed, v)

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"io"
 	"net/http"
 	"os"
@@ -30,8 +31,30 @@ type sidecar struct {
 	done        chan error
 }
 
+// testChannel is the NOTIFY channel of the test database url: tests share one database (each in
+// its own schema) and NOTIFY channels are database-wide, so each schema's triggers and
+// sidecars get their own channel.
+func testChannel(url string) string {
+	h := fnv.New64a()
+	h.Write([]byte(url))
+	return fmt.Sprintf("t_%x", h.Sum64())
+}
+
+// withChannel returns env with the invalidation channel of its DATABASE_URL, unless set.
+func withChannel(env map[string]string) map[string]string {
+	out := map[string]string{}
+	for k, v := range env {
+		out[k] = v
+	}
+	if out["CACHECAR_INVALIDATION_CHANNEL"] == "" && out["DATABASE_URL"] != "" {
+		out["CACHECAR_INVALIDATION_CHANNEL"] = testChannel(out["DATABASE_URL"])
+	}
+	return out
+}
+
 func startSidecar(t *testing.T, env map[string]string, extra ...string) *sidecar {
 	t.Helper()
+	env = withChannel(env)
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &sidecar{out: &testenv.SyncBuffer{}, cancel: cancel, done: make(chan error, 1)}
 	args := append([]string{"serve", "--listen", "127.0.0.1:0", "--health-listen", "127.0.0.1:0"}, extra...)
@@ -130,7 +153,7 @@ func referenceDB(t *testing.T) string {
 	t.Helper()
 	url := testenv.PostgresURL(t)
 	var out bytes.Buffer
-	if err := run(context.Background(), []string{"migrate", "--reference-schema"}, envFunc(map[string]string{"DATABASE_URL": url}), &out, &out); err != nil {
+	if err := run(context.Background(), []string{"migrate", "--reference-schema"}, envFunc(withChannel(map[string]string{"DATABASE_URL": url})), &out, &out); err != nil {
 		t.Fatalf("migrate: %v\n%s", err, &out)
 	}
 	pool, err := pgxpool.New(context.Background(), url)
