@@ -31,7 +31,7 @@ type querier interface {
 // BookkeepingSQL creates the table that records which tables carry cachecar's triggers, so that
 // migrate can remove the triggers of tables no longer configured. It is a migration of
 // internal/schema.
-const BookkeepingSQL = `CREATE TABLE cachecar_triggers (
+const BookkeepingSQL = `CREATE TABLE IF NOT EXISTS cachecar_triggers (
 	table_name   text        PRIMARY KEY,
 	columns      text[]      NOT NULL,
 	channel      text        NOT NULL,
@@ -324,6 +324,36 @@ $cachecar$`, fn, triggerVersion, channel, table, head, cols, maxRows, rowExpr, m
 		fmt.Sprintf("CREATE TRIGGER cachecar_trunc AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %s()", tbl, fn),
 	)
 	return stmts
+}
+
+// Script returns, as one SQL script, what Install does for spec: for operators who apply
+// migrations themselves (cachecar migrate --print-sql). It does not remove triggers from tables
+// spec no longer names; RemoveSQL gives those statements.
+func Script(spec Spec) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "-- cachecar invalidation triggers (trigger version %d), channel %s, max_rows %d.\n", triggerVersion, spec.Channel, spec.MaxRows)
+	b.WriteString("-- Run as a role that owns the tables, with the search_path cachecar's database.url uses.\n")
+	b.WriteString("BEGIN;\n\n")
+	b.WriteString(BookkeepingSQL + ";\n")
+	tables := spec.tables()
+	names := make([]string, 0, len(tables))
+	for t := range tables {
+		names = append(names, t)
+	}
+	sort.Strings(names)
+	for _, t := range names {
+		fmt.Fprintf(&b, "\n-- %s: columns %s\n", t, strings.Join(tables[t], ", "))
+		for _, stmt := range InstallSQL(t, tables[t], spec.Channel, spec.MaxRows) {
+			b.WriteString(stmt + ";\n")
+		}
+		fmt.Fprintf(&b, `INSERT INTO cachecar_triggers (table_name, columns, channel, max_rows, version)
+	VALUES ('%s', ARRAY['%s'], '%s', %d, %d)
+	ON CONFLICT (table_name) DO UPDATE SET columns = EXCLUDED.columns, channel = EXCLUDED.channel,
+		max_rows = EXCLUDED.max_rows, version = EXCLUDED.version, installed_at = now();
+`, t, strings.Join(tables[t], "', '"), spec.Channel, spec.MaxRows, triggerVersion)
+	}
+	b.WriteString("\nCOMMIT;\n")
+	return b.String()
 }
 
 // RemoveSQL returns the statements that remove cachecar's triggers and function from table. A

@@ -510,3 +510,32 @@ func TestTwoSidecarsRandomizedConsistency(t *testing.T) {
 		t.Fatalf("too little happened to prove anything: %d writes, %d reads, %d keys compared", writes.Load(), reads.Load(), compared)
 	}
 }
+
+// TestPrintSQLAppliedByHand is the operator's path: the script of `migrate --print-sql`, applied
+// with a SQL client instead of migrate, is enough for serve to start and invalidate.
+func TestPrintSQLAppliedByHand(t *testing.T) {
+	url := testenv.PostgresURL(t)
+	env := withChannel(map[string]string{"DATABASE_URL": url})
+	var out bytes.Buffer
+	noTriggers := withChannel(map[string]string{"DATABASE_URL": url, "CACHECAR_INVALIDATION_ENABLED": "false"})
+	if err := run(context.Background(), []string{"migrate", "--reference-schema"}, envFunc(noTriggers), &out, &out); err != nil {
+		t.Fatalf("migrate: %v\n%s", err, &out)
+	}
+	out.Reset()
+	if err := run(context.Background(), []string{"migrate", "--print-sql"}, envFunc(env), &out, &out); err != nil {
+		t.Fatalf("print-sql: %v", err)
+	}
+	pool := openPool(t, url)
+	mustExec(t, pool, out.String())
+	mustExec(t, pool, `INSERT INTO tenants (name, slug) VALUES ('Acme', 'acme');
+		INSERT INTO courses (tenant_id, title, scorm_package) VALUES (1, 'Before', 'c.zip')`)
+	addr, prefix := testenv.Valkey(t)
+	env["CACHECAR_VALKEY_ADDRS"], env["CACHECAR_NAMESPACE"] = addr, prefix
+	s := startSidecar(t, env)
+	if l, _ := s.listenerState(t); l != "up" {
+		t.Fatalf("listener %q with hand-applied triggers", l)
+	}
+	warm(t, s, "/v1/courses/1")
+	mustExec(t, pool, "UPDATE courses SET title = 'After' WHERE id = 1")
+	eventually(t, s, "/v1/courses/1", "update", func(code int, b string) bool { return strings.Contains(b, `"title":"After"`) })
+}

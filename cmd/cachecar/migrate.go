@@ -92,3 +92,21 @@ func newPool(ctx context.Context, cfg *configs.Config) (*pgxpool.Pool, error) {
 	}
 	return pool, nil
 }
+
+// printTriggerSQL prints the invalidation triggers' SQL for the configured policies.
+func printTriggerSQL(cfg *configs.Config, stdout io.Writer) error {
+	pol, err := compilePolicies(cfg)
+	if err != nil {
+		return &exitError{code: 2, err: err}
+	}
+	spec, err := invalidationSpec(cfg, pol)
+	if err != nil {
+		return &exitError{code: 2, err: err}
+	}
+	if len(spec.Rules) == 0 {
+		fmt.Fprintln(stdout, "-- no policy has invalidate_on (or invalidation is disabled): no triggers to install")
+		return nil
+	}
+	_, err = io.WriteString(stdout, invalidation.Script(spec))
+	return err
+}

@@ -45,7 +45,9 @@ const usage = `usage: cachecar [command] [flags]
 
 commands:
   serve         run the sidecar (default)
-  migrate       apply cachecar's migrations; --reference-schema and --demo-data for the demo
+  migrate       apply cachecar's migrations and install the invalidation triggers;
+                --reference-schema and --demo-data for the demo; --print-sql prints the
+                trigger SQL for the configured policies instead of touching the database
   check-config  print the effective configuration (secrets redacted); exit 2 listing every problem
   version       print the version
 
@@ -78,6 +80,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	reference := fs.Bool("reference-schema", false, "")
 	demo := fs.Bool("demo-data", false, "")
+	printSQL := fs.Bool("print-sql", false, "")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
@@ -87,8 +90,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if fs.NArg() > 0 {
 		return &exitError{code: 2, err: fmt.Errorf("unexpected argument %q\n%s", fs.Arg(0), usage)}
 	}
-	if (*reference || *demo) && cmd != "migrate" {
-		return &exitError{code: 2, err: fmt.Errorf("--reference-schema and --demo-data belong to migrate")}
+	if (*reference || *demo || *printSQL) && cmd != "migrate" {
+		return &exitError{code: 2, err: fmt.Errorf("--reference-schema, --demo-data and --print-sql belong to migrate")}
 	}
 	if cmd == "version" {
 		fmt.Fprintln(stdout, "cachecar", buildVersion())
@@ -115,6 +118,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		_, err = stdout.Write(b)
 		return err
 	case "migrate":
+		if *printSQL {
+			return printTriggerSQL(cfg, stdout)
+		}
 		return migrate(ctx, cfg, *reference, *demo, stdout)
 	default:
 		return serve(ctx, cfg, stdout)
