@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
-# bench/run.sh: cachecar's benchmark. Four scenarios, one load generator (wrk), one concurrency:
+# bench/run.sh: cachecar's benchmark. a to e: one load generator (wrk), one concurrency:
 #   a  bench/fixedjson  fixed 1 KB JSON from net/http: the HTTP ceiling of this machine
 #   b  bench/directpg   one SELECT per request through pgxpool (16): the app without a cache
-#   c  cachecar hits    every course id warmed first, then random ids
+#   c  cachecar hits    listener live, every course id warmed first, then random ids
 #   d  cachecar misses  fresh namespace, every id requested once
+#   e  cachecar hits    as c, with CACHECAR_INVALIDATION_ENABLED=false: what invalidation costs a hit
+# and two that are not throughput:
+#   f  invalidation lag bench/invalidation: UPDATEs at a fixed rate, each timed to its key's deletion
+#   g  consistency      TestTwoSidecarsRandomizedConsistency of ./cmd/cachecar for a set duration
 # Prints a Markdown report (also written to var/bench/last.md). See bench/README.md.
 #
-# Environment: DATABASE_URL (required for b, c, d), REDIS_HOST (127.0.0.1), REDIS_PORT (6379),
+# Environment: DATABASE_URL (required for b to f), REDIS_HOST (127.0.0.1), REDIS_PORT (6379),
 # CACHECAR_BIN (bin/cachecar), BENCH_DURATION (10s), BENCH_CONNECTIONS (50), BENCH_THREADS (2),
-# BENCH_SCENARIOS ("a b c d"), BENCH_ID_LAST (5000: ids 1..BENCH_ID_LAST exist in courses),
-# BENCH_MISS_WARM (200: ids requested untimed before d so that cachecar's pools are open).
+# BENCH_SCENARIOS ("a b c d e f g"), BENCH_ID_LAST (5000: ids 1..BENCH_ID_LAST exist in courses),
+# BENCH_MISS_WARM (200: ids requested untimed before d so that cachecar's pools are open),
+# BENCH_INVALIDATION_RATE (1000 updates/s), BENCH_INVALIDATION_DURATION (5s),
+# BENCH_INVALIDATION_WORKERS (8 connections), BENCH_CONSISTENCY_DURATION (30s),
+# CACHECAR_TEST_DATABASE_URL, CACHECAR_TEST_VALKEY_ADDR, CACHECAR_TEST_REDIS_SERVER (for g; the
+# Makefile's test defaults).
 #
 # It stops only the processes it started, by PID. Exit status: 0 when every selected scenario
 # ran; the targets are informational.
@@ -20,9 +28,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DURATION=${BENCH_DURATION:-10s}
 CONNECTIONS=${BENCH_CONNECTIONS:-50}
 THREADS=${BENCH_THREADS:-2}
-SCENARIOS=${BENCH_SCENARIOS:-a b c d}
+SCENARIOS=${BENCH_SCENARIOS:-a b c d e f g}
 ID_LAST=${BENCH_ID_LAST:-5000}
 MISS_WARM=${BENCH_MISS_WARM:-200}
+INV_RATE=${BENCH_INVALIDATION_RATE:-1000}
+INV_DURATION=${BENCH_INVALIDATION_DURATION:-5s}
+INV_WORKERS=${BENCH_INVALIDATION_WORKERS:-8}
+CONSISTENCY_DURATION=${BENCH_CONSISTENCY_DURATION:-30s}
 CACHECAR_BIN=${CACHECAR_BIN:-bin/cachecar}
 REDIS_HOST=${REDIS_HOST:-127.0.0.1}
 REDIS_PORT=${REDIS_PORT:-6379}
@@ -100,11 +112,15 @@ random_hex() { od -An -N6 -tx1 /dev/urandom | tr -d ' \n'; }
 
 # ---------------------------------------------------------------------------------------------
 # Results, by scenario letter.
-declare -A RPS P50 P99 ERRS FAILED NOTE CMD
+declare -A RPS P50 P99 ERRS FAILED NOTE CMD BUSY
 DESC_a="fixedjson: fixed 1 KB JSON, Go net/http"
 DESC_b="directpg: pgxpool (16), one SELECT per request"
 DESC_c="cachecar hit: random ids, all warmed"
 DESC_d="cachecar miss: fresh namespace, each id once"
+DESC_e="cachecar hit, invalidation off"
+# f's INVALIDATION_RESULT fields and g's "consistency:" line.
+declare -A INV
+CONSISTENCY=""
 
 fail() { # fail LETTER MESSAGE
 	FAILED[$1]=$2
@@ -216,10 +232,12 @@ stop_helper() { # stop_helper LETTER NAME PID
 
 CACHECAR_VERSION="not run"
 
-# start_cachecar LETTER: starts "$CACHECAR_BIN serve" on free ports with a fresh namespace and
-# waits for /ready. Sets CC_PID, CC_URL, CC_NS, CC_LOG.
+# start_cachecar LETTER [NAME=VALUE...]: starts "$CACHECAR_BIN serve" on free ports with a fresh
+# namespace and the extra environment given, and waits for /ready. Sets CC_PID, CC_URL,
+# CC_HEALTH, CC_NS, CC_LOG.
 start_cachecar() {
 	local s=$1 port hport
+	shift
 	if [[ ! -x $CACHECAR_BIN ]]; then
 		fail "$s" "cachecar binary not found or not executable at '$CACHECAR_BIN' (build it: go build -o bin/cachecar ./cmd/cachecar, or set CACHECAR_BIN)"
 		return 1
@@ -235,16 +253,17 @@ start_cachecar() {
 	CC_NS="bench:$(random_hex):"
 	CC_LOG="$OUT/cachecar-$s.log"
 	CC_URL="http://127.0.0.1:$port"
+	CC_HEALTH="http://127.0.0.1:$hport"
 	# ADMIN_TOKEN is dropped so that the admin port stays off: it is not benchmarked and its
 	# default port could be taken by a cachecar the developer runs.
 	env -u ADMIN_TOKEN -u CACHECAR_ADMIN_TOKEN \
 		DATABASE_URL="$DATABASE_URL" REDIS_HOST="$REDIS_HOST" REDIS_PORT="$REDIS_PORT" \
 		CACHECAR_SERVER_LISTEN="127.0.0.1:$port" CACHECAR_HEALTH_LISTEN="127.0.0.1:$hport" \
-		CACHECAR_NAMESPACE="$CC_NS" \
+		CACHECAR_NAMESPACE="$CC_NS" "$@" \
 		"$CACHECAR_BIN" serve >"$CC_LOG" 2>&1 &
 	CC_PID=$!
 	STARTED+=("$CC_PID")
-	log "scenario $s: cachecar PID $CC_PID on $CC_URL, health 127.0.0.1:$hport, namespace $CC_NS, log $CC_LOG"
+	log "scenario $s: cachecar PID $CC_PID on $CC_URL, health 127.0.0.1:$hport, namespace $CC_NS, log $CC_LOG${1:+, $*}"
 	if ! wait_ready "$s" "$CC_PID" "http://127.0.0.1:$hport/ready" 30; then
 		if kill -0 "$CC_PID" 2>/dev/null; then
 			fail "$s" "cachecar /ready did not answer 200 within 30 s (log: $CC_LOG)"
@@ -265,6 +284,26 @@ stop_cachecar() { # stop_cachecar LETTER
 		log "scenario $1: cachecar exited with status $STOP_STATUS on SIGTERM (log: $CC_LOG)"
 	fi
 	clear_namespace "$CC_NS"
+}
+
+# wait_listener LETTER STATUS: waits up to 30 s until /health/detailed reports the invalidation
+# listener as STATUS ("up": live, so that course reads are served from the cache; "disabled":
+# invalidation off). Before the listener is live cachecar answers BYPASS and a warm-up fills
+# nothing.
+wait_listener() {
+	local s=$1 want=$2 out pid status=0
+	"$BIN/invalidation" -health "$CC_HEALTH" -listener-status "$want" -wait-timeout 30s >"$OUT/listener-$s.txt" 2>&1 &
+	pid=$!
+	STARTED+=("$pid")
+	wait "$pid" || status=$?
+	forget "$pid"
+	out=$(cat "$OUT/listener-$s.txt")
+	if ((status != 0)); then
+		fail "$s" "cachecar's invalidation listener: $(printf '%s' "$out" | tail -n 1) (log: $CC_LOG)"
+		return 1
+	fi
+	log "scenario $s: $out"
+	NOTE[$s]+=" ${out#invalidation: }."
 }
 
 # access_counts LOG SKIP: X-Cache results of the access-log lines after the first SKIP lines
@@ -311,30 +350,42 @@ scenario_b() {
 	[[ -z ${FAILED[b]:-} ]]
 }
 
-scenario_c() {
-	local out skip counts
-	start_cachecar c || return 1
+# hit_scenario LETTER LISTENER [NAME=VALUE...]: c and e. Starts cachecar with the environment
+# given, waits for its listener to report LISTENER, warms every id, then runs wrk on random ids.
+hit_scenario() {
+	local s=$1 listener=$2 out skip counts
+	shift 2
+	start_cachecar "$s" "$@" || return 1
+	if ! wait_listener "$s" "$listener"; then
+		stop_cachecar "$s"
+		return 1
+	fi
 	# A few non-HIT answers in the verify pass (a BYPASS on a cache timeout) are reported, not
 	# fatal; below 95% the run would not be measuring hits.
 	if ! out=$("$BIN/warm" -base "$CC_URL" -first 1 -last "$ID_LAST" -concurrency 16 -verify -min-hit 0.95 2>&1); then
 		printf '%s\n' "$out" | sed 's/^/    /' >&2
-		fail c "warm-up failed: $(printf '%s' "$out" | tail -n 1)"
-		stop_cachecar c
+		fail "$s" "warm-up failed: $(printf '%s' "$out" | tail -n 1)"
+		stop_cachecar "$s"
 		return 1
 	fi
 	printf '%s\n' "$out" | sed 's/^/    /' >&2
-	NOTE[c]+=" warm-up $(printf '%s' "$out" | grep 'verify pass' | sed 's/^warm: //')."
+	NOTE[$s]+=" warm-up $(printf '%s' "$out" | grep 'verify pass' | sed 's/^warm: //')."
 	skip=$(wc -l <"$CC_LOG")
-	run_wrk c "$CC_URL" bench/random.lua 1 "$ID_LAST" || true
-	stop_cachecar c
+	run_wrk "$s" "$CC_URL" bench/random.lua 1 "$ID_LAST" || true
+	stop_cachecar "$s"
 	counts=$(access_counts "$CC_LOG" "$skip")
 	if [[ -n $counts ]]; then
-		NOTE[c]+=" During the run, cachecar's access log: $counts (hit fraction $(hit_fraction "$counts"))."
+		NOTE[$s]+=" During the run, cachecar's access log: $counts (hit fraction $(hit_fraction "$counts"))."
 	else
-		NOTE[c]+=" cachecar's access log has no cache field: the hit fraction during the run is unknown."
+		NOTE[$s]+=" cachecar's access log has no cache field: the hit fraction during the run is unknown."
 	fi
-	[[ -z ${FAILED[c]:-} ]]
+	[[ -z ${FAILED[$s]:-} ]]
 }
+
+scenario_c() { hit_scenario c up; }
+
+# e is c with invalidation off: reads of course keys skip the listener gate, entries live by TTL.
+scenario_e() { hit_scenario e disabled CACHECAR_INVALIDATION_ENABLED=false; }
 
 scenario_d() {
 	local first=1 out done_dir line n window rps complete xcache miss statuses
@@ -379,12 +430,122 @@ scenario_d() {
 	fi
 }
 
+# f: a fresh cachecar (its own namespace, so that no other reader refills the keys) and
+# bench/invalidation, which warms ids 1..rate*duration, updates each row once at the fixed rate
+# and times each key's deletion through Redis keyspace notifications.
+scenario_f() {
+	local pid status=0 line kv
+	start_cachecar f || return 1
+	local cmd=("$BIN/invalidation" -base "$CC_URL" -health "$CC_HEALTH" -namespace "$CC_NS"
+		-redis-addr "$REDIS_HOST:$REDIS_PORT" -rate "$INV_RATE" -duration "$INV_DURATION"
+		-workers "$INV_WORKERS" -first 1 -last "$ID_LAST" -event-timeout 2s -timeout 3m)
+	CMD[f]="bench/invalidation -rate $INV_RATE -duration $INV_DURATION -workers $INV_WORKERS -event-timeout 2s"
+	log "scenario f: ${cmd[*]}"
+	# DATABASE_URL reaches it through the environment, so that its password is not in ps.
+	DATABASE_URL="$DATABASE_URL" "${cmd[@]}" >"$OUT/invalidation-f.txt" 2>&1 &
+	pid=$!
+	STARTED+=("$pid")
+	wait "$pid" || status=$?
+	forget "$pid"
+	sed 's/^/    /' "$OUT/invalidation-f.txt" >&2
+	stop_cachecar f
+	if ((status != 0)); then
+		fail f "bench/invalidation exited with status $status: $(tail -n 1 "$OUT/invalidation-f.txt")"
+		return 1
+	fi
+	line=$(grep '^INVALIDATION_RESULT ' "$OUT/invalidation-f.txt" || true)
+	if [[ -z $line ]]; then
+		fail f "bench/invalidation printed no INVALIDATION_RESULT line ($OUT/invalidation-f.txt)"
+		return 1
+	fi
+	for kv in ${line#INVALIDATION_RESULT }; do
+		INV[${kv%%=*}]=${kv#*=}
+	done
+	NOTE[f]+=" $(grep '^invalidation: warmed' "$OUT/invalidation-f.txt" | sed 's/^invalidation: //')."
+	if [[ -n $(grep 'WARNING' "$OUT/invalidation-f.txt" || true) ]]; then
+		NOTE[f]+=" $(grep 'WARNING' "$OUT/invalidation-f.txt" | sed 's/^invalidation: //')."
+	fi
+}
+
+# go_seconds DURATION: a Go duration ("30s", "1m30s", "500ms") in whole seconds, rounded up.
+go_seconds() {
+	awk -v d="$1" 'BEGIN {
+		t = 0; s = d
+		while (match(s, /^[0-9.]+(h|ms|us|m|s)/)) {
+			part = substr(s, 1, RLENGTH); s = substr(s, RLENGTH + 1)
+			v = part + 0; u = part; sub(/^[0-9.]+/, "", u)
+			t += (u == "h") ? v * 3600 : (u == "m") ? v * 60 : (u == "s") ? v : (u == "ms") ? v / 1000 : v / 1e6
+		}
+		if (s != "" || t <= 0) exit 1
+		printf "%d", (t == int(t)) ? t : int(t) + 1 }'
+}
+
+# g: the randomized two-sidecar consistency test, without -race, for CONSISTENCY_DURATION. The
+# test binary is built with go test -c and run from the package directory, as go test runs it,
+# so that the script can stop it by its PID (go test would leave its child running).
+scenario_g() {
+	local secs pid status=0 abs
+	if ! secs=$(go_seconds "$CONSISTENCY_DURATION"); then
+		fail g "BENCH_CONSISTENCY_DURATION '$CONSISTENCY_DURATION' is not a Go duration"
+		return 1
+	fi
+	log "scenario g: building the cmd/cachecar test binary"
+	if ! go test -c -o "$BIN/cachecar.test" ./cmd/cachecar >"$OUT/consistency-g.txt" 2>&1; then
+		sed 's/^/    /' "$OUT/consistency-g.txt" >&2
+		fail g "go test -c ./cmd/cachecar failed: $(tail -n 1 "$OUT/consistency-g.txt")"
+		return 1
+	fi
+	abs=$(cd "$BIN" && pwd)/cachecar.test
+	CMD[g]="CACHECAR_CONSISTENCY_DURATION=$CONSISTENCY_DURATION go test -count=1 -run TestTwoSidecarsRandomizedConsistency -v ./cmd/cachecar"
+	log "scenario g: ${CMD[g]} (as $BIN/cachecar.test, timeout $((secs + 180))s)"
+	(
+		cd cmd/cachecar &&
+			exec env CACHECAR_CONSISTENCY_DURATION="$CONSISTENCY_DURATION" \
+				CACHECAR_TEST_DATABASE_URL="${CACHECAR_TEST_DATABASE_URL:-postgres://cachecar:cachecar@127.0.0.1:5432/cachecar_test?sslmode=disable}" \
+				CACHECAR_TEST_VALKEY_ADDR="${CACHECAR_TEST_VALKEY_ADDR:-$REDIS_HOST:$REDIS_PORT}" \
+				CACHECAR_TEST_REDIS_SERVER="${CACHECAR_TEST_REDIS_SERVER:-$(command -v redis-server || true)}" \
+				"$abs" -test.count=1 -test.run '^TestTwoSidecarsRandomizedConsistency$' -test.v -test.timeout "$((secs + 180))s"
+	) >"$OUT/consistency-g.txt" 2>&1 &
+	pid=$!
+	STARTED+=("$pid")
+	wait "$pid" || status=$?
+	forget "$pid"
+	grep -E '^(=== RUN|--- |consistency:|PASS|FAIL|ok)|stale read|too little' "$OUT/consistency-g.txt" | head -n 20 | sed 's/^/    /' >&2 || true
+	CONSISTENCY=$(grep '^consistency:' "$OUT/consistency-g.txt" | head -n 1 || true)
+	if ((status != 0)); then
+		fail g "the test failed (exit status $status; output: $OUT/consistency-g.txt)"
+		return 1
+	fi
+	if [[ -z $CONSISTENCY ]]; then
+		# Skipped (a server variable missing) or the line changed: nothing was shown.
+		fail g "the test printed no 'consistency:' line: $(grep -E '^\s*--- (SKIP|PASS)|skip' "$OUT/consistency-g.txt" | head -n 2 | tr '\n' ' ')"
+		return 1
+	fi
+}
+
 # ---------------------------------------------------------------------------------------------
 # Report
 
 ratio() { # ratio NUM DEN: NUM/DEN with 3 decimals, or empty
 	[[ -n $1 && -n $2 ]] || return 0
 	awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f", a / b }'
+}
+
+# num VALUE: VALUE when it is a number, else empty ("n/a" from bench/invalidation)
+num() { [[ $1 =~ ^-?[0-9.]+$ ]] && printf '%s' "$1" || true; }
+
+# g_verdict [value]: PASS when g ran and passed, MISS when it failed, n/a when not run; with
+# "value", the words for the value column instead.
+g_verdict() {
+	local words=(PASS MISS n/a)
+	[[ ${1:-} == value ]] && words=(passed failed "not run")
+	if [[ -n ${FAILED[g]:-} ]]; then
+		echo "${words[1]}"
+	elif [[ -n $CONSISTENCY ]]; then
+		echo "${words[0]}"
+	else
+		echo "${words[2]}"
+	fi
 }
 
 # verdict VALUE OP LIMIT: PASS or MISS ("n/a" without a value)
@@ -398,21 +559,25 @@ verdict() {
 }
 
 report() {
-	local s row status ca cb dbp c99 v
+	local s row status ca cb dbp c99 ce v busy=""
 	echo "## Benchmark run $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 	echo
 	echo "- machine: nproc $(nproc), $(uname -sr) $(uname -m); every process on loopback, wrk on the same cores"
 	echo "- CPU busy in the second before the run: ${CPU_BUSY}%$( ((CPU_BUSY > 20)) && printf ' (other work was running: numbers are not representative)')"
 	echo "- go: $(go version | sed 's/^go version //'); wrk: $(wrk -v 2>&1 | head -n 1 | sed 's/^wrk //; s/ Copyright.*//')"
 	echo "- cachecar: ${CACHECAR_VERSION}"
-	echo "- load: \`wrk ${WRK_OPTS[*]}\` in every scenario; course ids 1..$ID_LAST"
-	for s in a b c d; do
+	for s in $SCENARIOS; do
+		[[ -n ${BUSY[$s]:-} ]] && busy+="${busy:+, }$s ${BUSY[$s]}%"
+	done
+	[[ -n $busy ]] && echo "- CPU busy in the second before each scenario: $busy"
+	echo "- load: \`wrk ${WRK_OPTS[*]}\` in scenarios a to e; course ids 1..$ID_LAST"
+	for s in a b c d e f g; do
 		[[ -n ${CMD[$s]:-} ]] && echo "- $s: \`${CMD[$s]}\`"
 	done
 	echo
 	echo "| scenario | what | requests/s | p50 ms | p99 ms | errors |"
 	echo "|---|---|---:|---:|---:|---:|"
-	for s in a b c d; do
+	for s in a b c d e; do
 		v="DESC_$s"
 		if [[ -n ${RPS[$s]:-} && -z ${FAILED[$s]:-} ]]; then
 			echo "| $s | ${!v} | $(awk -v r="${RPS[$s]}" 'BEGIN { printf "%.0f", r }') | ${P50[$s]} | ${P99[$s]} | ${ERRS[$s]} |"
@@ -427,20 +592,50 @@ report() {
 	cb=$(ratio "${RPS[c]:-}" "${RPS[b]:-}")
 	dbp=$(ratio "${P50[d]:-}" "${P50[b]:-}")
 	c99=${P99[c]:-}
+	ce=$(ratio "${RPS[c]:-}" "${RPS[e]:-}")
+	if [[ " $SCENARIOS " == *" f "* ]]; then
+		echo "| f: invalidation lag | value |"
+		echo "|---|---:|"
+		if [[ -n ${INV[updates]:-} ]]; then
+			echo "| UPDATEs sent, one per warmed course key | ${INV[updates]} (errors ${INV[errors]}) |"
+			echo "| achieved rate / target, per s | ${INV[rate]} / ${INV[target_rate]} (at most ${INV[behind_ms]} ms behind schedule) |"
+			echo "| keys never deleted within 2 s (missing) / deleted before their UPDATE | ${INV[missing]} / ${INV[early]} |"
+			echo "| lag p50 / p90 / p99 / max ms | ${INV[p50_ms]} / ${INV[p90_ms]} / ${INV[p99_ms]} / ${INV[max_ms]} |"
+			echo "| UPDATE round trip (statement + commit) p50 / p99 ms | ${INV[update_p50_ms]} / ${INV[update_p99_ms]} |"
+			echo "| del event after the UPDATE's answer p50 / p99 ms | ${INV[after_answer_p50_ms]} / ${INV[after_answer_p99_ms]} |"
+			echo "| cachecar_invalidation_lag_seconds observations (fraction <= 2 ms, <= 10 ms) | ${INV[sidecar_count]} (${INV[sidecar_le_2ms]}, ${INV[sidecar_le_10ms]}) |"
+			echo "| listener reconnects during the run | ${INV[reconnects]} |"
+		elif [[ -n ${FAILED[f]:-} ]]; then
+			echo "| result | failed |"
+		else
+			echo "| result | not run |"
+		fi
+		echo
+	fi
 	echo "| target | value | goal | result |"
 	echo "|---|---:|---|---|"
 	echo "| c/a throughput (hit vs HTTP ceiling) | ${ca:-n/a} | >= 0.45 | $(verdict "$ca" ">=" 0.45) |"
 	echo "| c/b throughput (hit vs no cache) | ${cb:-n/a} | >= 2.3 | $(verdict "$cb" ">=" 2.3) |"
 	echo "| c p99 latency ms | ${c99:-n/a} | <= 10 | $(verdict "$c99" "<=" 10) |"
 	echo "| d/b p50 latency (miss vs no cache) | ${dbp:-n/a} | <= 1.3 | $(verdict "$dbp" "<=" 1.3) |"
+	echo "| c/e throughput (hit, invalidation on vs off) | ${ce:-n/a} | >= 0.95 | $(verdict "$ce" ">=" 0.95) |"
+	echo "| f invalidation lag p50 ms | ${INV[p50_ms]:-n/a} | <= 2 | $(verdict "$(num "${INV[p50_ms]:-}")" "<=" 2) |"
+	echo "| f invalidation lag p99 ms | ${INV[p99_ms]:-n/a} | <= 10 | $(verdict "$(num "${INV[p99_ms]:-}")" "<=" 10) |"
+	echo "| f keys never deleted (missing) | ${INV[missing]:-n/a} | 0 | $(verdict "${INV[missing]:-}" "<=" 0) |"
+	echo "| g consistency test (no stale read after the bound) | $(g_verdict value) | passes | $(g_verdict) |"
 	echo
-	for s in a b c d; do
+	for s in a b c d e f; do
 		if [[ -n ${FAILED[$s]:-} ]]; then
 			echo "- $s: FAILED: ${FAILED[$s]}"
 		elif [[ -n ${NOTE[$s]:-} ]]; then
 			echo "- $s:${NOTE[$s]}"
 		fi
 	done
+	if [[ -n ${FAILED[g]:-} ]]; then
+		echo "- g: FAILED: ${FAILED[g]}${CONSISTENCY:+ (\`$CONSISTENCY\`)}"
+	elif [[ -n $CONSISTENCY ]]; then
+		echo "- g: \`$CONSISTENCY\`"
+	fi
 	echo "- errors = non-2xx answers plus socket errors; d's requests/s is answered requests over the"
 	echo "  time from its first request to its last answer (bench/miss.lua), not wrk's Requests/sec."
 }
@@ -469,21 +664,26 @@ cpu_busy() {
 CPU_BUSY=$(cpu_busy)
 mkdir -p "$BIN"
 log "building helpers into $BIN"
-go build -o "$BIN/" ./bench/fixedjson ./bench/directpg ./bench/warm
+go build -o "$BIN/" ./bench/fixedjson ./bench/directpg ./bench/warm ./bench/invalidation
 
-if [[ " $SCENARIOS " == *" c "* || " $SCENARIOS " == *" d "* ]] && [[ -x $CACHECAR_BIN ]]; then
+if [[ " $SCENARIOS " == *[cdef]* ]] && [[ -x $CACHECAR_BIN ]]; then
 	CACHECAR_VERSION=$(timeout 5 "$CACHECAR_BIN" version 2>&1 | head -n 1 || true)
 	CACHECAR_VERSION="$CACHECAR_BIN, ${CACHECAR_VERSION:-version unknown}"
 fi
 
 for s in $SCENARIOS; do
 	case $s in
-	a | b | c | d) "scenario_$s" || true ;;
+	a | b | c | d | e | f | g) ;;
 	*)
-		log "unknown scenario '$s' in BENCH_SCENARIOS (want a subset of: a b c d)"
+		log "unknown scenario '$s' in BENCH_SCENARIOS (want a subset of: a b c d e f g)"
 		exit 1
 		;;
 	esac
+done
+for s in $SCENARIOS; do
+	# Other work on the machine shows up here before the scenario's own load does.
+	BUSY[$s]=$(cpu_busy)
+	"scenario_$s" || true
 done
 
 report | tee "$OUT/last.md"

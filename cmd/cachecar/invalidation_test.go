@@ -493,6 +493,11 @@ func TestTwoSidecarsRandomizedConsistency(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		if strings.HasPrefix(cached, "\x00cachecar-lease:") {
+			// A fill lease, never served (a timed-out lease call can leave one until it
+			// expires); what matters is that no entry differs.
+			continue
+		}
 		var fresh string
 		if err := pool.QueryRow(context.Background(), sql, args...).Scan(&fresh); err != nil {
 			t.Fatalf("%s: %v", name, err)
