@@ -28,6 +28,8 @@ run: check-go services build migrate
 	@echo
 	@echo "cachecar is starting. Try:"
 	@echo "  curl -i http://127.0.0.1:8080/v1/courses/1        (twice: X-Cache MISS, then HIT)"
+	@echo "  psql postgres://cachecar:cachecar@127.0.0.1:5432/cachecar -c \"UPDATE courses SET title = 'New' WHERE id = 1\""
+	@echo "  curl -i http://127.0.0.1:8080/v1/courses/1        (the write is seen at once: MISS with the new title)"
 	@echo "  curl -i 'http://127.0.0.1:8080/v1/courses?ids=1,2,3'"
 	@echo "  curl -i http://127.0.0.1:8080/v1/tenants/1"
 	@echo "  curl -i http://127.0.0.1:8080/v1/tenants/1/stats"
