@@ -52,6 +52,11 @@ type Resolver struct {
 	log    zerolog.Logger
 	flight singleflight.Group
 	live   atomic.Bool
+	// epoch counts invalidations, resyncs and live changes. It is part of every single-flight
+	// key: a read that starts after an invalidation must not join a load that read the
+	// database before it (the load's own fill is refused by its lease, but its value would
+	// still be handed to the joiner).
+	epoch atomic.Uint64
 }
 
 // New returns a resolver. store may be nil (no cache configured or cache disabled).
@@ -134,7 +139,8 @@ func (r *Resolver) GetFunc(ctx context.Context, p *Policy, vals []string, load L
 	// load runs detached from the first caller's cancellation, so that a client hanging up does
 	// not fail everyone waiting on the same key; each caller still stops waiting when its own
 	// context ends.
-	ch := r.flight.DoChan(key, func() (any, error) {
+	flightKey := strconv.FormatUint(r.epoch.Load(), 36) + "\x00" + key
+	ch := r.flight.DoChan(flightKey, func() (any, error) {
 		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.opts.QueryTimeout)
 		defer cancel()
 		// The lease goes in before the database is read: an invalidation after this point
@@ -301,6 +307,7 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 // Options.Invalidation it does nothing.
 func (r *Resolver) SetLive(live bool) {
 	if r.opts.Invalidation {
+		r.epoch.Add(1)
 		r.live.Store(live)
 	}
 }
@@ -314,6 +321,8 @@ func (r *Resolver) Invalidate(ctx context.Context, keys, tags []string) (int, er
 	if r.store == nil {
 		return 0, nil
 	}
+	// Before the delete: a read that starts once this returns gets a new flight.
+	r.epoch.Add(1)
 	return r.store.Invalidate(ctx, keys, tags)
 }
 
@@ -323,6 +332,7 @@ func (r *Resolver) Resync(ctx context.Context) (int, error) {
 	if r.store == nil {
 		return 0, nil
 	}
+	r.epoch.Add(1)
 	prefixes := []string{r.opts.Namespace + tagPrefix}
 	for _, p := range r.opts.Policies {
 		if p.Invalidated {

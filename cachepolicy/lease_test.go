@@ -5,6 +5,7 @@ import (
 	"errors"
 	"slices"
 	"strconv"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -226,4 +227,46 @@ func TestResyncDeletesOnlyPolicyKeys(t *testing.T) {
 			t.Errorf("%s was deleted by the resync", k)
 		}
 	}
+}
+
+// TestReadAfterInvalidationDoesNotJoinOlderLoad: reader A's load read v1 and is still running
+// when v2 is committed and its invalidation returns; reader B, starting after that, must get its
+// own load (v2), not A's v1 through single-flight.
+func TestReadAfterInvalidationDoesNotJoinOlderLoad(t *testing.T) {
+	pool := itemsDB(t)
+	addr, prefix := testenv.Valkey(t)
+	f := newFixture(t, pool, addr, prefix, time.Second)
+	f.res.opts.Invalidation = true
+	f.res.SetLive(true)
+	p := itemPolicy(t, "")
+	p.Invalidated = true
+	ctx := context.Background()
+	var db atomic.Value
+	db.Store("v1")
+	readDone, release := make(chan struct{}), make(chan struct{})
+	go f.res.GetFunc(ctx, p, []string{"1"}, func(context.Context) ([]byte, error) {
+		v := db.Load().(string)
+		close(readDone)
+		<-release
+		return []byte(`"` + v + `"`), nil
+	})
+	<-readDone
+	db.Store("v2")
+	if _, err := f.res.Invalidate(ctx, []string{prefix + "item:1"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan Result, 1)
+	go func() {
+		r, _ := f.res.GetFunc(ctx, p, []string{"1"}, func(context.Context) ([]byte, error) { return []byte(`"` + db.Load().(string) + `"`), nil })
+		got <- r
+	}()
+	select {
+	case r := <-got:
+		if string(r.Body) != `"v2"` {
+			t.Fatalf("B got %s", r.Body)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("B waited for A's load: it joined a flight that started before the invalidation")
+	}
+	close(release)
 }
