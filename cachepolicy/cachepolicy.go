@@ -5,6 +5,7 @@ package cachepolicy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"hash/fnv"
 	"strconv"
 	"strings"
@@ -169,7 +170,9 @@ func (r *Resolver) GetFunc(ctx context.Context, p *Policy, vals []string, load L
 			return nil, err
 		}
 		if lease != "" {
-			stored, err := r.store.Fill(lctx, key, lease, body, p.TTL)
+			// The fill gets its own time (the store bounds it): a load that used most of the
+			// query timeout must not leave its lease behind.
+			stored, err := r.store.Fill(context.WithoutCancel(lctx), key, lease, body, p.TTL)
 			if err != nil {
 				r.logValkey(err)
 			} else if !stored {
@@ -206,6 +209,10 @@ type Item struct {
 // query of p.BatchSQL. The result is in the order of ids. The cache result is Hit only when every
 // id was cached. p's key must have one placeholder (so p has no tags).
 func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item, string, error) {
+	if len(p.Tags) > 0 {
+		// Batch leases register no tags: a tagged key filled here would escape invalidation.
+		return nil, "", fmt.Errorf("policy %s: batch reads of a tagged policy are not supported", p.Name)
+	}
 	keys := make([]string, len(ids))
 	for i, id := range ids {
 		keys[i] = r.opts.Namespace + p.Key.Render(strconv.FormatInt(id, 10))
@@ -269,7 +276,17 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 	start := time.Now()
 	found, err := r.loader.LoadMany(lctx, p.BatchSQL, missIDs)
 	r.observe(p, start, err)
+	// Valkey calls after the load get their own time: a load that used most of the query
+	// timeout must not leave its leases behind by timing out the fill.
+	vctx := context.WithoutCancel(lctx)
 	if err != nil {
+		for j, i := range missing {
+			if got != nil && got[j] {
+				if err := r.store.Release(vctx, keys[i], leases[j]); err != nil {
+					r.logValkey(err)
+				}
+			}
+		}
 		return nil, "", err
 	}
 	var fillKeys, fillLeases []string
@@ -284,7 +301,7 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 		}
 		if !ok {
 			// Nothing to store: give the lease back so the next reader can take one.
-			if err := r.store.Release(lctx, keys[i], leases[j]); err != nil {
+			if err := r.store.Release(vctx, keys[i], leases[j]); err != nil {
 				r.logValkey(err)
 			}
 			continue
@@ -293,7 +310,7 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 		fillLeases = append(fillLeases, leases[j])
 		fillVals = append(fillVals, b)
 	}
-	stored, err := r.store.FillMany(lctx, fillKeys, fillLeases, fillVals, p.TTL)
+	stored, err := r.store.FillMany(vctx, fillKeys, fillLeases, fillVals, p.TTL)
 	if err != nil {
 		r.logValkey(err)
 	} else if refused := len(fillKeys) - stored; refused > 0 {
@@ -324,6 +341,14 @@ func (r *Resolver) Invalidate(ctx context.Context, keys, tags []string) (int, er
 	// Before the delete: a read that starts once this returns gets a new flight.
 	r.epoch.Add(1)
 	return r.store.Invalidate(ctx, keys, tags)
+}
+
+// ServerID identifies the Valkey server's data (see Store.ServerID); "" without a cache.
+func (r *Resolver) ServerID(ctx context.Context) (string, error) {
+	if r.store == nil {
+		return "", nil
+	}
+	return r.store.ServerID(ctx)
 }
 
 // Resync deletes every entry, fill lease and tag set of the invalidated policies, found by

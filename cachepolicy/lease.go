@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -42,13 +43,17 @@ func newLease() string {
 // leaseScript takes the lease of KEYS[1] if the key is empty, and registers the key in the tag
 // sets KEYS[2..]: each is a sorted set scored by the latest time its member can still exist, so
 // that taking a lease also prunes members that have expired and a set never grows past the keys
-// alive in it. ARGV: lease value, lease TTL (ms), member score (ms), now (ms), tag-set TTL (ms).
+// alive in it. Times are the server's (TIME), so sidecars with skewed clocks never prune each
+// other's live members. ARGV: lease value, lease TTL (ms), member lifetime (ms).
 var leaseScript = valkey.NewLuaScript(`
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local life = tonumber(ARGV[3])
 for i = 2, #KEYS do
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[4])
-  redis.call('ZADD', KEYS[i], ARGV[3], KEYS[1])
-  if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[5]) then redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  redis.call('ZADD', KEYS[i], now + life, KEYS[1])
+  if redis.call('PTTL', KEYS[i]) < life then redis.call('PEXPIRE', KEYS[i], life) end
 end
 return 1`)
 
@@ -63,25 +68,26 @@ var releaseScript = valkey.NewLuaScript(`
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0`)
 
-// invalidateScript deletes the first ARGV[1] keys, then every member of the tag sets that
-// follow, and the sets, atomically: no lease can be taken in a set between reading its members
-// and deleting them. Members are not declared in KEYS, so this runs on a standalone server or a
-// primary with replicas, not on a Valkey Cluster.
-var invalidateScript = valkey.NewLuaScript(`
-local n = 0
+// detachScript deletes the first ARGV[1] keys and renames each tag set that follows to a
+// detached name (the same name plus ARGV[2]), atomically, and returns how many keys it deleted
+// followed by the detached names. From then on, new leases register in fresh sets; every key of
+// the detached sets (leases taken before, values filled from them) is deleted in batches
+// afterwards, so one huge set never blocks the server in a single script. A lease taken after
+// the detach reads PostgreSQL after the commit that caused it, so it is fresh.
+var detachScript = valkey.NewLuaScript(`
+local out = {0}
 local nk = tonumber(ARGV[1])
-for i = 1, nk do n = n + redis.call('UNLINK', KEYS[i]) end
+for i = 1, nk do out[1] = out[1] + redis.call('UNLINK', KEYS[i]) end
 for i = nk + 1, #KEYS do
-  local m = redis.call('ZRANGE', KEYS[i], 0, -1)
-  for j = 1, #m, 500 do
-    n = n + redis.call('UNLINK', unpack(m, j, math.min(j + 499, #m)))
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    redis.call('RENAME', KEYS[i], KEYS[i] .. ARGV[2])
+    out[#out + 1] = KEYS[i] .. ARGV[2]
   end
-  redis.call('UNLINK', KEYS[i])
 end
-return n`)
+return out`)
 
 // errLeased: the key holds another reader's fill lease (its load is in flight).
-var errLeased = fmt.Errorf("fill lease held by another reader")
+var errLeased = errors.New("fill lease held by another reader")
 
 // Lease takes the fill lease of key, registering key in tags, and reports whether it got it.
 // leaseTTL bounds how long a crashed reader's lease blocks fills; ttl is the entry's TTL.
@@ -101,12 +107,8 @@ func (s *Store) Lease(ctx context.Context, key, lease string, tags []string, lea
 		}
 		n = 1
 	} else {
-		now := time.Now()
-		life := leaseTTL + ttl
-		n, err = leaseScript.Exec(ctx, c, append([]string{key}, tags...), []string{
-			lease, ms(leaseTTL), strconv.FormatInt(now.Add(life).UnixMilli(), 10),
-			strconv.FormatInt(now.UnixMilli(), 10), ms(life),
-		}).AsInt64()
+		// A member lives at most the lease plus the entry's TTL.
+		n, err = leaseScript.Exec(ctx, c, append([]string{key}, tags...), []string{lease, ms(leaseTTL), ms(leaseTTL + ttl)}).AsInt64()
 	}
 	if err != nil {
 		return false, s.fail("lease", err)
@@ -201,25 +203,93 @@ func (s *Store) Release(ctx context.Context, key, lease string) error {
 	return nil
 }
 
-// Invalidate deletes keys and every member of the tag sets tags (and the sets), atomically, and
-// returns how many keys it deleted.
+// Invalidate deletes keys and every member of the tag sets tags (and the sets), and returns how
+// many keys it deleted. Members are not declared to the script, so this runs on a standalone
+// server or a primary with replicas, not on a Valkey Cluster.
 func (s *Store) Invalidate(ctx context.Context, keys, tags []string) (int, error) {
 	c, err := s.get()
 	if err != nil {
 		return 0, err
 	}
-	var n int64
 	if len(tags) == 0 {
-		n, err = c.Do(ctx, c.B().Unlink().Key(keys...).Build()).AsInt64()
-	} else {
-		n, err = invalidateScript.Exec(ctx, c, append(append([]string(nil), keys...), tags...),
-			[]string{strconv.Itoa(len(keys))}).AsInt64()
+		n, err := c.Do(ctx, c.B().Unlink().Key(keys...).Build()).AsInt64()
+		if err != nil {
+			return 0, s.fail("invalidate", err)
+		}
+		s.ok()
+		return int(n), nil
 	}
+	suffix := ":detached:" + newLease()[len(leasePrefix):]
+	res, err := detachScript.Exec(ctx, c, append(append([]string(nil), keys...), tags...),
+		[]string{strconv.Itoa(len(keys)), suffix}).ToArray()
 	if err != nil {
 		return 0, s.fail("invalidate", err)
 	}
+	n, err := res[0].AsInt64()
+	if err != nil {
+		return 0, s.fail("invalidate", err)
+	}
+	deleted := int(n)
+	for _, m := range res[1:] {
+		set, err := m.ToString()
+		if err != nil {
+			return deleted, s.fail("invalidate", err)
+		}
+		for {
+			// Pop a batch of members and delete them; the set disappears with its last member.
+			// A detached set left behind by a failure keeps its TTL and its tag prefix, so the
+			// resync that follows a failure deletes it and its members' keys with it.
+			members, err := c.Do(ctx, c.B().Zpopmin().Key(set).Count(500).Build()).AsZScores()
+			if err != nil {
+				return deleted, s.fail("invalidate", err)
+			}
+			if len(members) == 0 {
+				break
+			}
+			batch := make([]string, len(members))
+			for i, z := range members {
+				batch[i] = z.Member
+			}
+			n, err := c.Do(ctx, c.B().Unlink().Key(batch...).Build()).AsInt64()
+			if err != nil {
+				return deleted, s.fail("invalidate", err)
+			}
+			deleted += int(n)
+		}
+	}
 	s.ok()
-	return int(n), nil
+	return deleted, nil
+}
+
+// ServerID identifies the Valkey server's data: its run id (new after a restart) and its
+// replication id (new after a failover promotes a replica). When it changes, deletes may have
+// been lost or old entries restored from disk, as in a gap.
+func (s *Store) ServerID(ctx context.Context) (string, error) {
+	c, err := s.get()
+	if err != nil {
+		return "", err
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout*20)
+	defer cancel()
+	info, err := c.Do(ctx, c.B().Info().Section("server", "replication").Build()).ToString()
+	if err != nil {
+		return "", s.fail("info", err)
+	}
+	var runID, replID string
+	for _, line := range strings.Split(info, "\n") {
+		line = strings.TrimSpace(line)
+		if v, ok := strings.CutPrefix(line, "run_id:"); ok {
+			runID = v
+		}
+		if v, ok := strings.CutPrefix(line, "master_replid:"); ok {
+			replID = v
+		}
+	}
+	if runID == "" {
+		return "", fmt.Errorf("valkey info: no run_id")
+	}
+	s.ok()
+	return runID + "/" + replID, nil
 }
 
 // DeletePrefixed deletes every key under match (a SCAN glob) that starts with one of prefixes,

@@ -182,6 +182,17 @@ var PolicyParams = map[string][]string{
 	"tenant_stats":  {"tenant_id"},
 }
 
+// BindableParams lists, per policy, the placeholders invalidate_on may bind to a column: the ids.
+// The others ({status}, {after}, {limit} of the list) describe the request, not a row, and are
+// covered by the tag of the ids they come with.
+var BindableParams = map[string][]string{
+	"tenant":        {"id"},
+	"course":        {"id"},
+	"dispatch":      {"id"},
+	"dispatch_list": {"tenant_id"},
+	"tenant_stats":  {"tenant_id"},
+}
+
 // Named returns the policies by their config names.
 func (p *Policies) Named() map[string]*Policy {
 	return map[string]*Policy{
@@ -534,7 +545,7 @@ func (c *Config) validate() []string {
 	}
 	sort.Strings(names)
 	for _, name := range names {
-		p = append(p, named[name].validate("policies."+name, PolicyParams[name])...)
+		p = append(p, named[name].validate("policies."+name, PolicyParams[name], BindableParams[name])...)
 	}
 	if c.Manifests.Dir == "" {
 		p = append(p, "manifests.dir: must be set")
@@ -568,7 +579,7 @@ func (c *Config) validate() []string {
 	return p
 }
 
-func (pol *Policy) validate(prefix string, params []string) []string {
+func (pol *Policy) validate(prefix string, params, bindable []string) []string {
 	p := validateKey(prefix+".key", pol.Key, params)
 	if pol.TTL < 0 {
 		p = append(p, prefix+".ttl: must not be negative")
@@ -601,8 +612,8 @@ func (pol *Policy) validate(prefix string, params []string) []string {
 			p = append(p, name+".columns: must map at least one key placeholder to a column")
 		}
 		for ph, col := range d.Columns {
-			if !slices.Contains(params, ph) {
-				p = append(p, fmt.Sprintf("%s.columns: {%s} is not a placeholder of the key (known: {%s})", name, ph, strings.Join(params, "}, {")))
+			if !slices.Contains(bindable, ph) {
+				p = append(p, fmt.Sprintf("%s.columns: {%s} cannot be bound to a column (bindable: {%s})", name, ph, strings.Join(bindable, "}, {")))
 			}
 			if !identRE.MatchString(col) {
 				p = append(p, fmt.Sprintf("%s.columns.%s: %q must be a lower-case SQL identifier", name, ph, col))

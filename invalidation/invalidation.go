@@ -69,19 +69,25 @@ type Cache interface {
 	// SetLive says whether invalidation is live. While it is not, the cache must not serve
 	// entries that depend on the database, nor fill them.
 	SetLive(live bool)
+	// ServerID identifies the cache server's data. A change (a restart that may have restored
+	// old entries from disk, a failover that may have lost deletes) is treated as a gap.
+	ServerID(ctx context.Context) (string, error)
 }
 
-// Options configures a Listener.
+// Options configures a Listener. Every duration must be positive; there are no defaults here
+// (cmd passes the configured values).
 type Options struct {
 	// URL is the PostgreSQL connection the listener LISTENs on. It must be a direct session (or
 	// a session-pooling PgBouncer): LISTEN does not survive transaction pooling.
 	URL string
-	// ConnectTimeout bounds one connection attempt.
+	// ConnectTimeout bounds one connection attempt, and each setup step after it (LISTEN, the
+	// trigger check).
 	ConnectTimeout time.Duration
 	// ReconnectMax caps the back-off between attempts; the first retry comes after 50-100 ms.
 	ReconnectMax time.Duration
-	// PingInterval is how long the listener waits for a notification before it checks that the
-	// connection still works, so that a silently dropped connection is noticed.
+	// PingInterval is how often the listener re-checks its connection and the triggers
+	// (Verify) and the cache server's identity: a silently dropped connection, triggers
+	// removed or disabled behind its back, or a restarted cache server end the session.
 	PingInterval time.Duration
 	// CacheTimeout bounds one Invalidate call; ResyncTimeout bounds one Resync.
 	CacheTimeout  time.Duration
@@ -95,6 +101,7 @@ type Listener struct {
 	byTable map[string][]Rule
 	cache   Cache
 	log     zerolog.Logger
+	badLog  zerolog.Logger // sampled: malformed notifications
 	m       *metrics
 
 	mu     sync.Mutex
@@ -119,7 +126,9 @@ type Status struct {
 
 // New returns a listener; it starts nothing. reg receives its metrics.
 func New(opts Options, spec Spec, cache Cache, log zerolog.Logger, reg prometheus.Registerer) *Listener {
-	l := &Listener{opts: opts, spec: spec, byTable: map[string][]Rule{}, cache: cache, log: log, m: newMetrics(reg)}
+	l := &Listener{opts: opts, spec: spec, byTable: map[string][]Rule{}, cache: cache, log: log, m: newMetrics(reg),
+		// A hand-run NOTIFY loop must not flood the log.
+		badLog: log.Sample(&zerolog.BurstSampler{Burst: 5, Period: time.Minute})}
 	for _, r := range spec.Rules {
 		l.byTable[r.Table] = append(l.byTable[r.Table], r)
 	}
@@ -209,9 +218,9 @@ func describe(err error) string {
 
 // invalidateError is a failure of the cache during a session: entries may be left stale, so the
 // session ends and the next one resyncs.
-type invalidateError struct{ op string }
+type invalidateError struct{ msg string }
 
-func (e *invalidateError) Error() string { return "cache " + e.op + " failed" }
+func (e *invalidateError) Error() string { return e.msg }
 
 // session runs one connection. wasLive reports whether the cache was let serve during it.
 func (l *Listener) session(ctx context.Context) (wasLive bool, err error) {
@@ -232,17 +241,29 @@ func (l *Listener) session(ctx context.Context) (wasLive bool, err error) {
 		defer cancel()
 		conn.Close(cctx)
 	}()
+	// Deferred after the close, so it runs first: the cache stops serving the moment the
+	// session fails, not after the connection is torn down.
+	defer l.cache.SetLive(false)
 
 	// LISTEN first: from here on no change is missed, so the resync below cannot race a change
 	// committed between it and the first notification.
-	if _, err := conn.Exec(ctx, "LISTEN "+quoteIdent(l.spec.Channel)); err != nil {
+	sctx, cancel := context.WithTimeout(ctx, l.opts.ConnectTimeout)
+	_, err = conn.Exec(sctx, "LISTEN "+quoteIdent(l.spec.Channel))
+	cancel()
+	if err != nil {
 		return false, fmt.Errorf("listen: %w", err)
 	}
-	if err := Verify(ctx, conn, l.spec); err != nil {
+	if err := l.verify(ctx, conn); err != nil {
 		return false, err
 	}
 	if err := l.resync(ctx, "connect"); err != nil {
 		return false, err
+	}
+	// The cache server's identity after the resync: if it changes during the session, the
+	// server lost deletes or brought back old entries.
+	serverID, err := l.cache.ServerID(ctx)
+	if err != nil {
+		return false, &invalidateError{"cache server unreachable"}
 	}
 	l.cache.SetLive(true)
 	l.m.up.Set(1)
@@ -252,20 +273,34 @@ func (l *Listener) session(ctx context.Context) (wasLive bool, err error) {
 	// One goroutine reads notifications off the connection; this one applies them. Whatever
 	// arrived while the previous batch was being applied is applied in one call: under a burst
 	// of writes, the lag stays one round trip to Valkey instead of a growing queue of them.
-	sctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	rctx, stop := context.WithCancel(ctx)
+	defer stop()
 	notes := make(chan string, maxBatch)
 	readErr := make(chan error, 1)
-	go func() { readErr <- l.read(sctx, conn, notes) }()
+	go func() { readErr <- l.read(rctx, conn, notes) }()
+	check := time.NewTicker(l.opts.PingInterval)
+	defer check.Stop()
 	for {
 		var batch []string
 		select {
 		case <-ctx.Done():
-			cancel()
+			stop()
 			<-readErr
 			return true, nil
 		case err := <-readErr:
 			return true, err
+		case <-check.C:
+			id, err := l.cache.ServerID(ctx)
+			if err != nil || id != serverID {
+				stop()
+				<-readErr
+				if err != nil {
+					return true, &invalidateError{"cache server unreachable"}
+				}
+				l.log.Warn().Msg("the cache server restarted or failed over; resyncing")
+				return true, &invalidateError{"the cache server restarted or failed over"}
+			}
+			continue
 		case p := <-notes:
 			batch = append(batch, p)
 		}
@@ -279,7 +314,7 @@ func (l *Listener) session(ctx context.Context) (wasLive bool, err error) {
 			}
 		}
 		if err := l.apply(ctx, batch); err != nil {
-			cancel()
+			stop()
 			<-readErr
 			return true, err
 		}
@@ -289,26 +324,30 @@ func (l *Listener) session(ctx context.Context) (wasLive bool, err error) {
 // maxBatch bounds the notifications applied in one call to the cache.
 const maxBatch = 512
 
-// read passes every notification of conn to notes until ctx ends or the connection fails. After
-// a quiet ping interval it pings, so that a silently dropped connection is noticed.
+// read passes every notification of conn to notes until ctx ends or the connection fails. Every
+// ping interval it runs Verify on the connection: that proves the connection still works (a
+// silently dropped one is noticed) and that the triggers are still there and enabled (migrate
+// with another configuration, or DISABLE TRIGGER, would otherwise stop notifications without a
+// word while the cache keeps serving).
 func (l *Listener) read(ctx context.Context, conn *pgx.Conn, notes chan<- string) error {
+	next := time.Now().Add(l.opts.PingInterval)
 	for {
-		wctx, cancel := context.WithTimeout(ctx, l.opts.PingInterval)
+		wctx, cancel := context.WithDeadline(ctx, next)
 		n, err := conn.WaitForNotification(wctx)
 		cancel()
 		if ctx.Err() != nil {
 			return nil
 		}
-		if err != nil {
-			if wctx.Err() == nil || conn.IsClosed() {
+		if err != nil && (wctx.Err() == nil || conn.IsClosed()) {
+			return err
+		}
+		if !time.Now().Before(next) {
+			if err := l.verify(ctx, conn); err != nil {
 				return err
 			}
-			pctx, cancel := context.WithTimeout(ctx, l.opts.ConnectTimeout)
-			err := conn.Ping(pctx)
-			cancel()
-			if err != nil {
-				return fmt.Errorf("ping: %w", err)
-			}
+			next = time.Now().Add(l.opts.PingInterval)
+		}
+		if n == nil {
 			continue
 		}
 		select {
@@ -319,6 +358,13 @@ func (l *Listener) read(ctx context.Context, conn *pgx.Conn, notes chan<- string
 	}
 }
 
+// verify runs Verify on conn within the setup timeout.
+func (l *Listener) verify(ctx context.Context, conn *pgx.Conn) error {
+	vctx, cancel := context.WithTimeout(ctx, 2*l.opts.ConnectTimeout)
+	defer cancel()
+	return Verify(vctx, conn, l.spec)
+}
+
 // resync deletes every database-derived entry while the cache does not serve them.
 func (l *Listener) resync(ctx context.Context, reason string) error {
 	l.cache.SetLive(false)
@@ -327,8 +373,7 @@ func (l *Listener) resync(ctx context.Context, reason string) error {
 	start := time.Now()
 	n, err := l.cache.Resync(rctx)
 	if err != nil {
-		l.log.Warn().Err(err).Msg("resync failed")
-		return &invalidateError{op: "resync"}
+		return &invalidateError{"cache resync failed"}
 	}
 	l.m.resyncs.WithLabelValues(reason).Inc()
 	l.m.resyncKeys.Add(float64(n))
@@ -349,7 +394,7 @@ func (l *Listener) apply(ctx context.Context, payloads []string) error {
 		c, err := ParseChange(payload)
 		if err != nil {
 			l.m.notes.WithLabelValues("malformed").Inc()
-			l.log.Warn().Err(err).Int("bytes", len(payload)).Msg("ignored a notification that is not a cachecar trigger message")
+			l.badLog.Warn().Err(err).Int("bytes", len(payload)).Msg("ignored a notification that is not a cachecar trigger message (logged at most 5 a minute)")
 			continue
 		}
 		if len(l.byTable[c.Table]) == 0 {
@@ -385,9 +430,12 @@ func (l *Listener) apply(ctx context.Context, payloads []string) error {
 		var err error
 		keys, tags, err = l.targets(c, l.byTable[c.Table], seen, keys, tags)
 		if err != nil {
+			// A trigger of a watched table that does not send what the policies need (installed
+			// for another configuration): its changes cannot be mapped to keys, so this is a
+			// gap. The next session's Verify names the problem.
 			l.m.notes.WithLabelValues("malformed").Inc()
-			l.log.Error().Err(err).Str("table", c.Table).Msg("ignored a notification without the columns the policies need; run `cachecar migrate`")
-			continue
+			l.log.Error().Err(err).Str("table", c.Table).Msg("a watched table's trigger does not send the columns the policies need; run `cachecar migrate`")
+			return &invalidateError{"a notification could not be mapped to keys"}
 		}
 		l.m.notes.WithLabelValues("applied").Inc()
 		applied = append(applied, c)
@@ -399,7 +447,7 @@ func (l *Listener) apply(ctx context.Context, payloads []string) error {
 		if err != nil {
 			// Some keys may still hold what these changes made stale: treat it as a gap.
 			l.log.Warn().Err(err).Msg("invalidation failed; resyncing")
-			return &invalidateError{op: "invalidate"}
+			return &invalidateError{"cache invalidate failed"}
 		}
 		l.m.keys.Add(float64(n))
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"regexp"
 	"slices"
 	"sort"
 	"strings"
@@ -52,6 +53,9 @@ type InstallReport struct {
 // a rule names that does not exist is an error naming the policy.
 func Install(ctx context.Context, tx querier, spec Spec) (InstallReport, error) {
 	var rep InstallReport
+	if err := spec.Check(); err != nil {
+		return rep, err
+	}
 	if err := checkColumns(ctx, tx, spec); err != nil {
 		return rep, err
 	}
@@ -163,19 +167,23 @@ func IsSchemaError(err error) bool {
 	return errors.As(err, &se)
 }
 
-// checkColumns reports every rule whose table or column does not exist.
+// checkColumns reports every rule whose table or column does not exist, or whose column is not
+// an integer: rules bind id placeholders, and any other type would either never match a key or
+// make messages the listener cannot read.
 func checkColumns(ctx context.Context, q querier, spec Spec) error {
 	var problems []string
-	cols := map[string][]string{} // table -> its columns; nil: table absent
+	cols := map[string]map[string]string{} // table -> column -> type; empty: table absent
 	for _, r := range spec.Rules {
 		have, seen := cols[r.Table]
 		if !seen {
-			rows, err := q.Query(ctx, `SELECT attname::text FROM pg_attribute
+			rows, err := q.Query(ctx, `SELECT attname::text, atttypid::regtype::text FROM pg_attribute
 				WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped`, quoteIdent(r.Table))
 			if err != nil {
 				return fmt.Errorf("read columns of %s: %w", r.Table, err)
 			}
-			have, err = pgx.CollectRows(rows, pgx.RowTo[string])
+			have = map[string]string{}
+			var name, typ string
+			_, err = pgx.ForEachRow(rows, []any{&name, &typ}, func() error { have[name] = typ; return nil })
 			if err != nil {
 				return fmt.Errorf("read columns of %s: %w", r.Table, err)
 			}
@@ -186,8 +194,12 @@ func checkColumns(ctx context.Context, q querier, spec Spec) error {
 			continue
 		}
 		for _, c := range r.Columns {
-			if !slices.Contains(have, c) {
+			typ, ok := have[c]
+			switch {
+			case !ok:
 				problems = append(problems, fmt.Sprintf("policy %s: table %q has no column %q", r.Policy, r.Table, c))
+			case typ != "bigint" && typ != "integer" && typ != "smallint":
+				problems = append(problems, fmt.Sprintf("policy %s: column %q of table %q is %s; it must be an integer id (smallint, integer or bigint)", r.Policy, c, r.Table, typ))
 			}
 		}
 	}
@@ -266,7 +278,10 @@ func InstallSQL(table string, columns []string, channel string, maxRows int) []s
 	rowExpr := "json_build_array(" + strings.Join(quoted, ", ") + ")::text"
 	head := fmt.Sprintf(`{"v":%d,"t":"%s","op":"`, payloadVersion, table)
 	cols := `,"c":[` + strings.Join(names, ",") + `]`
-	fnSQL := fmt.Sprintf(`CREATE OR REPLACE FUNCTION %[1]s() RETURNS trigger LANGUAGE plpgsql AS $cachecar$
+	// The function names no table, so a fixed search_path keeps a role's own search_path (or a
+	// look-alike function in another schema) from changing what it calls.
+	fnSQL := fmt.Sprintf(`CREATE OR REPLACE FUNCTION %[1]s() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $cachecar$
 -- Installed by cachecar migrate (trigger version %[2]d): notifies %[3]s of changed rows of %[4]s.
 DECLARE
 	head  text := '%[5]s' || TG_OP || '","ts":' || (extract(epoch FROM clock_timestamp()) * 1000000)::bigint || '%[6]s';
@@ -323,13 +338,22 @@ $cachecar$`, fn, triggerVersion, channel, table, head, cols, maxRows, rowExpr, m
 		fmt.Sprintf("CREATE TRIGGER cachecar_del AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()", tbl, fn),
 		fmt.Sprintf("CREATE TRIGGER cachecar_trunc AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %s()", tbl, fn),
 	)
+	// ALWAYS: the triggers fire also under session_replication_role = replica (pg_restore
+	// --disable-triggers is the exception it cannot see) and for rows applied by logical
+	// replication: the cache must hear of those writes too.
+	for _, name := range triggerNames {
+		stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s ENABLE ALWAYS TRIGGER %s", tbl, name))
+	}
 	return stmts
 }
 
 // Script returns, as one SQL script, what Install does for spec: for operators who apply
 // migrations themselves (cachecar migrate --print-sql). It does not remove triggers from tables
 // spec no longer names; RemoveSQL gives those statements.
-func Script(spec Spec) string {
+func Script(spec Spec) (string, error) {
+	if err := spec.Check(); err != nil {
+		return "", err
+	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "-- cachecar invalidation triggers (trigger version %d), channel %s, max_rows %d.\n", triggerVersion, spec.Channel, spec.MaxRows)
 	b.WriteString("-- Run as a role that owns the tables, with the search_path cachecar's database.url uses.\n")
@@ -353,7 +377,38 @@ func Script(spec Spec) string {
 `, t, strings.Join(tables[t], "', '"), spec.Channel, spec.MaxRows, triggerVersion)
 	}
 	b.WriteString("\nCOMMIT;\n")
-	return b.String()
+	return b.String(), nil
+}
+
+// identRE is what InstallSQL embeds unquoted in string literals and JSON: a plain lower-case
+// identifier (configs enforces the same rule; this keeps the exported functions safe on their
+// own).
+var identRE = regexp.MustCompile(`^[a-z_][a-z0-9_]{0,62}$`)
+
+// Check reports a channel, table or column name that is not a plain lower-case identifier, or a
+// row limit below 1.
+func (s Spec) Check() error {
+	var problems []string
+	if !identRE.MatchString(s.Channel) {
+		problems = append(problems, fmt.Sprintf("channel %q is not a lower-case identifier", s.Channel))
+	}
+	if s.MaxRows < 1 {
+		problems = append(problems, "max_rows must be at least 1")
+	}
+	for _, r := range s.Rules {
+		if !identRE.MatchString(r.Table) {
+			problems = append(problems, fmt.Sprintf("policy %s: table %q is not a lower-case identifier", r.Policy, r.Table))
+		}
+		for _, c := range r.Columns {
+			if !identRE.MatchString(c) {
+				problems = append(problems, fmt.Sprintf("policy %s: column %q is not a lower-case identifier", r.Policy, c))
+			}
+		}
+	}
+	if len(problems) > 0 {
+		return &SchemaError{Problems: problems}
+	}
+	return nil
 }
 
 // RemoveSQL returns the statements that remove cachecar's triggers and function from table. A

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"regexp"
 	"slices"
 	"sort"
 	"strconv"
@@ -11,9 +10,6 @@ import (
 	"github.com/cachecar/cachecar/invalidation"
 	"github.com/cachecar/cachecar/proxy"
 )
-
-// statusValueRE is the rule of a {status} placeholder value (the proxy's status filter rule).
-var statusValueRE = regexp.MustCompile(`^[a-z][a-z_]{0,31}$`)
 
 // policyNames are the configured policies in a fixed order.
 func policyNames(cfg *configs.Config) []string {
@@ -48,16 +44,11 @@ func invalidationSpec(cfg *configs.Config, pol proxy.Policies) (invalidation.Spe
 			}
 			p.Invalidated = true
 			rule := invalidation.Rule{Policy: name, Table: d.Table, Columns: cols}
+			// Bound placeholders are ids (configs.BindableParams): a value that is not a valid
+			// id of the policy names no key.
 			valid := func(vals []string) ([]string, bool) {
 				out := make([]string, len(vals))
 				for i, v := range vals {
-					if bound[i] == "status" {
-						if !statusValueRE.MatchString(v) {
-							return nil, false
-						}
-						out[i] = v
-						continue
-					}
 					id, err := p.ParseID(bound[i], v)
 					if err != nil {
 						return nil, false

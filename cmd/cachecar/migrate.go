@@ -107,6 +107,10 @@ func printTriggerSQL(cfg *configs.Config, stdout io.Writer) error {
 		fmt.Fprintln(stdout, "-- no policy has invalidate_on (or invalidation is disabled): no triggers to install")
 		return nil
 	}
-	_, err = io.WriteString(stdout, invalidation.Script(spec))
+	script, err := invalidation.Script(spec)
+	if err != nil {
+		return &exitError{code: 2, err: err}
+	}
+	_, err = io.WriteString(stdout, script)
 	return err
 }
