@@ -1,0 +1,103 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"math"
+	"slices"
+	"time"
+)
+
+// quantile is the nearest-rank q-quantile of sorted (not empty).
+func quantile(sorted []time.Duration, q float64) time.Duration {
+	i := int(math.Ceil(q*float64(len(sorted)))) - 1
+	return sorted[min(max(i, 0), len(sorted)-1)]
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// report prints what happened in words, then one INVALIDATION_RESULT line of key=value pairs
+// for bench/run.sh.
+func report(w io.Writer, o options, rec *recorder, u updateRun, before, after metricsSnapshot) {
+	n := len(rec.sent)
+	// afterAnswer is the deletion event's time relative to the UPDATE's answer: what is left of
+	// the lag once the statement and its commit are done (negative when the event came first).
+	var lags, trips, afterAnswer []time.Duration
+	var behind time.Duration
+	var firstSent, lastSent int64
+	sent, missing, early := 0, 0, 0
+	for i := range n {
+		s, d, del := rec.sent[i].Load(), rec.done[i].Load(), rec.deleted[i].Load()
+		if s == 0 {
+			missing++ // never sent: interrupted (measure does not get here then)
+			continue
+		}
+		sent++
+		if firstSent == 0 || s < firstSent {
+			firstSent = s
+		}
+		lastSent = max(lastSent, s)
+		behind = max(behind, time.Duration(s)-(u.start+time.Duration(i)*u.interval))
+		trips = append(trips, time.Duration(d-s))
+		switch {
+		case del == 0:
+			missing++
+		case del < s:
+			// Deleted before its update was sent (a resync, an expiry, another writer): this
+			// key's lag cannot be measured.
+			early++
+		default:
+			lags = append(lags, time.Duration(del-s))
+			afterAnswer = append(afterAnswer, time.Duration(del-d))
+		}
+	}
+	slices.Sort(lags)
+	slices.Sort(trips)
+	slices.Sort(afterAnswer)
+	rate := math.NaN()
+	if sent > 1 && lastSent > firstSent {
+		rate = float64(sent-1) / time.Duration(lastSent-firstSent).Seconds()
+	}
+
+	fmt.Fprintf(w, "invalidation: %d updates (%s, %d connections) at %.1f/s (target %d/s), at most %.3f ms behind schedule, errors %d",
+		sent, updateSQL, o.workers, rate, o.rate, ms(behind), u.errors)
+	if u.firstErr != nil {
+		fmt.Fprintf(w, " (first: %v)", u.firstErr)
+	}
+	fmt.Fprintln(w)
+	tp := map[string]string{"p50": "n/a", "p99": "n/a"}
+	if len(trips) > 0 {
+		tp["p50"], tp["p99"] = fmt.Sprintf("%.3f", ms(quantile(trips, .5))), fmt.Sprintf("%.3f", ms(quantile(trips, .99)))
+		fmt.Fprintf(w, "invalidation: UPDATE round trip (statement and commit) p50 %s ms, p99 %s ms, max %.3f ms\n",
+			tp["p50"], tp["p99"], ms(trips[len(trips)-1]))
+	}
+	fmt.Fprintf(w, "invalidation: deletions seen for %d of %d keys within %s of the last update: missing %d, deleted before their update %d, other deletion events %d\n",
+		rec.seen.Load(), n, o.eventTimeout, missing, early, rec.foreign.Load())
+	p := map[string]string{"p50": "n/a", "p90": "n/a", "p99": "n/a", "max": "n/a", "a50": "n/a", "a99": "n/a"}
+	if len(lags) > 0 {
+		for k, q := range map[string]float64{"p50": .5, "p90": .9, "p99": .99, "max": 1} {
+			p[k] = fmt.Sprintf("%.3f", ms(quantile(lags, q)))
+		}
+		p["a50"] = fmt.Sprintf("%.3f", ms(quantile(afterAnswer, .5)))
+		p["a99"] = fmt.Sprintf("%.3f", ms(quantile(afterAnswer, .99)))
+		fmt.Fprintf(w, "invalidation: lag from just before the UPDATE to the key's del event, %d keys: p50 %s ms, p90 %s ms, p99 %s ms, max %s ms\n",
+			len(lags), p["p50"], p["p90"], p["p99"], p["max"])
+		fmt.Fprintf(w, "invalidation: del event after the UPDATE's answer (the lag without the statement and its commit): p50 %s ms, p99 %s ms\n",
+			p["a50"], p["a99"])
+	}
+	side := map[string]string{"count": "n/a", "le2": "n/a", "le10": "n/a", "reconnects": "n/a"}
+	if before.found && after.found {
+		count := after.lagCount - before.lagCount
+		side["count"] = fmt.Sprintf("%.0f", count)
+		side["reconnects"] = fmt.Sprintf("%.0f", after.reconnects-before.reconnects)
+		if count > 0 {
+			side["le2"] = fmt.Sprintf("%.4f", (after.le2ms-before.le2ms)/count)
+			side["le10"] = fmt.Sprintf("%.4f", (after.le10ms-before.le10ms)/count)
+		}
+		fmt.Fprintf(w, "invalidation: cachecar_invalidation_lag_seconds during the run (trigger to UNLINK done): %s observations, fraction <= 2 ms %s, <= 10 ms %s; listener reconnects %s\n",
+			side["count"], side["le2"], side["le10"], side["reconnects"])
+	}
+	fmt.Fprintf(w, "INVALIDATION_RESULT updates=%d errors=%d rate=%.1f target_rate=%d keys=%d missing=%d early=%d p50_ms=%s p90_ms=%s p99_ms=%s max_ms=%s behind_ms=%.3f update_p50_ms=%s update_p99_ms=%s after_answer_p50_ms=%s after_answer_p99_ms=%s sidecar_count=%s sidecar_le_2ms=%s sidecar_le_10ms=%s reconnects=%s\n",
+		sent, u.errors, rate, o.rate, n, missing, early, p["p50"], p["p90"], p["p99"], p["max"], ms(behind),
+		tp["p50"], tp["p99"], p["a50"], p["a99"], side["count"], side["le2"], side["le10"], side["reconnects"])
+}
