@@ -151,7 +151,10 @@ func (r *Resolver) GetFunc(ctx context.Context, p *Policy, vals []string, load L
 			l := newLease()
 			got, err := r.store.Lease(lctx, key, l, tags, r.leaseTTL(), p.TTL)
 			if err != nil {
+				// A timed-out call may still have set the lease: take it back (by value, so
+				// nobody else's), or the key would stay unfillable until the lease expired.
 				r.logValkey(err)
+				r.store.Release(context.WithoutCancel(lctx), key, l)
 			} else if got {
 				lease = l
 			}
@@ -175,6 +178,7 @@ func (r *Resolver) GetFunc(ctx context.Context, p *Policy, vals []string, load L
 			stored, err := r.store.Fill(context.WithoutCancel(lctx), key, lease, body, p.TTL)
 			if err != nil {
 				r.logValkey(err)
+				r.store.Release(context.WithoutCancel(lctx), key, lease)
 			} else if !stored {
 				r.m.fillsRefused.WithLabelValues(p.Name).Inc()
 			}
@@ -267,6 +271,9 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 		var err error
 		if got, err = r.store.LeaseMany(lctx, missKeys, leases, r.leaseTTL()); err != nil {
 			r.logValkey(err)
+			for j := range missKeys { // see GetFunc: a timed-out call may have set them
+				r.store.Release(context.WithoutCancel(lctx), missKeys[j], leases[j])
+			}
 		}
 	}
 	missIDs := make([]int64, len(missing))
