@@ -385,7 +385,26 @@ hit_scenario() {
 scenario_c() { hit_scenario c up; }
 
 # e is c with invalidation off: reads of course keys skip the listener gate, entries live by TTL.
-scenario_e() { hit_scenario e disabled CACHECAR_INVALIDATION_ENABLED=false; }
+# The on/off comparison alternates (off, on, off, on), each run as long as c, and compares the
+# sums: runs back to back on a 2-core machine drift by more than the 5% being measured, and
+# alternating cancels the drift that a single pair would take for a difference. The e row of
+# the table shows the last "off" run.
+E_ON=() E_OFF=()
+scenario_e() {
+	local i
+	for i in 1 2; do
+		NOTE[e]=""
+		hit_scenario e disabled CACHECAR_INVALIDATION_ENABLED=false || return 1
+		E_OFF+=("${RPS[e]}")
+		NOTE[e]=""
+		hit_scenario e up || return 1
+		E_ON+=("${RPS[e]}")
+	done
+	NOTE[e]=""
+	hit_scenario e disabled CACHECAR_INVALIDATION_ENABLED=false || return 1
+	E_OFF+=("${RPS[e]}")
+	NOTE[e]+=" Alternating runs, requests/s: off ${E_OFF[*]}; on ${E_ON[*]}."
+}
 
 scenario_d() {
 	local first=1 out done_dir line n window rps complete xcache miss statuses
@@ -599,7 +618,14 @@ report() {
 	cb=$(ratio "${RPS[c]:-}" "${RPS[b]:-}")
 	dbp=$(ratio "${P50[d]:-}" "${P50[b]:-}")
 	c99=${P99[c]:-}
-	ce=$(ratio "${RPS[c]:-}" "${RPS[e]:-}")
+	ce=""
+	if ((${#E_ON[@]} > 0 && ${#E_OFF[@]} > 0)); then
+		# on-runs sit between off-runs: compare the mean of the on-runs with the mean of the
+		# off-runs around them.
+		ce=$(printf '%s\n' "${E_ON[@]}" | awk -v off="${E_OFF[*]}" '
+			{ on += $1; n++ }
+			END { k = split(off, o, " "); for (i = 1; i <= k; i++) s += o[i]; printf "%.3f", (on / n) / (s / k) }')
+	fi
 	if [[ " $SCENARIOS " == *" f "* ]]; then
 		echo "| f: invalidation lag | value |"
 		echo "|---|---:|"
@@ -625,7 +651,7 @@ report() {
 	echo "| c/b throughput (hit vs no cache) | ${cb:-n/a} | >= 2.3 | $(verdict "$cb" ">=" 2.3) |"
 	echo "| c p99 latency ms | ${c99:-n/a} | <= 10 | $(verdict "$c99" "<=" 10) |"
 	echo "| d/b p50 latency (miss vs no cache) | ${dbp:-n/a} | <= 1.3 | $(verdict "$dbp" "<=" 1.3) |"
-	echo "| c/e throughput (hit, invalidation on vs off) | ${ce:-n/a} | >= 0.95 | $(verdict "$ce" ">=" 0.95) |"
+	echo "| e: hit throughput, invalidation on vs off (alternating runs) | ${ce:-n/a} | >= 0.95 | $(verdict "$ce" ">=" 0.95) |"
 	echo "| f invalidation lag p50 ms | ${INV[p50_ms]:-n/a} | <= 2 | $(verdict "$(num "${INV[p50_ms]:-}")" "<=" 2) |"
 	echo "| f invalidation lag p99 ms | ${INV[p99_ms]:-n/a} | <= 10 | $(verdict "$(num "${INV[p99_ms]:-}")" "<=" 10) |"
 	echo "| f keys never deleted (missing) | ${INV[missing]:-n/a} | 0 | $(verdict "${INV[missing]:-}" "<=" 0) |"
