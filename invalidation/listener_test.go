@@ -313,8 +313,11 @@ func TestListenerGapAfterTerminate(t *testing.T) {
 	if len(changes) < 5 || !slices.Equal(changes[:3], []bool{false, true, false}) || !changes[len(changes)-1] || trues != 2 {
 		t.Errorf("live changes %v", changes)
 	}
-	if calls != 0 {
-		t.Errorf("%d invalidations: the gap's notification cannot have arrived", calls)
+	// Usually the gap's notification is lost (calls == 0). If the COMMIT was slow enough for the
+	// new session to LISTEN before it, the notification arrives too; either way the resync
+	// above already covered it, which is what this test is about.
+	if calls > 1 {
+		t.Errorf("%d invalidations for one write", calls)
 	}
 	if st := f.l.Status(); st.Reconnects != 1 || testutil.ToFloat64(f.l.m.reconnects) != 1 {
 		t.Errorf("reconnects: status %d, metric %v; want 1", st.Reconnects, testutil.ToFloat64(f.l.m.reconnects))
