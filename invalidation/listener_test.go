@@ -324,7 +324,9 @@ func TestListenerGapAfterTerminate(t *testing.T) {
 	}
 	// And it listens again.
 	f.exec(t, "UPDATE courses SET title = 'after' WHERE id = 2")
-	f.cache.waitFor(t, "the change after the gap", func() bool { return len(f.cache.calls) == 1 })
+	f.cache.waitFor(t, "the change after the gap", func() bool {
+		return len(f.cache.calls) == calls+1 && slices.Equal(f.cache.calls[calls].keys, []string{"course:2"})
+	})
 }
 
 func TestListenerCacheFailureIsAGap(t *testing.T) {
