@@ -313,9 +313,10 @@ func TestListenerGapAfterTerminate(t *testing.T) {
 	if len(changes) < 5 || !slices.Equal(changes[:3], []bool{false, true, false}) || !changes[len(changes)-1] || trues != 2 {
 		t.Errorf("live changes %v", changes)
 	}
-	// Usually the gap's notification is lost (calls == 0). If the COMMIT was slow enough for the
-	// new session to LISTEN before it, the notification arrives too; either way the resync
-	// above already covered it, which is what this test is about.
+	// The gap's notification may still reach the new session: PostgreSQL starts a new listener
+	// at the queue position of the database's other listeners, so it can deliver a transaction
+	// committed just before the LISTEN. Either way the resync above covered it, which is what
+	// this test is about.
 	if calls > 1 {
 		t.Errorf("%d invalidations for one write", calls)
 	}
@@ -325,7 +326,12 @@ func TestListenerGapAfterTerminate(t *testing.T) {
 	// And it listens again.
 	f.exec(t, "UPDATE courses SET title = 'after' WHERE id = 2")
 	f.cache.waitFor(t, "the change after the gap", func() bool {
-		return len(f.cache.calls) == calls+1 && slices.Equal(f.cache.calls[calls].keys, []string{"course:2"})
+		for _, c := range f.cache.calls[calls:] {
+			if slices.Equal(c.keys, []string{"course:2"}) {
+				return true
+			}
+		}
+		return false
 	})
 }
 
