@@ -14,35 +14,49 @@ import (
 )
 
 // recorder holds, per course id, when its update was sent and answered and when its key's
-// deletion was seen, in nanoseconds since base on the monotonic clock (0: not yet). Workers
-// write sent and done, the subscription writes deleted; they are read after both stopped.
+// deletion was seen, in nanoseconds since base on the monotonic clock (0: not yet). It also
+// holds two wall-clock times, to compare with the trigger's clock_timestamp(): the deletion
+// event's arrival (deletedWall, Unix nanoseconds) and the ts of the UPDATE's notification
+// (trig, Unix microseconds, as the trigger sends it). Workers write sent and done, the
+// subscription writes deleted and deletedWall, the notification listener writes trig; they are
+// read after all three stopped.
 type recorder struct {
-	base    time.Time
-	first   int
-	sent    []atomic.Int64
-	done    []atomic.Int64
-	deleted []atomic.Int64
-	seen    atomic.Int64 // keys whose deletion was seen
-	foreign atomic.Int64 // deletion events of keys outside first..first+len-1, or seen twice
+	base        time.Time
+	first       int
+	sent        []atomic.Int64
+	done        []atomic.Int64
+	deleted     []atomic.Int64
+	deletedWall []atomic.Int64
+	trig        []atomic.Int64
+	seen        atomic.Int64 // keys whose deletion was seen
+	foreign     atomic.Int64 // deletion events of keys outside first..first+len-1, or seen twice
+	notified    atomic.Int64 // keys whose UPDATE's notification was seen
+	otherNotes  atomic.Int64 // notifications that are not the UPDATE of one of the keys (see notified)
+	badNotes    atomic.Int64 // notifications that could not be read
 }
 
 func newRecorder(first, count int) *recorder {
 	return &recorder{
 		base: time.Now(), first: first,
 		sent: make([]atomic.Int64, count), done: make([]atomic.Int64, count), deleted: make([]atomic.Int64, count),
+		deletedWall: make([]atomic.Int64, count), trig: make([]atomic.Int64, count),
 	}
 }
 
 // now is the time since base, never 0 (0 means "not yet").
-func (r *recorder) now() int64 { return max(int64(time.Since(r.base)), 1) }
+func (r *recorder) now() int64 { return r.since(time.Now()) }
 
-// deletedID records the first deletion event of id's key.
-func (r *recorder) deletedID(id int, at int64) {
+// since is t's time since base on the monotonic clock, never 0.
+func (r *recorder) since(t time.Time) int64 { return max(int64(t.Sub(r.base)), 1) }
+
+// deletedID records the first deletion event of id's key, which arrived at t.
+func (r *recorder) deletedID(id int, t time.Time) {
 	i := id - r.first
-	if i < 0 || i >= len(r.deleted) || !r.deleted[i].CompareAndSwap(0, at) {
+	if i < 0 || i >= len(r.deleted) || !r.deleted[i].CompareAndSwap(0, r.since(t)) {
 		r.foreign.Add(1)
 		return
 	}
+	r.deletedWall[i].Store(t.UnixNano())
 	r.seen.Add(1)
 }
 
@@ -134,7 +148,9 @@ func subscribe(ctx context.Context, vk valkey.Client, db int, prefix string, rec
 		// The callback runs on the client's reading goroutine, right as the event is parsed: the
 		// time taken here is when the event arrived.
 		s.done <- vk.Receive(hooked, vk.B().Psubscribe().Pattern(pattern).Build(), func(m valkey.PubSubMessage) {
-			at := rec.now()
+			// One reading of the clock: its monotonic part times the lag from the UPDATE, its
+			// wall-clock part the lag from the trigger's clock_timestamp().
+			at := time.Now()
 			if m.Message != "del" && m.Message != "unlink" {
 				return
 			}

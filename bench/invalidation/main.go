@@ -44,6 +44,7 @@ type options struct {
 	redisDB        int
 	namespace      string // cachecar's CACHECAR_NAMESPACE
 	keyPrefix      string // the course policy's key up to the id
+	channel        string // cachecar's invalidation channel, LISTENed on for the triggers' ts
 	first, count   int    // course ids first..first+count-1, each updated once
 	last           int    // the highest course id that exists (0: unknown)
 	rate           int    // updates per second
@@ -75,6 +76,7 @@ func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (op
 	fs.IntVar(&o.redisDB, "redis-db", 0, "Redis logical database cachecar uses")
 	fs.StringVar(&o.namespace, "namespace", "", "cachecar's key namespace (CACHECAR_NAMESPACE)")
 	fs.StringVar(&o.keyPrefix, "key-prefix", "course:", "the course policy's key before the id")
+	fs.StringVar(&o.channel, "channel", "cachecar_invalidation", "the channel the triggers NOTIFY (CACHECAR_INVALIDATION_CHANNEL / invalidation.channel): listened on for the trigger's timestamp of each UPDATE")
 	fs.IntVar(&o.first, "first", 1, "first course id")
 	fs.IntVar(&o.count, "count", 0, "course ids to warm and update, once each (0: rate x duration)")
 	fs.IntVar(&o.last, "last", 0, "the highest course id that exists, to refuse a run needing more ids before it starts (0: unchecked)")
@@ -128,6 +130,9 @@ func parseFlags(args []string, getenv func(string) string, stderr io.Writer) (op
 	host, _, err := net.SplitHostPort(o.redisAddr)
 	if err != nil || !isLoopback(host) {
 		return o, fmt.Errorf("redis address %q is not a loopback host:port: this benchmark changes the server's config", o.redisAddr)
+	}
+	if o.channel == "" {
+		return o, errors.New("-channel must not be empty")
 	}
 	if o.namespace == "" {
 		return o, errors.New("set -namespace to cachecar's (a fresh one per run, so that no other reader refills the keys)")
@@ -202,6 +207,20 @@ func measure(ctx context.Context, o options, client *http.Client, stdout io.Writ
 	if err != nil {
 		return err
 	}
+	lconn, err := connectListener(ctx, o.databaseURL)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		cctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		lconn.Close(cctx)
+		cancel()
+	}()
+	// The notifications of this run's UPDATEs are the ones the workers' sessions send.
+	workerPIDs := make(map[uint32]bool, len(conns))
+	for _, c := range conns {
+		workerPIDs[c.PgConn().PID()] = true
+	}
 
 	start := time.Now()
 	w, err := warm(ctx, client, o.base, o.first, o.count, o.warmConc, o.warmTimeout)
@@ -250,16 +269,22 @@ func measure(ctx context.Context, o options, client *http.Client, stdout io.Writ
 		return err
 	}
 	defer sub.stop()
+	nl, err := listen(ctx, lconn, o.channel, workerPIDs, rec)
+	if err != nil {
+		return err
+	}
+	defer nl.stop()
 
 	u, err := sendUpdates(ctx, conns, rec, o.rate)
 	if err != nil {
 		return err
 	}
 	deadline := time.Now().Add(o.eventTimeout)
-	for rec.seen.Load() < int64(o.count) && time.Now().Before(deadline) && ctx.Err() == nil {
+	for (rec.seen.Load() < int64(o.count) || rec.notified.Load() < int64(o.count)) && time.Now().Before(deadline) && ctx.Err() == nil {
 		time.Sleep(2 * time.Millisecond)
 	}
 	sub.stop()
+	listenErr := nl.stop()
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("interrupted while waiting for deletions: %w", err)
 	}
@@ -272,7 +297,7 @@ func measure(ctx context.Context, o options, client *http.Client, stdout io.Writ
 			return err
 		}
 	}
-	report(stdout, o, rec, u, before, after)
+	report(stdout, o, rec, u, before, after, listenErr)
 	return nil
 }
 

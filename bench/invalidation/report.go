@@ -18,14 +18,23 @@ func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond)
 
 // report prints what happened in words, then one INVALIDATION_RESULT line of key=value pairs
 // for bench/run.sh.
-func report(w io.Writer, o options, rec *recorder, u updateRun, before, after metricsSnapshot) {
+//
+// Three figures measure the lag from COMMIT to the key's deletion: lags, from just before the
+// UPDATE is sent (an upper bound: it includes the statement and its commit); fromTrig, from the
+// trigger's clock_timestamp() (after the row change, just before the commit: the closest to the
+// COMMIT the database exposes; it still includes the commit); afterAnswer, from the UPDATE's
+// answer (a lower bound: the commit was done before it). fromTrig compares the wall clock of
+// this program with the database's, the same clock on this machine; a negative value, or one
+// outside the other two, says the clocks disagreed and is counted and kept, not dropped.
+func report(w io.Writer, o options, rec *recorder, u updateRun, before, after metricsSnapshot, listenErr error) {
 	n := len(rec.sent)
 	// afterAnswer is the deletion event's time relative to the UPDATE's answer: what is left of
 	// the lag once the statement and its commit are done (negative when the event came first).
-	var lags, trips, afterAnswer []time.Duration
+	var lags, trips, afterAnswer, fromTrig []time.Duration
 	var behind time.Duration
 	var firstSent, lastSent int64
 	sent, missing, early := 0, 0, 0
+	trigNegative, trigOutside := 0, 0
 	for i := range n {
 		s, d, del := rec.sent[i].Load(), rec.done[i].Load(), rec.deleted[i].Load()
 		if s == 0 {
@@ -49,9 +58,21 @@ func report(w io.Writer, o options, rec *recorder, u updateRun, before, after me
 		default:
 			lags = append(lags, time.Duration(del-s))
 			afterAnswer = append(afterAnswer, time.Duration(del-d))
+			if ts := rec.trig[i].Load(); ts != 0 {
+				l := time.Duration(rec.deletedWall[i].Load() - ts*int64(time.Microsecond))
+				fromTrig = append(fromTrig, l)
+				if l < 0 {
+					trigNegative++
+				}
+				if l > time.Duration(del-s) || l < time.Duration(del-d) {
+					trigOutside++
+				}
+			}
 		}
 	}
+	trigMissing := n - int(rec.notified.Load())
 	slices.Sort(lags)
+	slices.Sort(fromTrig)
 	slices.Sort(trips)
 	slices.Sort(afterAnswer)
 	rate := math.NaN()
@@ -80,9 +101,29 @@ func report(w io.Writer, o options, rec *recorder, u updateRun, before, after me
 		}
 		p["a50"] = fmt.Sprintf("%.3f", ms(quantile(afterAnswer, .5)))
 		p["a99"] = fmt.Sprintf("%.3f", ms(quantile(afterAnswer, .99)))
-		fmt.Fprintf(w, "invalidation: lag from just before the UPDATE to the key's del event, %d keys: p50 %s ms, p90 %s ms, p99 %s ms, max %s ms\n",
+		fmt.Fprintf(w, "invalidation: lag from just before the UPDATE is sent to the key's del event (upper bound), %d keys: p50 %s ms, p90 %s ms, p99 %s ms, max %s ms\n",
 			len(lags), p["p50"], p["p90"], p["p99"], p["max"])
-		fmt.Fprintf(w, "invalidation: del event after the UPDATE's answer (the lag without the statement and its commit): p50 %s ms, p99 %s ms\n",
+	}
+	t := map[string]string{"p50": "n/a", "p90": "n/a", "p99": "n/a", "max": "n/a", "min": "n/a"}
+	if len(fromTrig) > 0 {
+		for k, q := range map[string]float64{"p50": .5, "p90": .9, "p99": .99, "max": 1} {
+			t[k] = fmt.Sprintf("%.3f", ms(quantile(fromTrig, q)))
+		}
+		t["min"] = fmt.Sprintf("%.3f", ms(fromTrig[0]))
+		fmt.Fprintf(w, "invalidation: lag from the trigger (just before COMMIT) to the key's del event, %d keys: p50 %s ms, p90 %s ms, p99 %s ms, max %s ms; min %s ms, %d negative, %d outside the other two figures (clocks disagreeing)\n",
+			len(fromTrig), t["p50"], t["p90"], t["p99"], t["max"], t["min"], trigNegative, trigOutside)
+	}
+	fmt.Fprintf(w, "invalidation: notifications on %q: the UPDATE's seen for %d of %d keys (no notification: %d), other %d, unreadable %d",
+		o.channel, rec.notified.Load(), n, trigMissing, rec.otherNotes.Load(), rec.badNotes.Load())
+	if rec.notified.Load() == 0 {
+		fmt.Fprintf(w, " (wrong -channel, or no triggers on %s?)", courseTable)
+	}
+	fmt.Fprintln(w)
+	if listenErr != nil {
+		fmt.Fprintf(w, "invalidation: WARNING the LISTEN connection failed during the run: %v\n", listenErr)
+	}
+	if len(lags) > 0 {
+		fmt.Fprintf(w, "invalidation: del event after the UPDATE's answer (lower bound: the lag without the statement and its commit): p50 %s ms, p99 %s ms\n",
 			p["a50"], p["a99"])
 	}
 	side := map[string]string{"count": "n/a", "le2": "n/a", "le10": "n/a", "reconnects": "n/a"}
@@ -97,7 +138,8 @@ func report(w io.Writer, o options, rec *recorder, u updateRun, before, after me
 		fmt.Fprintf(w, "invalidation: cachecar_invalidation_lag_seconds during the run (trigger to UNLINK done): %s observations, fraction <= 2 ms %s, <= 10 ms %s; listener reconnects %s\n",
 			side["count"], side["le2"], side["le10"], side["reconnects"])
 	}
-	fmt.Fprintf(w, "INVALIDATION_RESULT updates=%d errors=%d rate=%.1f target_rate=%d keys=%d missing=%d early=%d p50_ms=%s p90_ms=%s p99_ms=%s max_ms=%s behind_ms=%.3f update_p50_ms=%s update_p99_ms=%s after_answer_p50_ms=%s after_answer_p99_ms=%s sidecar_count=%s sidecar_le_2ms=%s sidecar_le_10ms=%s reconnects=%s\n",
+	fmt.Fprintf(w, "INVALIDATION_RESULT updates=%d errors=%d rate=%.1f target_rate=%d keys=%d missing=%d early=%d p50_ms=%s p90_ms=%s p99_ms=%s max_ms=%s behind_ms=%.3f update_p50_ms=%s update_p99_ms=%s after_answer_p50_ms=%s after_answer_p99_ms=%s sidecar_count=%s sidecar_le_2ms=%s sidecar_le_10ms=%s reconnects=%s trig_keys=%d trig_p50_ms=%s trig_p90_ms=%s trig_p99_ms=%s trig_max_ms=%s trig_min_ms=%s trig_negative=%d trig_outside=%d trig_missing=%d\n",
 		sent, u.errors, rate, o.rate, n, missing, early, p["p50"], p["p90"], p["p99"], p["max"], ms(behind),
-		tp["p50"], tp["p99"], p["a50"], p["a99"], side["count"], side["le2"], side["le10"], side["reconnects"])
+		tp["p50"], tp["p99"], p["a50"], p["a99"], side["count"], side["le2"], side["le10"], side["reconnects"],
+		len(fromTrig), t["p50"], t["p90"], t["p99"], t["max"], t["min"], trigNegative, trigOutside, trigMissing)
 }
