@@ -53,6 +53,16 @@ pg_up() {
     log "cluster $PG_VERSION/$PG_CLUSTER listens on $port, not $PG_PORT; set PG_PORT=$port"
     exit 1
   fi
+  # make bench times invalidation from each write's commit timestamp (pg_xact_commit_timestamp),
+  # which PostgreSQL records only with track_commit_timestamp on. Set once; a running cluster is
+  # restarted for it that one time.
+  if [ "$(pg_conftool -s "$PG_VERSION" "$PG_CLUSTER" postgresql.conf show track_commit_timestamp 2>/dev/null)" != on ]; then
+    pg_conftool "$PG_VERSION" "$PG_CLUSTER" postgresql.conf set track_commit_timestamp on
+    if [ "$status" = online ]; then
+      log "restarting PostgreSQL $PG_VERSION/$PG_CLUSTER once to turn on track_commit_timestamp"
+      pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" restart
+    fi
+  fi
   if [ "$status" != online ]; then
     log "starting PostgreSQL $PG_VERSION/$PG_CLUSTER"
     pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" start
