@@ -15,8 +15,9 @@ import (
 
 // recorder holds, per course id, when its update was sent and answered and when its key's
 // deletion was seen, in nanoseconds since base on the monotonic clock (0: not yet). It also
-// holds two wall-clock times, to compare with the trigger's clock_timestamp(): the deletion
-// event's arrival (deletedWall, Unix nanoseconds) and the ts of the UPDATE's notification
+// holds two wall-clock times, to compare with the trigger's clock_timestamp() and the COMMIT's
+// pg_xact_commit_timestamp (read after the run, see commit.go): the deletion event's arrival
+// (deletedWall, Unix nanoseconds) and the ts of the UPDATE's notification
 // (trig, Unix microseconds, as the trigger sends it). Workers write sent and done, the
 // subscription writes deleted and deletedWall, the notification listener writes trig; they are
 // read after all three stopped.

@@ -186,7 +186,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	return measure(ctx, o, client, stdout)
 }
 
-// measure is the benchmark proper: connect, warm, subscribe, update, wait, report.
+// measure is the benchmark proper: connect, warm, subscribe, update, wait, read the commit
+// timestamps, report.
 func measure(ctx context.Context, o options, client *http.Client, stdout io.Writer) error {
 	// Connections first: a wrong address fails before a minute of warm-up.
 	vk, err := valkey.NewClient(valkey.ClientOption{
@@ -288,6 +289,8 @@ func measure(ctx context.Context, o options, client *http.Client, stdout io.Writ
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("interrupted while waiting for deletions: %w", err)
 	}
+	// After the last UPDATE (each row is written once in a run): the COMMIT of each one.
+	ct := readCommitTimes(ctx, conns, rec)
 	var after metricsSnapshot
 	if o.health != "" {
 		// The sidecar observes a notification's lag after its UNLINK returns, a moment after
@@ -297,7 +300,7 @@ func measure(ctx context.Context, o options, client *http.Client, stdout io.Writ
 			return err
 		}
 	}
-	report(stdout, o, rec, u, before, after, listenErr)
+	report(stdout, o, rec, u, ct, before, after, listenErr)
 	return nil
 }
 
