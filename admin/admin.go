@@ -38,6 +38,14 @@ type HealthOptions struct {
 	Pprof bool
 	// Listener is the invalidation listener; nil when invalidation is off.
 	Listener ListenerStatus
+	// Sessions is the session store; nil when sessions are off.
+	Sessions SessionStatus
+}
+
+// SessionStatus reports the session store's backend; *sessions.Store is the real one.
+type SessionStatus interface {
+	Active() string  // "valkey" or "postgres"
+	HasValkey() bool // Valkey is configured for sessions
 }
 
 // ListenerStatus reports the invalidation listener's state; *invalidation.Listener is the real one.
@@ -108,6 +116,8 @@ type ServiceStatus struct {
 	// last notification came (RFC 3339).
 	Since            string `json:"since,omitempty"`
 	LastNotification string `json:"lastNotification,omitempty"`
+	// Store is the sessions': the store that serves reads now.
+	Store string `json:"store,omitempty"`
 }
 
 // listenerStatus maps the listener's state onto a service status: up while live; down while
@@ -172,12 +182,24 @@ func (h *Health) detailed(w http.ResponseWriter, r *http.Request) {
 		cache.Status = "degraded"
 	}
 	listener := h.listenerStatus()
+	sessions := ServiceStatus{Status: "disabled"}
+	if h.opts.Sessions != nil {
+		// up: served from Valkey (or from PostgreSQL, with no Valkey configured); degraded:
+		// Valkey is configured but down or not yet reconciled, PostgreSQL serves.
+		sessions = ServiceStatus{Status: "up", Store: h.opts.Sessions.Active()}
+		if h.opts.Sessions.HasValkey() && sessions.Store != "valkey" {
+			sessions.Status = "degraded"
+		}
+		if db.Status != "up" {
+			sessions.Status = "down"
+		}
+	}
 	if cache.Status == "up" && listener.Status != "up" && listener.Status != "disabled" {
 		// Without the listener, invalidated policies' reads bypass the cache.
 		cache.Status = "degraded"
 	}
 	status, code := "healthy", http.StatusOK
-	if cache.Status == "degraded" {
+	if cache.Status == "degraded" || sessions.Status == "degraded" {
 		status = "degraded"
 	}
 	if db.Status != "up" {
@@ -187,7 +209,7 @@ func (h *Health) detailed(w http.ResponseWriter, r *http.Request) {
 		"status":    status,
 		"timestamp": h.now().UTC().Format(time.RFC3339),
 		"uptime":    h.uptime(),
-		"services":  map[string]ServiceStatus{"database": db, "redis": redis, "cache": cache, "listener": listener},
+		"services":  map[string]ServiceStatus{"database": db, "redis": redis, "cache": cache, "listener": listener, "sessions": sessions},
 	})
 }
 

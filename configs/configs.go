@@ -44,6 +44,28 @@ type Config struct {
 	Policies     Policies           `mapstructure:"policies"`
 	Manifests    Manifests          `mapstructure:"manifests"`
 	Invalidation InvalidationConfig `mapstructure:"invalidation"`
+	Sessions     SessionsConfig     `mapstructure:"sessions"`
+}
+
+// SessionsConfig is the session store: Valkey first, PostgreSQL as the durable store of record.
+type SessionsConfig struct {
+	// Enabled serves /v1/sessions/...
+	Enabled bool `mapstructure:"enabled"`
+	// Prefix is connect-redis's key prefix, after the namespace.
+	Prefix string `mapstructure:"prefix"`
+	// TTL is the lifetime of a session whose cookie has no expires.
+	TTL time.Duration `mapstructure:"ttl"`
+	// Table and Schema name connect-pg-simple's table (Schema empty: the search_path).
+	Table  string `mapstructure:"table"`
+	Schema string `mapstructure:"schema"`
+	// MaxBodyBytes bounds a session's JSON (413 beyond).
+	MaxBodyBytes int64 `mapstructure:"max_body_bytes"`
+	// RefreshInterval is how often each sidecar checks whether Valkey may be trusted.
+	RefreshInterval time.Duration `mapstructure:"refresh_interval"`
+	// PruneInterval is how often expired rows are deleted.
+	PruneInterval time.Duration `mapstructure:"prune_interval"`
+	// DeleteUnknown lets a reconciliation delete Valkey sessions PostgreSQL does not have.
+	DeleteUnknown bool `mapstructure:"delete_unknown"`
 }
 
 // InvalidationConfig is the LISTEN/NOTIFY invalidation: the triggers migrate installs and the
@@ -568,6 +590,21 @@ func (c *Config) validate() []string {
 	if c.Invalidation.MaxRows < 1 || c.Invalidation.MaxRows > 1000000 {
 		p = append(p, fmt.Sprintf("invalidation.max_rows: must be from 1 to 1000000, got %d", c.Invalidation.MaxRows))
 	}
+	if c.Sessions.Prefix == "" || strings.ContainsAny(c.Sessions.Prefix, "*?[]\\ \n\r\t") {
+		p = append(p, "sessions.prefix: must be set, without glob characters, backslashes or spaces")
+	}
+	positive("sessions.ttl", c.Sessions.TTL)
+	positive("sessions.refresh_interval", c.Sessions.RefreshInterval)
+	positive("sessions.prune_interval", c.Sessions.PruneInterval)
+	if c.Sessions.MaxBodyBytes < 2 || c.Sessions.MaxBodyBytes > 16<<20 {
+		p = append(p, fmt.Sprintf("sessions.max_body_bytes: must be from 2 to 16777216, got %d", c.Sessions.MaxBodyBytes))
+	}
+	if !identRE.MatchString(c.Sessions.Table) && !sessionTableRE.MatchString(c.Sessions.Table) {
+		p = append(p, fmt.Sprintf("sessions.table: %q must be a table name (letters, digits, _; at most 63)", c.Sessions.Table))
+	}
+	if c.Sessions.Schema != "" && !sessionTableRE.MatchString(c.Sessions.Schema) {
+		p = append(p, fmt.Sprintf("sessions.schema: %q must be a schema name (letters, digits, _; at most 63)", c.Sessions.Schema))
+	}
 	if c.Invalidation.ListenURL != "" {
 		if _, err := pgxpool.ParseConfig(c.Invalidation.ListenURL); err != nil {
 			p = append(p, "invalidation.listen_url: not a valid PostgreSQL URL or DSN")
@@ -626,6 +663,10 @@ func (pol *Policy) validate(prefix string, params, bindable []string) []string {
 // identRE is a lower-case, unquoted SQL identifier: what triggers, tables, columns and the
 // channel may be named, so that none needs quoting rules to be safe in generated SQL.
 var identRE = regexp.MustCompile(`^[a-z_][a-z0-9_]{0,62}$`)
+
+// sessionTableRE allows mixed case, as connect-pg-simple's tableName and schemaName do (they
+// are quoted).
+var sessionTableRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]{0,62}$`)
 
 // validateKey checks a key template: set, no glob characters, each of params exactly once and
 // no other placeholder, so that two different reads never share a key.

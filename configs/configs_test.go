@@ -356,6 +356,15 @@ func TestEnvOnlyConfig(t *testing.T) {
 		"CACHECAR_INVALIDATION_RECONNECT_MAX":       "7s",
 		"CACHECAR_INVALIDATION_PING_INTERVAL":       "9s",
 		"CACHECAR_INVALIDATION_MAX_ROWS":            "500",
+		"CACHECAR_SESSIONS_ENABLED":                 "true",
+		"CACHECAR_SESSIONS_PREFIX":                  "s:",
+		"CACHECAR_SESSIONS_TTL":                     "24h",
+		"CACHECAR_SESSIONS_TABLE":                   "user_sessions",
+		"CACHECAR_SESSIONS_SCHEMA":                  "auth",
+		"CACHECAR_SESSIONS_MAX_BODY_BYTES":          "1024",
+		"CACHECAR_SESSIONS_REFRESH_INTERVAL":        "1s",
+		"CACHECAR_SESSIONS_PRUNE_INTERVAL":          "5m",
+		"CACHECAR_SESSIONS_DELETE_UNKNOWN":          "false",
 	}
 	cfg := mustLoad(t, Source{Getenv: env(e)})
 	want := Config{
@@ -373,6 +382,8 @@ func TestEnvOnlyConfig(t *testing.T) {
 			MaxManifestBytes: 1 << 20, MaxEntries: 500},
 		Invalidation: InvalidationConfig{Enabled: false, ListenURL: "postgres://listen:lpw@db.internal:5432/app", Channel: "app1_inv",
 			ReconnectMax: 7 * time.Second, PingInterval: 9 * time.Second, MaxRows: 500},
+		Sessions: SessionsConfig{Enabled: true, Prefix: "s:", TTL: 24 * time.Hour, Table: "user_sessions", Schema: "auth",
+			MaxBodyBytes: 1024, RefreshInterval: time.Second, PruneInterval: 5 * time.Minute, DeleteUnknown: false},
 	}
 	def := mustLoad(t, Source{})
 	want.Policies = def.Policies
@@ -432,6 +443,9 @@ func TestProblems(t *testing.T) {
 		{name: "invalidation values", env: map[string]string{"CACHECAR_INVALIDATION_CHANNEL": "bad-channel",
 			"CACHECAR_INVALIDATION_MAX_ROWS": "0", "CACHECAR_INVALIDATION_PING_INTERVAL": "0s", "CACHECAR_INVALIDATION_LISTEN_URL": "postgres://a b@%zz"},
 			want: [][]string{{"invalidation.channel"}, {"invalidation.max_rows"}, {"invalidation.ping_interval"}, {"invalidation.listen_url"}}},
+		{name: "sessions values", env: map[string]string{"CACHECAR_SESSIONS_PREFIX": "sess *", "CACHECAR_SESSIONS_TTL": "0s",
+			"CACHECAR_SESSIONS_MAX_BODY_BYTES": "1", "CACHECAR_SESSIONS_TABLE": "bad-name", "CACHECAR_SESSIONS_SCHEMA": "x;y"},
+			want: [][]string{{"sessions.prefix"}, {"sessions.ttl"}, {"sessions.max_body_bytes"}, {"sessions.table"}, {"sessions.schema"}}},
 		{name: "key starting with a placeholder", sets: []string{"policies.course.key={id}:course"},
 			want: [][]string{{"policies.course.key", "literal text"}}},
 		{name: "bad duration in file", file: "valkey:\n  timeout: fast\n",

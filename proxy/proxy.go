@@ -27,6 +27,8 @@ type Options struct {
 	AccessSample float64
 	// Manifests configures the SCORM manifest route; nil leaves the route out.
 	Manifests *Manifests
+	// Sessions configures the session routes; nil leaves them out.
+	Sessions *Sessions
 }
 
 // Server is the read API. Its Handler is safe for concurrent use.

@@ -19,6 +19,9 @@ func (s *Server) routes() http.Handler {
 	if s.opts.Manifests != nil {
 		get("/v1/manifests/{filename}", s.manifest())
 	}
+	if s.opts.Sessions != nil {
+		s.sessionRoutes(mux)
+	}
 	mux.Handle("/", notFound())
 	return mux
 }

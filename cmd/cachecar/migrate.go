@@ -10,6 +10,7 @@ import (
 	"github.com/cachecar/cachecar/internal/schema"
 	"github.com/cachecar/cachecar/internal/scorm/scormgen"
 	"github.com/cachecar/cachecar/invalidation"
+	"github.com/cachecar/cachecar/sessions"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
@@ -32,6 +33,12 @@ func migrate(ctx context.Context, cfg *configs.Config, reference, demo bool, std
 	var trig invalidation.InstallReport
 	rep, err := schema.Migrate(ctx, pool, schema.Options{Reference: reference, Demo: demo,
 		After: func(ctx context.Context, tx pgx.Tx) error {
+			if cfg.Sessions.Enabled {
+				// connect-pg-simple's table, if absent (the reference schema has one too).
+				if _, err := tx.Exec(ctx, sessions.TableSQL(cfg.Sessions.Schema, cfg.Sessions.Table)); err != nil {
+					return fmt.Errorf("session table: %w", err)
+				}
+			}
 			var err error
 			trig, err = invalidation.Install(ctx, tx, spec)
 			return err
@@ -62,6 +69,9 @@ func migrate(ctx context.Context, cfg *configs.Config, reference, demo bool, std
 		fmt.Fprintln(stdout, "migrations: up to date")
 	} else {
 		fmt.Fprintln(stdout, "migrations applied:", strings.Join(rep.Applied, ", "))
+	}
+	if cfg.Sessions.Enabled {
+		fmt.Fprintf(stdout, "session table: %s present\n", sessions.TableName(cfg.Sessions.Schema, cfg.Sessions.Table))
 	}
 	if len(trig.Installed) > 0 {
 		fmt.Fprintf(stdout, "invalidation triggers (channel %s): %s\n", spec.Channel, strings.Join(trig.Installed, ", "))

@@ -16,10 +16,12 @@ import (
 	"github.com/cachecar/cachecar/internal/scorm"
 	"github.com/cachecar/cachecar/invalidation"
 	"github.com/cachecar/cachecar/proxy"
+	"github.com/cachecar/cachecar/sessions"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/rs/zerolog"
+	"github.com/valkey-io/valkey-go"
 )
 
 // serve runs the sidecar until ctx ends, then drains and returns nil.
@@ -119,7 +121,38 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 	if err != nil {
 		return &exitError{code: 2, err: err}
 	}
+	var sess *sessions.Store
+	if cfg.Sessions.Enabled {
+		var dial func() (valkey.Client, error)
+		if len(cfg.Valkey.Addrs) > 0 {
+			dial = func() (valkey.Client, error) {
+				return valkey.NewClient(valkey.ClientOption{
+					InitAddress: cfg.Valkey.Addrs, Username: cfg.Valkey.Username, Password: cfg.Valkey.Password,
+					SelectDB: cfg.Valkey.DB, DisableCache: true, ClientName: "cachecar-sessions",
+					Dialer:           net.Dialer{Timeout: cfg.Valkey.DialTimeout, KeepAlive: 30 * time.Second},
+					ConnWriteTimeout: cfg.Valkey.Timeout * 20,
+				})
+			}
+		}
+		sess = sessions.New(sessions.Options{
+			Prefix:          cfg.Namespace + cfg.Sessions.Prefix,
+			SentinelKey:     cfg.Namespace + "cachecar:sessions:epoch",
+			TTL:             cfg.Sessions.TTL,
+			Table:           sessions.TableName(cfg.Sessions.Schema, cfg.Sessions.Table),
+			MaxBody:         cfg.Sessions.MaxBodyBytes,
+			Timeout:         cfg.Valkey.Timeout,
+			RefreshInterval: cfg.Sessions.RefreshInterval,
+			PruneInterval:   cfg.Sessions.PruneInterval,
+			DeleteUnknown:   cfg.Sessions.DeleteUnknown,
+		}, dial, pool, log.With().Str("component", "sessions").Logger(), reg)
+		defer sess.Close()
+	}
+	var sessRoutes *proxy.Sessions
+	if sess != nil {
+		sessRoutes = &proxy.Sessions{Store: sess, MaxBody: cfg.Sessions.MaxBodyBytes}
+	}
 	api := proxy.New(proxy.Options{
+		Sessions:     sessRoutes,
 		AccessSample: cfg.Log.AccessSample,
 		Manifests: &proxy.Manifests{
 			Dir:    cfg.Manifests.Dir,
@@ -131,6 +164,9 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 	healthOpts := admin.HealthOptions{CheckTimeout: cfg.Health.CheckTimeout, CacheEnabled: cfg.Cache.Enabled, Pprof: cfg.Health.Pprof}
 	if listener != nil {
 		healthOpts.Listener = listener
+	}
+	if sess != nil {
+		healthOpts.Sessions = sess
 	}
 	health := admin.NewHealth(healthOpts, loader, valkeyPinger, reg)
 
@@ -167,6 +203,10 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 	if listener != nil {
 		bg.Add(1)
 		go func() { defer bg.Done(); listener.Run(bgCtx) }()
+	}
+	if sess != nil {
+		bg.Add(1)
+		go func() { defer bg.Done(); sess.Run(bgCtx) }()
 	}
 	serveErr := make(chan error, 2)
 	for _, s := range []struct {

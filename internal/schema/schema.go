@@ -8,6 +8,7 @@ import (
 	"fmt"
 
 	"github.com/cachecar/cachecar/invalidation"
+	"github.com/cachecar/cachecar/sessions"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
@@ -34,6 +35,7 @@ type Migration struct {
 // policies, so Options.After installs them on every run; the table that records them is here.
 var Migrations = []Migration{
 	{Version: 1, Name: "invalidation trigger bookkeeping", SQL: invalidation.BookkeepingSQL},
+	{Version: 2, Name: "session store epoch and tombstones", SQL: sessions.StateSQL},
 }
 
 // Options says what Migrate does besides cachecar's own migrations.

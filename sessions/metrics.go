@@ -1,0 +1,36 @@
+package sessions
+
+import "github.com/prometheus/client_golang/prometheus"
+
+type metrics struct {
+	ops        *prometheus.CounterVec
+	active     *prometheus.GaugeVec
+	reconciles *prometheus.CounterVec
+	pruned     prometheus.Counter
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	m := &metrics{
+		ops: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cachecar_session_ops_total",
+			Help: "Session reads and writes by op (get, put, delete, touch), the store that answered (valkey, postgres) and outcome (ok, not_found, error).",
+		}, []string{"op", "store", "outcome"}),
+		active: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "cachecar_session_store_active",
+			Help: "1 for the store that serves session reads now (valkey, or postgres while Valkey is down or not reconciled).",
+		}, []string{"store"}),
+		reconciles: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cachecar_session_reconciles_total",
+			Help: "Reconciliations of Valkey from PostgreSQL after Valkey missed writes or lost its data, by outcome.",
+		}, []string{"outcome"}),
+		pruned: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "cachecar_session_pruned_total",
+			Help: "Expired session rows deleted from PostgreSQL by this sidecar.",
+		}),
+	}
+	reg.MustRegister(m.ops, m.active, m.reconciles, m.pruned)
+	for _, o := range []string{"ok", "error"} {
+		m.reconciles.WithLabelValues(o)
+	}
+	return m
+}

@@ -1,0 +1,376 @@
+package sessions
+
+import (
+	"context"
+	crand "crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/valkey-io/valkey-go"
+)
+
+// Advisory locks: one sidecar reconciles, one prunes, at a time. Arbitrary fixed values.
+const (
+	reconcileLock = 0x636373726563 // "ccsrec"
+	pruneLock     = 0x63637370726e // "ccsprn"
+)
+
+// StateSQL creates the tables behind the epoch and the tombstones (a migration of
+// internal/schema).
+const StateSQL = `CREATE TABLE IF NOT EXISTS cachecar_session_state (
+	id    integer PRIMARY KEY CHECK (id = 1),
+	epoch text    NOT NULL
+);
+INSERT INTO cachecar_session_state (id, epoch) VALUES (1, md5(random()::text)) ON CONFLICT (id) DO NOTHING;
+CREATE TABLE IF NOT EXISTS cachecar_session_tombstones (
+	sid          varchar     PRIMARY KEY,
+	destroyed_at timestamptz NOT NULL DEFAULT now()
+);`
+
+// TableName returns connect-pg-simple's table, quoted as it quotes it, schema-qualified when
+// schema is set.
+func TableName(schema, table string) string {
+	if schema == "" {
+		return pgx.Identifier{table}.Sanitize()
+	}
+	return pgx.Identifier{schema, table}.Sanitize()
+}
+
+// TableSQL creates connect-pg-simple's table if it is absent, as its table.sql does: the same
+// columns, primary key and expire index (named as connect-pg-simple names them for "session").
+func TableSQL(schema, table string) string {
+	return fmt.Sprintf(`CREATE TABLE IF NOT EXISTS %s (
+	"sid" varchar NOT NULL COLLATE "default",
+	"sess" json NOT NULL,
+	"expire" timestamp(6) NOT NULL,
+	CONSTRAINT %s PRIMARY KEY ("sid") NOT DEFERRABLE INITIALLY IMMEDIATE
+);
+CREATE INDEX IF NOT EXISTS %s ON %s ("expire");`, TableName(schema, table),
+		pgx.Identifier{table + "_pkey"}.Sanitize(), pgx.Identifier{"IDX_" + table + "_expire"}.Sanitize(), TableName(schema, table))
+}
+
+// Run keeps the store in shape until ctx ends: every RefreshInterval it re-reads the epoch,
+// checks (or, while down, probes) Valkey and reconciles it when it is not trusted; every
+// PruneInterval, jittered, it deletes expired rows.
+func (s *Store) Run(ctx context.Context) error {
+	tick := time.NewTicker(s.opts.RefreshInterval)
+	defer tick.Stop()
+	prune := time.NewTimer(jitter(s.opts.PruneInterval))
+	defer prune.Stop()
+	s.refresh(ctx)
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+			s.refresh(ctx)
+		case <-prune.C:
+			s.prune(ctx)
+			prune.Reset(jitter(s.opts.PruneInterval))
+		}
+	}
+}
+
+func jitter(d time.Duration) time.Duration {
+	return d - d/10 + rand.N(d/5+1)
+}
+
+// refresh re-reads the epoch and decides whether Valkey is trusted.
+func (s *Store) refresh(ctx context.Context) {
+	qctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	var epoch string
+	err := s.db.QueryRow(qctx, `SELECT epoch FROM cachecar_session_state WHERE id = 1`).Scan(&epoch)
+	cancel()
+	if err != nil {
+		// PostgreSQL down (every session call fails and says so) or not migrated.
+		s.log.Debug().Err(err).Msg("read session epoch")
+		return
+	}
+	s.epoch.Store(&epoch)
+	if s.dial == nil {
+		return
+	}
+	vk := s.client()
+	if vk == nil {
+		c, err := s.dial()
+		if err != nil {
+			s.log.Debug().Err(err).Msg("valkey unreachable for sessions")
+			return
+		}
+		s.vk.Store(&vkBox{c})
+		vk = c
+	}
+	vctx, cancel := context.WithTimeout(ctx, s.opts.Timeout*4)
+	sentinel, err := vk.Do(vctx, vk.B().Get().Key(s.opts.SentinelKey).Build()).ToString()
+	cancel()
+	if err != nil && !valkey.IsValkeyNil(err) {
+		s.markDown("probe", err)
+		return
+	}
+	if !s.up.Swap(true) {
+		s.log.Info().Msg("valkey answers again; sessions move back to it once reconciled")
+	}
+	if sentinel == epoch {
+		s.trusted.Store(true)
+		s.setActive()
+		return
+	}
+	s.trusted.Store(false)
+	s.setActive()
+	if err := s.reconcile(ctx, vk, epoch); err != nil {
+		s.m.reconciles.WithLabelValues("error").Inc()
+		s.log.Warn().Err(err).Msg("session reconciliation failed; retrying")
+		s.noteRecon(false)
+	}
+}
+
+func (s *Store) noteRecon(ok bool) {
+	s.mu.Lock()
+	s.lastRecon, s.lastReconOK = s.now(), ok
+	s.mu.Unlock()
+}
+
+// reconcile makes Valkey hold what PostgreSQL holds, then trusts it: tombstoned keys deleted,
+// every live row copied (row-locked while copied, so a concurrent write lands after the copy),
+// keys PostgreSQL does not know deleted (DeleteUnknown), then a new epoch set in Valkey and, by
+// compare-and-set against the epoch it started from, in PostgreSQL. A write that missed Valkey
+// meanwhile changed the epoch, the compare-and-set fails, and the next refresh starts over.
+func (s *Store) reconcile(ctx context.Context, vk valkey.Client, oldEpoch string) error {
+	conn, err := s.db.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Release()
+	var locked bool
+	if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1)`, int64(reconcileLock)).Scan(&locked); err != nil {
+		return err
+	}
+	if !locked {
+		return nil // the sidecar holding it will set the sentinel; the next refresh sees it
+	}
+	defer conn.Exec(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, int64(reconcileLock))
+	start := s.now()
+	var b [16]byte
+	crand.Read(b[:])
+	newEpoch := hex.EncodeToString(b[:])
+	vctx := func() (context.Context, context.CancelFunc) {
+		return context.WithTimeout(ctx, 10*s.opts.Timeout+time.Second)
+	}
+
+	c, cancel := vctx()
+	err = vk.Do(c, vk.B().Set().Key(s.opts.SentinelKey).Value("reconciling:"+newEpoch).Build()).Error()
+	cancel()
+	if err != nil {
+		return fmt.Errorf("sentinel: %w", err)
+	}
+
+	// Tombstones: sessions destroyed while Valkey could not be told.
+	rows, err := conn.Query(ctx, `SELECT sid, destroyed_at FROM cachecar_session_tombstones`)
+	if err != nil {
+		return err
+	}
+	var sids []string
+	var ats []time.Time
+	for rows.Next() {
+		var sid string
+		var at time.Time
+		if err := rows.Scan(&sid, &at); err != nil {
+			rows.Close()
+			return err
+		}
+		sids, ats = append(sids, sid), append(ats, at)
+	}
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	for i := 0; i < len(sids); i += 500 {
+		batch := sids[i:min(i+500, len(sids))]
+		keys := make([]string, len(batch))
+		for j, sid := range batch {
+			keys[j] = s.opts.Prefix + sid
+		}
+		c, cancel := vctx()
+		err := vk.Do(c, vk.B().Del().Key(keys...).Build()).Error()
+		cancel()
+		if err != nil {
+			return fmt.Errorf("delete tombstoned: %w", err)
+		}
+		if _, err := conn.Exec(ctx, `DELETE FROM cachecar_session_tombstones t USING unnest($1::text[], $2::timestamptz[]) AS u(sid, at)
+			WHERE t.sid = u.sid AND t.destroyed_at = u.at`, batch, ats[i:min(i+500, len(sids))]); err != nil {
+			return err
+		}
+	}
+
+	// Every live row, in sid order, 500 at a time, each batch row-locked while it is copied.
+	copied := 0
+	after := ""
+	for {
+		n := 0
+		err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+			rows, err := tx.Query(ctx, `SELECT sid, sess::text,
+					ceil(extract(epoch FROM expire::timestamptz) - extract(epoch FROM clock_timestamp()))::bigint
+				FROM `+s.opts.Table+` WHERE sid > $1 AND expire >= to_timestamp($2) ORDER BY sid LIMIT 500 FOR UPDATE`,
+				after, nowUnix(s.now()))
+			if err != nil {
+				return err
+			}
+			var cmds valkey.Commands
+			for rows.Next() {
+				var sid, body string
+				var ttl int64
+				if err := rows.Scan(&sid, &body, &ttl); err != nil {
+					rows.Close()
+					return err
+				}
+				n++
+				after = sid
+				if ttl > 0 {
+					cmds = append(cmds, vk.B().Set().Key(s.opts.Prefix+sid).Value(body).ExSeconds(ttl).Build())
+				}
+			}
+			if err := rows.Err(); err != nil {
+				return err
+			}
+			if len(cmds) == 0 {
+				return nil
+			}
+			c, cancel := vctx()
+			defer cancel()
+			for _, r := range vk.DoMulti(c, cmds...) {
+				if err := r.Error(); err != nil {
+					return fmt.Errorf("copy: %w", err)
+				}
+			}
+			copied += len(cmds)
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		if n < 500 {
+			break
+		}
+	}
+
+	deleted := 0
+	if s.opts.DeleteUnknown {
+		if deleted, err = s.deleteUnknown(ctx, vk, conn); err != nil {
+			return err
+		}
+	}
+
+	c, cancel = vctx()
+	err = vk.Do(c, vk.B().Set().Key(s.opts.SentinelKey).Value(newEpoch).Build()).Error()
+	cancel()
+	if err != nil {
+		return fmt.Errorf("sentinel: %w", err)
+	}
+	tag, err := conn.Exec(ctx, `UPDATE cachecar_session_state SET epoch = $1 WHERE id = 1 AND epoch = $2`, newEpoch, oldEpoch)
+	if err != nil {
+		return err
+	}
+	if tag.RowsAffected() == 0 {
+		return errors.New("a write missed Valkey during the reconciliation; starting over")
+	}
+	s.epoch.Store(&newEpoch)
+	s.trusted.Store(true)
+	s.setActive()
+	s.m.reconciles.WithLabelValues("ok").Inc()
+	s.noteRecon(true)
+	s.log.Info().Int("copied", copied).Int("tombstones", len(sids)).Int("deleted_unknown", deleted).
+		Dur("took", s.now().Sub(start)).Msg("sessions reconciled; valkey serves them again")
+	return nil
+}
+
+// deleteUnknown deletes session keys in Valkey whose rows PostgreSQL does not have (alive).
+func (s *Store) deleteUnknown(ctx context.Context, vk valkey.Client, conn interface {
+	Query(context.Context, string, ...any) (pgx.Rows, error)
+}) (int, error) {
+	deleted := 0
+	var cursor uint64
+	for {
+		c, cancel := context.WithTimeout(ctx, 10*s.opts.Timeout+time.Second)
+		e, err := vk.Do(c, vk.B().Scan().Cursor(cursor).Match(globEscape(s.opts.Prefix)+"*").Count(1000).Build()).AsScanEntry()
+		cancel()
+		if err != nil {
+			return deleted, fmt.Errorf("scan: %w", err)
+		}
+		if len(e.Elements) > 0 {
+			sids := make([]string, 0, len(e.Elements))
+			for _, k := range e.Elements {
+				sids = append(sids, strings.TrimPrefix(k, s.opts.Prefix))
+			}
+			rows, err := conn.Query(ctx, `SELECT sid FROM `+s.opts.Table+` WHERE sid = ANY($1) AND expire >= to_timestamp($2)`, sids, nowUnix(s.now()))
+			if err != nil {
+				return deleted, err
+			}
+			alive, err := pgx.CollectRows(rows, pgx.RowTo[string])
+			if err != nil {
+				return deleted, err
+			}
+			known := make(map[string]bool, len(alive))
+			for _, sid := range alive {
+				known[sid] = true
+			}
+			var gone []string
+			for _, sid := range sids {
+				if !known[sid] {
+					gone = append(gone, s.opts.Prefix+sid)
+				}
+			}
+			if len(gone) > 0 {
+				c, cancel := context.WithTimeout(ctx, 10*s.opts.Timeout+time.Second)
+				n, err := vk.Do(c, vk.B().Del().Key(gone...).Build()).AsInt64()
+				cancel()
+				if err != nil {
+					return deleted, err
+				}
+				deleted += int(n)
+			}
+		}
+		cursor = e.Cursor
+		if cursor == 0 {
+			return deleted, nil
+		}
+	}
+}
+
+// prune deletes expired rows (connect-pg-simple's pruning query) and old tombstones, under an
+// advisory lock so that one sidecar at a time does it.
+func (s *Store) prune(ctx context.Context) {
+	conn, err := s.db.Acquire(ctx)
+	if err != nil {
+		return
+	}
+	defer conn.Release()
+	var locked bool
+	if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1)`, int64(pruneLock)).Scan(&locked); err != nil || !locked {
+		return
+	}
+	defer conn.Exec(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, int64(pruneLock))
+	tag, err := conn.Exec(ctx, `DELETE FROM `+s.opts.Table+` WHERE expire < to_timestamp($1)`, nowUnix(s.now()))
+	if err != nil {
+		s.log.Warn().Err(err).Msg("prune expired sessions")
+		return
+	}
+	s.m.pruned.Add(float64(tag.RowsAffected()))
+	conn.Exec(ctx, `DELETE FROM cachecar_session_tombstones WHERE destroyed_at < now() - interval '30 days'`)
+	s.log.Info().Int64("rows", tag.RowsAffected()).Msg("pruned expired sessions")
+}
+
+// globEscape escapes the glob characters of s for SCAN MATCH.
+func globEscape(s string) string {
+	var b strings.Builder
+	for _, c := range s {
+		if strings.ContainsRune(`*?[]\`, c) {
+			b.WriteByte('\\')
+		}
+		b.WriteRune(c)
+	}
+	return b.String()
+}

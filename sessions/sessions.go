@@ -1,0 +1,248 @@
+// Package sessions stores express-session sessions: Valkey first, PostgreSQL as the durable
+// store of record, byte-compatible with connect-redis and connect-pg-simple.
+package sessions
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"regexp"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rs/zerolog"
+	"github.com/valkey-io/valkey-go"
+)
+
+// How it keeps its promises (DESIGN.md invariant 5):
+//
+//   - Never lost: a write is acknowledged only after PostgreSQL committed it. Valkey gets the same
+//     bytes right after, so reads are served from memory.
+//   - Valkey is trusted for reads only while it provably holds what PostgreSQL holds: a sentinel
+//     key in Valkey must equal the epoch kept in PostgreSQL. Every write that could not reach
+//     Valkey (it was down, or the call failed) changes the epoch in the same transaction, and a
+//     destroy records a tombstone, so that a Valkey that comes back, empty or with old copies, is
+//     not trusted until a reconciliation has copied PostgreSQL into it, deleted the tombstoned
+//     keys and set the sentinel. A restart that empties Valkey loses the sentinel too.
+//   - While Valkey is not trusted, or known down, reads and writes use PostgreSQL only: no
+//     per-request Valkey timeout once the outage is known. A probe every RefreshInterval brings
+//     it back.
+//   - Expiry is the stores': the key's TTL and the expire column, computed as connect-redis and
+//     connect-pg-simple compute them from cookie.expires; the body is never rewritten to move it.
+
+// Store results, as sent in the X-Session-Store header.
+const (
+	FromValkey   = "valkey"
+	FromPostgres = "postgres"
+)
+
+// Errors the HTTP layer maps to status codes.
+var (
+	// ErrNotFound: no such session, or it expired.
+	ErrNotFound = errors.New("session not found")
+	// ErrUnavailable: PostgreSQL, the durable store, cannot be reached; nothing was acknowledged.
+	ErrUnavailable = errors.New("session store unavailable")
+)
+
+// InputError is a bad sid or body: a 400 (or 413 for TooLarge).
+type InputError struct {
+	Code, Message string
+	TooLarge      bool
+}
+
+func (e *InputError) Error() string { return e.Message }
+
+// sidRE is what express-session's ids (uid-safe, base64url) are made of.
+var sidRE = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,256}$`)
+
+// CheckSID returns an *InputError unless sid is a plausible express-session id.
+func CheckSID(sid string) error {
+	if !sidRE.MatchString(sid) {
+		return &InputError{Code: "bad_sid", Message: "sid must be 1 to 256 characters of A-Z, a-z, 0-9, '_', '.', '-'"}
+	}
+	return nil
+}
+
+// Options configures a Store. Zero durations are not valid: cmd passes the configured values.
+type Options struct {
+	// Prefix is the Valkey key prefix: the namespace plus connect-redis's "sess:".
+	Prefix string
+	// SentinelKey holds the epoch Valkey was last reconciled to.
+	SentinelKey string
+	// TTL is the lifetime of a session whose cookie has no expires (connect-redis's ttl option,
+	// connect-pg-simple's ttl).
+	TTL time.Duration
+	// Table is the connect-pg-simple table, schema-qualified if configured, already quoted.
+	Table string
+	// MaxBody bounds a stored session's JSON, in bytes.
+	MaxBody int64
+	// Timeout bounds each Valkey call.
+	Timeout time.Duration
+	// RefreshInterval is how often the store re-reads the epoch, checks the sentinel and, while
+	// Valkey is down, probes it.
+	RefreshInterval time.Duration
+	// PruneInterval is how often expired rows are deleted (jittered ±10%).
+	PruneInterval time.Duration
+	// DeleteUnknown makes a reconciliation delete sessions in Valkey that PostgreSQL does not
+	// have (a Valkey restored from an old snapshot). Turn it off while apps still write
+	// sessions to Valkey directly with connect-redis: theirs are not in PostgreSQL.
+	DeleteUnknown bool
+}
+
+// Store is the session store. Safe for concurrent use; Run keeps it in shape.
+type Store struct {
+	opts Options
+	dial func() (valkey.Client, error) // nil: no Valkey configured, PostgreSQL only
+	vk   atomic.Pointer[vkBox]         // set once dial succeeds
+	db   *pgxpool.Pool
+	log  zerolog.Logger
+	m    *metrics
+	now  func() time.Time
+
+	up      atomic.Bool // the last Valkey call worked (the breaker)
+	trusted atomic.Bool // the sentinel matched the epoch at the last check
+	epoch   atomic.Pointer[string]
+
+	mu          sync.Mutex
+	lastRecon   time.Time
+	lastReconOK bool
+}
+
+type vkBox struct{ c valkey.Client }
+
+// New returns a store over db and, when dial is not nil, the Valkey client dial returns (called
+// by Run until it succeeds, so that a Valkey down at start-up is picked up later). It starts
+// nothing; call Run.
+func New(opts Options, dial func() (valkey.Client, error), db *pgxpool.Pool, log zerolog.Logger, reg prometheus.Registerer) *Store {
+	s := &Store{opts: opts, dial: dial, db: db, log: log, m: newMetrics(reg), now: time.Now}
+	empty := ""
+	s.epoch.Store(&empty)
+	s.setActive()
+	return s
+}
+
+// client returns the Valkey client, nil before it connected (or without Valkey).
+func (s *Store) client() valkey.Client {
+	if b := s.vk.Load(); b != nil {
+		return b.c
+	}
+	return nil
+}
+
+// Close closes the Valkey client; it is idempotent.
+func (s *Store) Close() {
+	if b := s.vk.Swap(nil); b != nil {
+		b.c.Close()
+	}
+}
+
+// HasValkey reports whether Valkey is configured for sessions.
+func (s *Store) HasValkey() bool { return s.dial != nil }
+
+// valkeyOK reports whether reads may be served from Valkey now.
+func (s *Store) valkeyOK() bool { return s.client() != nil && s.up.Load() && s.trusted.Load() }
+
+// Active is the store that answers reads now: FromValkey or FromPostgres.
+func (s *Store) Active() string {
+	if s.valkeyOK() {
+		return FromValkey
+	}
+	return FromPostgres
+}
+
+func (s *Store) setActive() {
+	if s.valkeyOK() {
+		s.m.active.WithLabelValues(FromValkey).Set(1)
+		s.m.active.WithLabelValues(FromPostgres).Set(0)
+	} else {
+		s.m.active.WithLabelValues(FromValkey).Set(0)
+		s.m.active.WithLabelValues(FromPostgres).Set(1)
+	}
+}
+
+// markDown opens the breaker after a failed Valkey call: until a probe succeeds, requests do not
+// wait on Valkey.
+func (s *Store) markDown(op string, err error) {
+	if s.up.Swap(false) {
+		s.log.Warn().Str("op", op).Err(err).Msg("valkey failed; sessions are served from PostgreSQL until it is back and reconciled")
+	}
+	s.trusted.Store(false)
+	s.setActive()
+}
+
+// Session is a parsed, validated body ready to store.
+type Session struct {
+	Raw []byte // the JSON text as the app sent it
+	// Expires is cookie.expires; zero when the cookie has none (the store's TTL applies).
+	Expires time.Time
+}
+
+// Parse validates a PUT or touch body: a JSON object within MaxBody, whose cookie.expires (if
+// any) is a date. body must already be limited to MaxBody+1 bytes by the caller.
+func (s *Store) Parse(body []byte) (Session, error) {
+	if int64(len(body)) > s.opts.MaxBody {
+		return Session{}, &InputError{Code: "too_large", Message: fmt.Sprintf("the session is larger than %d bytes", s.opts.MaxBody), TooLarge: true}
+	}
+	trimmed := bytes.TrimSpace(body)
+	if len(trimmed) == 0 || trimmed[0] != '{' || !json.Valid(trimmed) {
+		return Session{}, &InputError{Code: "bad_session", Message: "the body must be a JSON object (the express-session session)"}
+	}
+	var shape struct {
+		Cookie json.RawMessage `json:"cookie"`
+	}
+	if err := json.Unmarshal(trimmed, &shape); err != nil {
+		return Session{}, &InputError{Code: "bad_session", Message: "the body must be a JSON object (the express-session session)"}
+	}
+	out := Session{Raw: body}
+	c := bytes.TrimSpace(shape.Cookie)
+	if len(c) == 0 || string(c) == "null" {
+		return out, nil
+	}
+	var cookie struct {
+		Expires json.RawMessage `json:"expires"`
+	}
+	if c[0] != '{' || json.Unmarshal(c, &cookie) != nil {
+		return Session{}, &InputError{Code: "bad_cookie", Message: "cookie must be an object"}
+	}
+	e := bytes.TrimSpace(cookie.Expires)
+	if len(e) == 0 || string(e) == "null" || string(e) == "false" {
+		return out, nil
+	}
+	var text string
+	if json.Unmarshal(e, &text) != nil {
+		return Session{}, &InputError{Code: "bad_cookie", Message: "cookie.expires must be a date string (as JSON.stringify writes a Date)"}
+	}
+	t, err := time.Parse(time.RFC3339Nano, text)
+	if err != nil {
+		return Session{}, &InputError{Code: "bad_cookie", Message: "cookie.expires is not a date (want ISO 8601, e.g. 2026-12-01T10:00:00.000Z)"}
+	}
+	out.Expires = t
+	return out, nil
+}
+
+// ttlSeconds is connect-redis's TTL: whole seconds until cookie.expires, rounded up, else the
+// configured TTL. It may be zero or negative: the session is already over.
+func (s *Store) ttlSeconds(sess Session, now time.Time) int64 {
+	if sess.Expires.IsZero() {
+		return int64(s.opts.TTL / time.Second)
+	}
+	ms := sess.Expires.Sub(now).Milliseconds()
+	return int64(math.Ceil(float64(ms) / 1000))
+}
+
+// expireUnix is connect-pg-simple's expire: cookie.expires in Unix seconds, rounded up, else
+// now plus the TTL, rounded up.
+func (s *Store) expireUnix(sess Session, now time.Time) int64 {
+	if sess.Expires.IsZero() {
+		return int64(math.Ceil(float64(now.UnixMilli())/1000 + s.opts.TTL.Seconds()))
+	}
+	return int64(math.Ceil(float64(sess.Expires.UnixMilli()) / 1000))
+}
+
+// nowUnix is connect-pg-simple's currentTimestamp: now in Unix seconds, rounded up.
+func nowUnix(now time.Time) int64 { return int64(math.Ceil(float64(now.UnixMilli()) / 1000)) }
