@@ -66,6 +66,9 @@ type SessionsConfig struct {
 	PruneInterval time.Duration `mapstructure:"prune_interval"`
 	// DeleteUnknown lets a reconciliation delete Valkey sessions PostgreSQL does not have.
 	DeleteUnknown bool `mapstructure:"delete_unknown"`
+	// Migration is "", "connect-redis" or "connect-pg-simple": the store some apps still use
+	// directly during a rolling migration to cachecar.
+	Migration string `mapstructure:"migration"`
 }
 
 // InvalidationConfig is the LISTEN/NOTIFY invalidation: the triggers migrate installs and the
@@ -601,6 +604,14 @@ func (c *Config) validate() []string {
 	}
 	if !identRE.MatchString(c.Sessions.Table) && !sessionTableRE.MatchString(c.Sessions.Table) {
 		p = append(p, fmt.Sprintf("sessions.table: %q must be a table name (letters, digits, _; at most 63)", c.Sessions.Table))
+	}
+	switch c.Sessions.Migration {
+	case "", "connect-redis", "connect-pg-simple":
+	default:
+		p = append(p, fmt.Sprintf("sessions.migration: %q is not one of \"\", connect-redis, connect-pg-simple", c.Sessions.Migration))
+	}
+	if c.Sessions.Migration == "connect-redis" && c.Sessions.DeleteUnknown {
+		p = append(p, "sessions.delete_unknown must be false while sessions.migration is connect-redis: the sessions connect-redis writes are not in PostgreSQL")
 	}
 	if c.Sessions.Schema != "" && !sessionTableRE.MatchString(c.Sessions.Schema) {
 		p = append(p, fmt.Sprintf("sessions.schema: %q must be a schema name (letters, digits, _; at most 63)", c.Sessions.Schema))

@@ -365,6 +365,7 @@ func TestEnvOnlyConfig(t *testing.T) {
 		"CACHECAR_SESSIONS_REFRESH_INTERVAL":        "1s",
 		"CACHECAR_SESSIONS_PRUNE_INTERVAL":          "5m",
 		"CACHECAR_SESSIONS_DELETE_UNKNOWN":          "false",
+		"CACHECAR_SESSIONS_MIGRATION":               "connect-redis",
 	}
 	cfg := mustLoad(t, Source{Getenv: env(e)})
 	want := Config{
@@ -383,7 +384,7 @@ func TestEnvOnlyConfig(t *testing.T) {
 		Invalidation: InvalidationConfig{Enabled: false, ListenURL: "postgres://listen:lpw@db.internal:5432/app", Channel: "app1_inv",
 			ReconnectMax: 7 * time.Second, PingInterval: 9 * time.Second, MaxRows: 500},
 		Sessions: SessionsConfig{Enabled: true, Prefix: "s:", TTL: 24 * time.Hour, Table: "user_sessions", Schema: "auth",
-			MaxBodyBytes: 1024, RefreshInterval: time.Second, PruneInterval: 5 * time.Minute, DeleteUnknown: false},
+			MaxBodyBytes: 1024, RefreshInterval: time.Second, PruneInterval: 5 * time.Minute, DeleteUnknown: false, Migration: "connect-redis"},
 	}
 	def := mustLoad(t, Source{})
 	want.Policies = def.Policies
@@ -446,6 +447,10 @@ func TestProblems(t *testing.T) {
 		{name: "sessions values", env: map[string]string{"CACHECAR_SESSIONS_PREFIX": "sess *", "CACHECAR_SESSIONS_TTL": "0s",
 			"CACHECAR_SESSIONS_MAX_BODY_BYTES": "1", "CACHECAR_SESSIONS_TABLE": "bad-name", "CACHECAR_SESSIONS_SCHEMA": "x;y"},
 			want: [][]string{{"sessions.prefix"}, {"sessions.ttl"}, {"sessions.max_body_bytes"}, {"sessions.table"}, {"sessions.schema"}}},
+		{name: "sessions migration", env: map[string]string{"CACHECAR_SESSIONS_MIGRATION": "connect-redis"},
+			want: [][]string{{"sessions.delete_unknown must be false"}}},
+		{name: "sessions migration unknown", env: map[string]string{"CACHECAR_SESSIONS_MIGRATION": "memcached"},
+			want: [][]string{{"sessions.migration", "memcached"}}},
 		{name: "key starting with a placeholder", sets: []string{"policies.course.key={id}:course"},
 			want: [][]string{{"policies.course.key", "literal text"}}},
 		{name: "bad duration in file", file: "valkey:\n  timeout: fast\n",

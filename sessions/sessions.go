@@ -92,6 +92,9 @@ type Options struct {
 	// have (a Valkey restored from an old snapshot). Turn it off while apps still write
 	// sessions to Valkey directly with connect-redis: theirs are not in PostgreSQL.
 	DeleteUnknown bool
+	// ReadPostgres serves every read from PostgreSQL (writes still go to both stores): while
+	// apps still write connect-pg-simple's table directly, Valkey never hears of their writes.
+	ReadPostgres bool
 }
 
 // Store is the session store. Safe for concurrent use; Run keeps it in shape.
@@ -145,7 +148,9 @@ func (s *Store) Close() {
 func (s *Store) HasValkey() bool { return s.dial != nil }
 
 // valkeyOK reports whether reads may be served from Valkey now.
-func (s *Store) valkeyOK() bool { return s.client() != nil && s.up.Load() && s.trusted.Load() }
+func (s *Store) valkeyOK() bool {
+	return s.client() != nil && s.up.Load() && s.trusted.Load() && !s.opts.ReadPostgres
+}
 
 // Active is the store that answers reads now: FromValkey or FromPostgres.
 func (s *Store) Active() string {

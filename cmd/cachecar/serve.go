@@ -144,6 +144,7 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 			RefreshInterval: cfg.Sessions.RefreshInterval,
 			PruneInterval:   cfg.Sessions.PruneInterval,
 			DeleteUnknown:   cfg.Sessions.DeleteUnknown,
+			ReadPostgres:    cfg.Sessions.Migration == "connect-pg-simple",
 		}, dial, pool, log.With().Str("component", "sessions").Logger(), reg)
 		defer sess.Close()
 	}

@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"strconv"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -200,9 +201,29 @@ func (r *Redis) Stop() {
 	if r.cmd == nil {
 		return
 	}
+	r.cmd.Process.Signal(syscall.SIGCONT) // a paused process dies on SIGKILL too, but say so
 	r.cmd.Process.Kill()
 	r.cmd.Wait()
 	r.cmd = nil
+}
+
+// Pause freezes the server (SIGSTOP): it keeps its data and its connections, and answers
+// nothing until Resume, like a server behind a network partition.
+func (r *Redis) Pause() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.cmd != nil {
+		r.cmd.Process.Signal(syscall.SIGSTOP)
+	}
+}
+
+// Resume thaws a paused server (SIGCONT), with the data it had.
+func (r *Redis) Resume() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.cmd != nil {
+		r.cmd.Process.Signal(syscall.SIGCONT)
+	}
 }
 
 // StartRedisAt starts a throwaway redis-server on addr (a loopback address from ClosedAddr).

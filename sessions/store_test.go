@@ -1,0 +1,399 @@
+package sessions
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/cachecar/cachecar/internal/testenv"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/rs/zerolog"
+	"github.com/valkey-io/valkey-go"
+	"go.uber.org/goleak"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// tz is a TimeZone far from UTC: connect-pg-simple's expire is a timestamp without time zone,
+// written and compared in the connection's TimeZone, and must work there too.
+const tz = "Pacific/Auckland"
+
+type fixture struct {
+	url   string // the schema's URL, TimeZone included
+	db    *pgxpool.Pool
+	redis *testenv.Redis
+	raw   valkey.Client
+	store *Store
+	reg   *prometheus.Registry
+	stop  func()
+}
+
+// newFixture is a schema with connect-pg-simple's table and cachecar's session state, a
+// throwaway redis-server, and a running store over both.
+func newFixture(t *testing.T, tweak func(*Options)) *fixture {
+	t.Helper()
+	url := testenv.WithParam(testenv.PostgresURL(t), "timezone", tz)
+	db, err := pgxpool.New(context.Background(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(db.Close)
+	if _, err := db.Exec(context.Background(), StateSQL+";"+TableSQL("", "session")); err != nil {
+		t.Fatal(err)
+	}
+	r := testenv.StartRedis(t)
+	raw, err := valkey.NewClient(valkey.ClientOption{InitAddress: []string{r.Addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(raw.Close)
+	f := &fixture{url: url, db: db, redis: r, raw: raw}
+	f.store, f.reg, f.stop = f.start(t, tweak)
+	f.waitActive(t, FromValkey)
+	return f
+}
+
+// start runs a store (a sidecar's) over the fixture's servers.
+func (f *fixture) start(t *testing.T, tweak func(*Options)) (*Store, *prometheus.Registry, func()) {
+	t.Helper()
+	opts := Options{Prefix: "sess:", SentinelKey: "cachecar:sessions:epoch", TTL: 7 * 24 * time.Hour, Table: TableName("", "session"),
+		MaxBody: 64 << 10, Timeout: 300 * time.Millisecond, RefreshInterval: 50 * time.Millisecond, PruneInterval: time.Hour, DeleteUnknown: true}
+	if tweak != nil {
+		tweak(&opts)
+	}
+	addr := f.redis.Addr
+	dial := func() (valkey.Client, error) {
+		return valkey.NewClient(valkey.ClientOption{InitAddress: []string{addr}, DisableCache: true})
+	}
+	reg := prometheus.NewRegistry()
+	s := New(opts, dial, f.db, zerolog.Nop(), reg)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { s.Run(ctx); close(done) }()
+	var once sync.Once
+	stop := func() { once.Do(func() { cancel(); <-done; s.Close() }) }
+	t.Cleanup(stop)
+	return s, reg, stop
+}
+
+func (f *fixture) waitActive(t *testing.T, want string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for f.store.Active() != want {
+		if time.Now().After(deadline) {
+			t.Fatalf("store still answers from %s, want %s", f.store.Active(), want)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func body(user string, expires time.Time) []byte {
+	exp := "null"
+	if !expires.IsZero() {
+		exp = `"` + expires.UTC().Format("2006-01-02T15:04:05.000Z") + `"`
+	}
+	return []byte(fmt.Sprintf(`{"cookie":{"originalMaxAge":null,"expires":%s,"httpOnly":true,"path":"/"},"user":%q}`, exp, user))
+}
+
+func (f *fixture) put(t *testing.T, sid string, b []byte) string {
+	t.Helper()
+	sess, err := f.store.Parse(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	from, err := f.store.Put(context.Background(), sid, sess)
+	if err != nil {
+		t.Fatalf("put %s: %v", sid, err)
+	}
+	return from
+}
+
+func (f *fixture) get(t *testing.T, sid string) (string, string, error) {
+	t.Helper()
+	b, from, err := f.store.Get(context.Background(), sid)
+	return string(b), from, err
+}
+
+func (f *fixture) rawGet(t *testing.T, key string) (string, bool) {
+	t.Helper()
+	v, err := f.raw.Do(context.Background(), f.raw.B().Get().Key(key).Build()).ToString()
+	if valkey.IsValkeyNil(err) {
+		return "", false
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v, true
+}
+
+func TestFormatsMatchTheNodeStores(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := context.Background()
+	var zone string
+	if err := f.db.QueryRow(ctx, "SHOW TimeZone").Scan(&zone); err != nil || zone != tz {
+		t.Fatalf("TimeZone %q (%v), want %s", zone, err, tz)
+	}
+	expires := time.Now().Add(time.Hour).Truncate(time.Millisecond).Add(300 * time.Millisecond)
+	b := body("ann", expires)
+	if from := f.put(t, "s1", b); from != FromValkey {
+		t.Fatalf("put answered by %s", from)
+	}
+	// Valkey: connect-redis's key, value and TTL.
+	if v, ok := f.rawGet(t, "sess:s1"); !ok || v != string(b) {
+		t.Fatalf("sess:s1 = %q, want the body as sent", v)
+	}
+	ttl, _ := f.raw.Do(ctx, f.raw.B().Ttl().Key("sess:s1").Build()).AsInt64()
+	if want := int64(time.Until(expires).Seconds()) + 1; ttl < want-2 || ttl > want {
+		t.Errorf("TTL %d, want about %d (rounded up)", ttl, want)
+	}
+	// PostgreSQL: connect-pg-simple's row, expire = ceil(expires) in the connection's TimeZone.
+	var stored string
+	var same bool
+	err := f.db.QueryRow(ctx, `SELECT sess::text, expire = to_timestamp($2)::timestamp FROM session WHERE sid = $1`,
+		"s1", (expires.UnixMilli()+999)/1000).Scan(&stored, &same)
+	if err != nil || stored != string(b) || !same {
+		t.Fatalf("row: %q expire-as-connect-pg-simple=%v err=%v", stored, same, err)
+	}
+	if got, from, err := f.get(t, "s1"); err != nil || got != string(b) || from != FromValkey {
+		t.Fatalf("get: %q from %s, %v", got, from, err)
+	}
+	// Without cookie.expires: the configured TTL (one week).
+	f.put(t, "s2", body("bob", time.Time{}))
+	ttl, _ = f.raw.Do(ctx, f.raw.B().Ttl().Key("sess:s2").Build()).AsInt64()
+	if ttl < 7*24*3600-5 || ttl > 7*24*3600 {
+		t.Errorf("TTL without expires = %d, want one week", ttl)
+	}
+	// Touch moves the expiry, not the body.
+	later := time.Now().Add(48 * time.Hour)
+	sess, _ := f.store.Parse(body("someone else", later))
+	if _, err := f.store.Touch(ctx, "s2", sess); err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := f.rawGet(t, "sess:s2"); !strings.Contains(v, `"bob"`) {
+		t.Fatalf("touch rewrote the body: %s", v)
+	}
+	var sessText string
+	f.db.QueryRow(ctx, `SELECT sess::text FROM session WHERE sid = 's2'`).Scan(&sessText)
+	if !strings.Contains(sessText, `"bob"`) {
+		t.Fatalf("touch rewrote the row: %s", sessText)
+	}
+	ttl, _ = f.raw.Do(ctx, f.raw.B().Ttl().Key("sess:s2").Build()).AsInt64()
+	if ttl > 48*3600+1 || ttl < 48*3600-5 {
+		t.Errorf("TTL after touch = %d, want 48 h", ttl)
+	}
+	if _, err := f.store.Touch(ctx, "nobody", sess); !errors.Is(err, ErrNotFound) {
+		t.Errorf("touch of an absent session: %v", err)
+	}
+	// Destroy is idempotent and leaves nothing.
+	for i := 0; i < 2; i++ {
+		if _, err := f.store.Delete(ctx, "s1"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, _, err := f.get(t, "s1"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("get after delete: %v", err)
+	}
+	if _, ok := f.rawGet(t, "sess:s1"); ok {
+		t.Fatal("sess:s1 survived the delete")
+	}
+	// A cookie that already expired destroys, as connect-redis does.
+	f.put(t, "s2", body("bob", time.Now().Add(-time.Minute)))
+	if _, _, err := f.get(t, "s2"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("get after an expired save: %v", err)
+	}
+}
+
+func TestSurvivesValkeyRestartingEmpty(t *testing.T) {
+	f := newFixture(t, nil)
+	b := body("ann", time.Now().Add(time.Hour))
+	f.put(t, "keep", b)
+	f.redis.Stop()
+	f.redis.Start(t) // empty: no persistence
+	// Whatever the store knows yet, the session is never reported missing.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		got, from, err := f.get(t, "keep")
+		if err != nil || got != string(b) {
+			t.Fatalf("after the restart: %q from %s, %v", got, from, err)
+		}
+		if from == FromValkey {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("Valkey was not reconciled within 10s of coming back")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if v, ok := f.rawGet(t, "sess:keep"); !ok || v != string(b) {
+		t.Fatalf("after reconciling, sess:keep = %q", v)
+	}
+	if n := testutil.ToFloat64(f.store.m.reconciles.WithLabelValues("ok")); n < 1 {
+		t.Errorf("reconciles ok = %v", n)
+	}
+}
+
+func TestValkeyDownThenBack(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := context.Background()
+	f.put(t, "a", body("v1", time.Now().Add(time.Hour)))
+	f.put(t, "gone", body("old", time.Now().Add(time.Hour)))
+	f.redis.Pause() // keeps its copies, answers nothing
+
+	// The first call finds out (it may wait for the timeout); after that, no request waits on
+	// Valkey: PostgreSQL serves at once.
+	f.get(t, "a")
+	f.waitActive(t, FromPostgres)
+	for i := 0; i < 5; i++ {
+		start := time.Now()
+		got, from, err := f.get(t, "a")
+		if err != nil || from != FromPostgres || !strings.Contains(got, `"v1"`) {
+			t.Fatalf("get during the outage: %q from %s, %v", got, from, err)
+		}
+		if d := time.Since(start); d >= f.store.opts.Timeout {
+			t.Fatalf("get during a known outage took %s: it waited on Valkey", d)
+		}
+	}
+	// Saved and destroyed while Valkey is down: acknowledged by PostgreSQL.
+	if from := f.put(t, "a", body("v2", time.Now().Add(time.Hour))); from != FromPostgres {
+		t.Fatalf("put during the outage answered by %s", from)
+	}
+	if _, err := f.store.Delete(ctx, "gone"); err != nil {
+		t.Fatal(err)
+	}
+
+	f.redis.Resume() // back with the old copies of both
+	f.waitActive(t, FromValkey)
+	if got, from, err := f.get(t, "a"); err != nil || from != FromValkey || !strings.Contains(got, `"v2"`) {
+		t.Fatalf("after Valkey came back: %q from %s, %v; want the newer v2", got, from, err)
+	}
+	if _, _, err := f.get(t, "gone"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("the session destroyed during the outage came back: %v", err)
+	}
+	if _, ok := f.rawGet(t, "sess:gone"); ok {
+		t.Fatal("Valkey still holds the destroyed session's old copy")
+	}
+	if v, _ := f.rawGet(t, "sess:a"); !strings.Contains(v, `"v2"`) {
+		t.Fatalf("Valkey holds %s, want v2", v)
+	}
+}
+
+// TestOtherSidecarSeesMissedWrite: sidecar B's write misses Valkey (B found it down); sidecar A,
+// which never saw the outage, must not keep trusting Valkey's old copy.
+func TestOtherSidecarSeesMissedWrite(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := context.Background()
+	f.put(t, "x", body("old", time.Now().Add(time.Hour)))
+	b, _, _ := f.start(t, nil)
+	deadline := time.Now().Add(10 * time.Second)
+	for b.Active() != FromValkey {
+		if time.Now().After(deadline) {
+			t.Fatal("second store never trusted Valkey")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// B alone loses Valkey (its breaker opens), then destroys the session.
+	b.markDown("test", errors.New("partitioned"))
+	if _, err := b.Delete(ctx, "x"); err != nil {
+		t.Fatal(err)
+	}
+	// A reads Valkey's copy at most until its next refresh, then never again.
+	time.Sleep(3 * f.store.opts.RefreshInterval)
+	deadline = time.Now().Add(10 * time.Second)
+	for {
+		if _, _, err := f.get(t, "x"); errors.Is(err, ErrNotFound) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the other sidecar still serves the destroyed session")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, ok := f.rawGet(t, "sess:x"); ok {
+		f.waitActive(t, FromValkey)
+		if _, ok := f.rawGet(t, "sess:x"); ok {
+			t.Fatal("reconciliation left the destroyed session in Valkey")
+		}
+	}
+}
+
+func TestExpiredNeverServed(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := context.Background()
+	f.put(t, "short", body("brief", time.Now().Add(1500*time.Millisecond)))
+	time.Sleep(2500 * time.Millisecond)
+	if _, _, err := f.get(t, "short"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("expired session from Valkey: %v", err)
+	}
+	// A row that expired (written by an app, never in Valkey) is not served by PostgreSQL.
+	if _, err := f.db.Exec(ctx, `INSERT INTO session (sid, sess, expire) VALUES ('old', '{"cookie":{}}', to_timestamp($1))`,
+		time.Now().Add(-time.Second).Unix()); err != nil {
+		t.Fatal(err)
+	}
+	f.redis.Pause()
+	f.get(t, "old")
+	f.waitActive(t, FromPostgres)
+	if _, from, err := f.get(t, "old"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("expired row served from %s: %v", from, err)
+	}
+	if _, err := f.store.Touch(ctx, "old", Session{}); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("touch revived an expired row: %v", err)
+	}
+	f.redis.Resume()
+}
+
+func TestReconcileDeletesUnknownSessions(t *testing.T) {
+	for _, deleteUnknown := range []bool{true, false} {
+		t.Run(fmt.Sprint("delete_unknown=", deleteUnknown), func(t *testing.T) {
+			f := newFixture(t, func(o *Options) { o.DeleteUnknown = deleteUnknown })
+			ctx := context.Background()
+			f.put(t, "known", body("k", time.Now().Add(time.Hour)))
+			// A Valkey restored from an old snapshot: a session PostgreSQL no longer has, and a
+			// sentinel from another epoch.
+			f.raw.Do(ctx, f.raw.B().Set().Key("sess:ghost").Value(`{"cookie":{}}`).Build())
+			f.raw.Do(ctx, f.raw.B().Set().Key("cachecar:sessions:epoch").Value("from-an-old-snapshot").Build())
+			time.Sleep(2 * f.store.opts.RefreshInterval)
+			f.waitActive(t, FromValkey)
+			_, ok := f.rawGet(t, "sess:ghost")
+			if ok == deleteUnknown {
+				t.Fatalf("ghost present=%v with delete_unknown=%v", ok, deleteUnknown)
+			}
+			if _, ok := f.rawGet(t, "sess:known"); !ok {
+				t.Fatal("the reconciliation deleted a known session")
+			}
+		})
+	}
+}
+
+func TestPruneOneSidecarAtATime(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := context.Background()
+	if _, err := f.db.Exec(ctx, `INSERT INTO session (sid, sess, expire)
+		SELECT 'e' || i, '{}', to_timestamp($1) FROM generate_series(1, 200) i`, time.Now().Add(-time.Minute).Unix()); err != nil {
+		t.Fatal(err)
+	}
+	f.put(t, "alive", body("a", time.Now().Add(time.Hour)))
+	other, otherReg, _ := f.start(t, nil)
+	var wg sync.WaitGroup
+	for _, s := range []*Store{f.store, other} {
+		wg.Add(1)
+		go func() { defer wg.Done(); s.prune(ctx) }()
+	}
+	wg.Wait()
+	var left, alive int
+	f.db.QueryRow(ctx, `SELECT count(*) FILTER (WHERE sid LIKE 'e%'), count(*) FILTER (WHERE sid = 'alive') FROM session`).Scan(&left, &alive)
+	if left != 0 || alive != 1 {
+		t.Fatalf("after pruning: %d expired rows left, alive %d", left, alive)
+	}
+	a := testutil.ToFloat64(f.store.m.pruned)
+	b := testutil.ToFloat64(other.m.pruned)
+	if a+b != 200 {
+		t.Fatalf("pruned %v + %v rows, want 200 in all", a, b)
+	}
+	_ = otherReg
+}
