@@ -20,9 +20,11 @@ TEST_ENV := CACHECAR_TEST_DATABASE_URL='$(TEST_DATABASE_URL)' \
             CACHECAR_TEST_REDIS_SERVER=$$(command -v redis-server)
 
 GO_TEST_FLAGS ?= -race -count=1 -timeout 12m
+# The real connect-redis and connect-pg-simple, for the sessions' rolling-migration tests.
+NODE_STORES := sessions/testdata/node
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: run test build services services-down migrate bench fuzz vet fmt check-go clean
+.PHONY: run test build services services-down migrate bench fuzz vet fmt check-go clean node-stores
 
 run: check-go services build migrate
 	@echo
@@ -40,8 +42,18 @@ run: check-go services build migrate
 	@echo
 	$(RUN_ENV) ./bin/cachecar serve
 
-test: check-go services
-	$(TEST_ENV) go test $(GO_TEST_FLAGS) ./...
+test: check-go services node-stores
+	$(TEST_ENV) CACHECAR_TEST_NODE_STORES=$$([ -d $(NODE_STORES)/node_modules ] && echo '$(CURDIR)/$(NODE_STORES)') \
+		go test $(GO_TEST_FLAGS) ./...
+
+# node-stores installs the pinned Node session stores (npm ci) when Node.js 20+ is present;
+# without it the rolling-migration tests skip and say why.
+node-stores:
+	@if command -v node >/dev/null 2>&1 && [ "$$(node -p 'process.versions.node.split(".")[0]')" -ge 20 ]; then \
+		npm ci --prefix $(NODE_STORES) --no-audit --no-fund --loglevel=error >/dev/null || { echo "npm ci in $(NODE_STORES) failed"; exit 1; }; \
+	else \
+		echo "Node.js 20+ not found: the sessions' rolling-migration tests against connect-redis and connect-pg-simple will skip"; \
+	fi
 
 build: check-go
 	go build -ldflags "-X main.version=$(VERSION)" -o bin/cachecar ./cmd/cachecar
@@ -68,4 +80,4 @@ check-go:
 	@command -v go >/dev/null 2>&1 || { echo "Go 1.26 is required (expected at /usr/local/go/bin/go)"; exit 1; }
 
 clean:
-	rm -rf bin var/bench
+	rm -rf bin var/bench $(NODE_STORES)/node_modules

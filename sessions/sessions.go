@@ -12,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
@@ -194,7 +195,8 @@ func (s *Store) Parse(body []byte) (Session, error) {
 		return Session{}, &InputError{Code: "too_large", Message: fmt.Sprintf("the session is larger than %d bytes", s.opts.MaxBody), TooLarge: true}
 	}
 	trimmed := bytes.TrimSpace(body)
-	if len(trimmed) == 0 || trimmed[0] != '{' || !json.Valid(trimmed) {
+	// json.Valid takes invalid UTF-8 inside strings; PostgreSQL's json type does not.
+	if len(trimmed) == 0 || trimmed[0] != '{' || !utf8.Valid(trimmed) || !json.Valid(trimmed) {
 		return Session{}, &InputError{Code: "bad_session", Message: "the body must be a JSON object (the express-session session)"}
 	}
 	var shape struct {
@@ -222,6 +224,9 @@ func (s *Store) Parse(body []byte) (Session, error) {
 	if json.Unmarshal(e, &text) != nil {
 		return Session{}, &InputError{Code: "bad_cookie", Message: "cookie.expires must be a date string (as JSON.stringify writes a Date)"}
 	}
+	if text == "" {
+		return out, nil // falsy in JavaScript: both Node stores read it as no expires
+	}
 	t, err := time.Parse(time.RFC3339Nano, text)
 	if err != nil {
 		return Session{}, &InputError{Code: "bad_cookie", Message: "cookie.expires is not a date (want ISO 8601, e.g. 2026-12-01T10:00:00.000Z)"}
@@ -236,7 +241,8 @@ func (s *Store) ttlSeconds(sess Session, now time.Time) int64 {
 	if sess.Expires.IsZero() {
 		return int64(s.opts.TTL / time.Second)
 	}
-	ms := sess.Expires.Sub(now).Milliseconds()
+	// Date.now() is whole milliseconds: floor now before subtracting, as connect-redis does.
+	ms := sess.Expires.UnixMilli() - now.UnixMilli()
 	return int64(math.Ceil(float64(ms) / 1000))
 }
 

@@ -55,7 +55,14 @@ func newFixture(t *testing.T, tweak func(*Options)) *fixture {
 	t.Cleanup(raw.Close)
 	f := &fixture{url: url, db: db, redis: r, raw: raw}
 	f.store, f.reg, f.stop = f.start(t, tweak)
-	f.waitActive(t, FromValkey)
+	// Valkey reconciled and trusted (with ReadPostgres it still does not serve reads).
+	deadline := time.Now().Add(10 * time.Second)
+	for !(f.store.up.Load() && f.store.trusted.Load()) {
+		if time.Now().After(deadline) {
+			t.Fatal("the store never trusted Valkey")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	return f
 }
 
