@@ -1,0 +1,95 @@
+package main
+
+import (
+	"bytes"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cachecar/cachecar/internal/testenv"
+)
+
+func do(t *testing.T, method, url, body string) (*http.Response, string) {
+	t.Helper()
+	req, _ := http.NewRequest(method, url, strings.NewReader(body))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	defer resp.Body.Close()
+	var b bytes.Buffer
+	b.ReadFrom(resp.Body)
+	return resp, b.String()
+}
+
+// TestSessionsEndToEnd: the session routes through run, with Valkey killed and restarted
+// empty in the middle: the saved session is never lost, and Valkey serves again after.
+func TestSessionsEndToEnd(t *testing.T) {
+	url := referenceDB(t)
+	srv := testenv.StartRedis(t)
+	s := startSidecar(t, map[string]string{"DATABASE_URL": url, "CACHECAR_VALKEY_ADDRS": srv.Addr,
+		"CACHECAR_SESSIONS_REFRESH_INTERVAL": "50ms"})
+	base := s.api + "/v1/sessions/"
+	sess := `{"cookie":{"originalMaxAge":3600000,"expires":"` + time.Now().Add(time.Hour).UTC().Format("2006-01-02T15:04:05.000Z") + `","httpOnly":true,"path":"/"},"user":"e2e-secret-value"}`
+	waitStore := func(want string) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			_, h := get(t, s.health+"/health/detailed")
+			if strings.Contains(h, `"sessions":{"status":"up","store":"`+want+`"}`) ||
+				strings.Contains(h, `"sessions":{"status":"degraded","store":"`+want+`"}`) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("sessions never served from %s: %s", want, h)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	waitStore("valkey")
+	if r, b := do(t, "PUT", base+"e2e1", sess); r.StatusCode != 204 || r.Header.Get("X-Session-Store") != "valkey" {
+		t.Fatalf("PUT: %d %s %s", r.StatusCode, r.Header.Get("X-Session-Store"), b)
+	}
+	if r, b := get(t, base+"e2e1"); r.StatusCode != 200 || b != sess || r.Header.Get("X-Session-Store") != "valkey" {
+		t.Fatalf("GET: %d %s %q", r.StatusCode, r.Header.Get("X-Session-Store"), b)
+	}
+	srv.Stop()
+	srv.Start(t) // empty
+	// Never reported missing, whichever store answers.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		r, b := get(t, base+"e2e1")
+		if r.StatusCode != 200 || b != sess {
+			t.Fatalf("after Valkey restarted empty: %d %s %q", r.StatusCode, r.Header.Get("X-Session-Store"), b)
+		}
+		if r.Header.Get("X-Session-Store") == "valkey" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("Valkey did not serve sessions again within 10s")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if r, _ := do(t, "DELETE", base+"e2e1", ""); r.StatusCode != 204 {
+		t.Fatalf("DELETE: %d", r.StatusCode)
+	}
+	if r, _ := get(t, base+"e2e1"); r.StatusCode != 404 {
+		t.Fatalf("GET after DELETE: %d", r.StatusCode)
+	}
+	if r, b := do(t, "PUT", base+"bad%20sid", sess); r.StatusCode != 400 || !strings.Contains(b, "bad_sid") {
+		t.Fatalf("bad sid: %d %s", r.StatusCode, b)
+	}
+	if r, _ := do(t, "PUT", base+"big", `{"x":"`+strings.Repeat("a", 70000)+`"}`); r.StatusCode != 413 {
+		t.Fatalf("oversized body: %d", r.StatusCode)
+	}
+	_, metrics := get(t, s.health+"/metrics")
+	for _, want := range []string{`cachecar_session_ops_total{op="put",outcome="ok",store="valkey"}`, `cachecar_session_store_active{store="valkey"} 1`} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
+	if strings.Contains(s.out.String(), "e2e-secret-value") {
+		t.Fatal("a session's contents reached the log")
+	}
+}
