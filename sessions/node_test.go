@@ -88,7 +88,7 @@ func jsonEqual(t *testing.T, a, b []byte) bool {
 // TestRollingMigrationFromConnectRedis: some instances use connect-redis on the shared Valkey,
 // others cachecar. Every change through either is seen through the other at once.
 func TestRollingMigrationFromConnectRedis(t *testing.T) {
-	f := newFixture(t, func(o *Options) { o.DeleteUnknown = false })
+	f := newFixture(t, func(o *Options) { o.DeleteUnknown = false; o.ValkeyOnly = true })
 	n := newNodeStores(t, f)
 	ctx := context.Background()
 	exp := time.Now().Add(2 * time.Hour)

@@ -4,10 +4,16 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/valkey-io/valkey-go"
 )
+
+// writeTimeout bounds a whole write (the transaction and the Valkey call inside it). A write runs
+// to its end even if the client hangs up: a commit the client never hears of must still reach
+// Valkey, or be recorded as missed.
+const writeTimeout = 10 * time.Second
 
 // Get returns the session's JSON as stored and the store that answered. An absent or expired
 // session is ErrNotFound.
@@ -21,8 +27,16 @@ func (s *Store) Get(ctx context.Context, sid string) ([]byte, string, error) {
 		case errors.Is(err, ErrNotFound):
 			s.m.ops.WithLabelValues("get", FromValkey, "not_found").Inc()
 			return nil, FromValkey, err
+		case ctx.Err() != nil:
+			return nil, FromValkey, ctx.Err()
 		}
 		// Not trusted after all, or failed: PostgreSQL answers.
+	}
+	if s.opts.ValkeyOnly {
+		// During a migration from connect-redis, Valkey is the source of truth: a row in
+		// PostgreSQL may be a session connect-redis has since destroyed.
+		s.m.ops.WithLabelValues("get", FromValkey, "error").Inc()
+		return nil, FromValkey, fmt.Errorf("%w: valkey is down and, while migrating from connect-redis, PostgreSQL is not a fallback", ErrUnavailable)
 	}
 	var body []byte
 	err := s.db.QueryRow(ctx, `SELECT sess::text FROM `+s.opts.Table+` WHERE sid = $1 AND expire >= to_timestamp($2)`,
@@ -33,7 +47,7 @@ func (s *Store) Get(ctx context.Context, sid string) ([]byte, string, error) {
 	}
 	if err != nil {
 		s.m.ops.WithLabelValues("get", FromPostgres, "error").Inc()
-		return nil, FromPostgres, fmt.Errorf("%w: %v", ErrUnavailable, err)
+		return nil, FromPostgres, fmt.Errorf("%w: %w", ErrUnavailable, err)
 	}
 	s.m.ops.WithLabelValues("get", FromPostgres, "ok").Inc()
 	return body, FromPostgres, nil
@@ -43,21 +57,23 @@ func (s *Store) Get(ctx context.Context, sid string) ([]byte, string, error) {
 // absent key in a trusted Valkey, and another error when Valkey failed or turned out not to be
 // trusted (the caller reads PostgreSQL).
 func (s *Store) getValkey(ctx context.Context, sid string) ([]byte, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
+	vctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
 	defer cancel()
 	vk := s.client()
-	vals, err := vk.Do(ctx, vk.B().Mget().Key(s.opts.Prefix+sid, s.opts.SentinelKey).Build()).ToArray()
+	vals, err := vk.Do(vctx, vk.B().Mget().Key(s.opts.Prefix+sid, s.opts.SentinelKey).Build()).ToArray()
 	if err == nil && len(vals) != 2 {
 		err = fmt.Errorf("mget: %d values", len(vals))
 	}
 	if err != nil {
-		s.markDown("get", err)
+		if ctx.Err() == nil { // a client hanging up says nothing about Valkey
+			s.markDown("get", err)
+		}
 		return nil, err
 	}
 	sentinel, _ := vals[1].ToString()
-	if sentinel == "" || sentinel != *s.epoch.Load() {
-		// Emptied, restored from an old snapshot, or written past by a sidecar that could not
-		// reach it: not trusted until reconciled.
+	if sentinel == "" || sentinel != *s.token.Load() {
+		// Emptied, restored from a snapshot, failed over, or written past by a sidecar that
+		// could not reach it: not trusted until reconciled.
 		s.trusted.Store(false)
 		s.setActive()
 		return nil, errors.New("valkey not reconciled")
@@ -73,8 +89,8 @@ func (s *Store) getValkey(ctx context.Context, sid string) ([]byte, error) {
 	return body, nil
 }
 
-// Put stores the session under sid, in PostgreSQL (acknowledged once committed) and in Valkey.
-// A session whose cookie has already expired is destroyed, as connect-redis does.
+// Put stores the session under sid. A session whose cookie has already expired is destroyed, as
+// connect-redis does.
 func (s *Store) Put(ctx context.Context, sid string, sess Session) (string, error) {
 	now := s.now()
 	ttl := s.ttlSeconds(sess, now)
@@ -82,85 +98,30 @@ func (s *Store) Put(ctx context.Context, sid string, sess Session) (string, erro
 		return s.Delete(ctx, sid)
 	}
 	expire := s.expireUnix(sess, now)
-	return s.write(ctx, "put", sid, func(ctx context.Context, tx pgx.Tx) error {
+	return s.write(ctx, "put", sid, false, func(ctx context.Context, tx pgx.Tx) (bool, error) {
 		// connect-pg-simple's upsert, with its expire.
 		_, err := tx.Exec(ctx, `INSERT INTO `+s.opts.Table+` (sess, expire, sid) SELECT $1::json, to_timestamp($2), $3
 			ON CONFLICT (sid) DO UPDATE SET sess = $1::json, expire = to_timestamp($2)`, string(sess.Raw), expire, sid)
-		return err
-	}, false, func(ctx context.Context) error {
-		vk := s.client()
-		return vk.Do(ctx, vk.B().Set().Key(s.opts.Prefix+sid).Value(valkey.BinaryString(sess.Raw)).ExSeconds(ttl).Build()).Error()
+		return true, err
+	}, func(ctx context.Context, vk valkey.Client) (bool, error) {
+		return true, vk.Do(ctx, vk.B().Set().Key(s.opts.Prefix+sid).Value(valkey.BinaryString(sess.Raw)).ExSeconds(ttl).Build()).Error()
 	})
 }
 
 // Delete destroys the session; absent is fine (idempotent).
 func (s *Store) Delete(ctx context.Context, sid string) (string, error) {
-	return s.write(ctx, "delete", sid, func(ctx context.Context, tx pgx.Tx) error {
+	from, err := s.write(ctx, "delete", sid, true, func(ctx context.Context, tx pgx.Tx) (bool, error) {
 		_, err := tx.Exec(ctx, `DELETE FROM `+s.opts.Table+` WHERE sid = $1`, sid)
-		return err
-	}, true, func(ctx context.Context) error {
-		vk := s.client()
-		return vk.Do(ctx, vk.B().Del().Key(s.opts.Prefix+sid).Build()).Error()
+		return true, err
+	}, func(ctx context.Context, vk valkey.Client) (bool, error) {
+		return true, vk.Do(ctx, vk.B().Del().Key(s.opts.Prefix+sid).Build()).Error()
 	})
-}
-
-// write commits pgWrite, then applies vkWrite to Valkey. When Valkey is down, or the call fails,
-// the same transaction (or a second one, after a failure) moves the epoch, so that no sidecar
-// trusts Valkey again before a reconciliation, and a destroy leaves a tombstone for it.
-func (s *Store) write(ctx context.Context, op, sid string, pgWrite func(context.Context, pgx.Tx) error, destroy bool,
-	vkWrite func(context.Context) error) (string, error) {
-	useValkey := s.client() != nil && s.up.Load()
-	err := pgx.BeginFunc(ctx, s.db, func(tx pgx.Tx) error {
-		if err := pgWrite(ctx, tx); err != nil {
-			return err
-		}
-		if !useValkey && s.HasValkey() {
-			return s.markStale(ctx, tx, sid, destroy)
-		}
-		return nil
-	})
-	if err != nil {
-		s.m.ops.WithLabelValues(op, FromPostgres, "error").Inc()
-		return FromPostgres, fmt.Errorf("%w: %v", ErrUnavailable, err)
-	}
-	if !useValkey {
-		s.m.ops.WithLabelValues(op, FromPostgres, "ok").Inc()
-		return FromPostgres, nil
-	}
-	vctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.opts.Timeout)
-	err = vkWrite(vctx)
-	cancel()
-	if err == nil {
-		s.m.ops.WithLabelValues(op, FromValkey, "ok").Inc()
-		return FromValkey, nil
-	}
-	s.markDown(op, err)
-	// The session is safe in PostgreSQL; Valkey may hold the old value (or the new one: the
-	// call may have been applied before it timed out). Either way it must not be trusted.
-	if err := pgx.BeginFunc(context.WithoutCancel(ctx), s.db, func(tx pgx.Tx) error {
-		return s.markStale(ctx, tx, sid, destroy)
-	}); err != nil {
-		s.log.Error().Err(err).Msg("could not record a session write Valkey missed; Valkey stays untrusted until the next successful check")
-	}
-	s.m.ops.WithLabelValues(op, FromPostgres, "ok").Inc()
-	return FromPostgres, nil
-}
-
-// markStale records, in the writing transaction, that Valkey missed a write: a new epoch (no
-// sidecar trusts the old sentinel any more) and, for a destroy, a tombstone.
-func (s *Store) markStale(ctx context.Context, tx pgx.Tx, sid string, destroy bool) error {
-	if destroy {
-		if _, err := tx.Exec(ctx, `INSERT INTO cachecar_session_tombstones (sid) VALUES ($1)
-			ON CONFLICT (sid) DO UPDATE SET destroyed_at = now()`, sid); err != nil {
-			return err
-		}
-	}
-	_, err := tx.Exec(ctx, `UPDATE cachecar_session_state SET epoch = md5(random()::text || clock_timestamp()::text) WHERE id = 1`)
-	return err
+	return from, err
 }
 
 // Touch extends the session's expiry from sess's cookie (or the TTL) without rewriting it. It is
-// ErrNotFound when neither store has the session alive.
+// ErrNotFound when the session is not alive (in PostgreSQL; in Valkey too while migrating from
+// connect-redis, whose sessions are only there).
 func (s *Store) Touch(ctx context.Context, sid string, sess Session) (string, error) {
 	now := s.now()
 	ttl := s.ttlSeconds(sess, now)
@@ -170,32 +131,113 @@ func (s *Store) Touch(ctx context.Context, sid string, sess Session) (string, er
 		}
 		return FromPostgres, ErrNotFound
 	}
-	tag, err := s.db.Exec(ctx, `UPDATE `+s.opts.Table+` SET expire = to_timestamp($1) WHERE sid = $2 AND expire >= to_timestamp($3)`,
-		s.expireUnix(sess, now), sid, nowUnix(now))
-	if err != nil {
-		s.m.ops.WithLabelValues("touch", FromPostgres, "error").Inc()
-		return FromPostgres, fmt.Errorf("%w: %v", ErrUnavailable, err)
-	}
-	inPG := tag.RowsAffected() > 0
-	if vk := s.client(); vk != nil && s.up.Load() {
-		vctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
-		n, err := vk.Do(vctx, vk.B().Expire().Key(s.opts.Prefix+sid).Seconds(ttl).Build()).AsInt64()
-		cancel()
-		switch {
-		case err != nil:
-			// The TTL in Valkey is now shorter than PostgreSQL's expire: harmless for
-			// freshness (the key would vanish early, and the reconciliation that follows the
-			// outage rewrites it from PostgreSQL), so no epoch change is needed.
-			s.markDown("touch", err)
-		case inPG || (n == 1 && s.trusted.Load()):
-			s.m.ops.WithLabelValues("touch", FromValkey, "ok").Inc()
-			return FromValkey, nil
+	var inPG bool
+	from, err := s.write(ctx, "touch", sid, false, func(ctx context.Context, tx pgx.Tx) (bool, error) {
+		tag, err := tx.Exec(ctx, `UPDATE `+s.opts.Table+` SET expire = to_timestamp($1) WHERE sid = $2 AND expire >= to_timestamp($3)`,
+			s.expireUnix(sess, now), sid, nowUnix(now))
+		inPG = tag.RowsAffected() > 0
+		return inPG, err
+	}, func(ctx context.Context, vk valkey.Client) (bool, error) {
+		n, err := vk.Do(ctx, vk.B().Expire().Key(s.opts.Prefix+sid).Seconds(ttl).Build()).AsInt64()
+		if err == nil && n == 0 && inPG {
+			// PostgreSQL has it alive, Valkey lost it: Valkey must be reconciled.
+			return false, nil
 		}
+		if err == nil && n == 1 && !inPG && s.opts.ValkeyOnly {
+			inPG = true // a connect-redis session: found, and touched where it lives
+		}
+		return true, err
+	})
+	if err != nil {
+		return from, err
 	}
 	if !inPG {
-		s.m.ops.WithLabelValues("touch", FromPostgres, "not_found").Inc()
-		return FromPostgres, ErrNotFound
+		return from, ErrNotFound
 	}
-	s.m.ops.WithLabelValues("touch", FromPostgres, "ok").Inc()
-	return FromPostgres, nil
+	return from, nil
+}
+
+// write runs one session write in a PostgreSQL transaction that holds a per-sid lock, applies
+// the same change to Valkey inside it, and commits. Valkey writes for one sid therefore land in
+// the order their transactions commit. pgWrite reports whether Valkey should be told at all;
+// vkWrite reports whether Valkey now agrees with PostgreSQL. When Valkey is down, or the call
+// fails, or it disagrees, the same transaction moves the epoch (and a destroy leaves a
+// tombstone), so that no sidecar trusts Valkey again before a reconciliation. If the transaction
+// itself fails after Valkey was touched, the store stops trusting Valkey and records the miss
+// from Run (pendingStale) before it trusts it again.
+func (s *Store) write(ctx context.Context, op, sid string, destroy bool, pgWrite func(context.Context, pgx.Tx) (bool, error),
+	vkWrite func(context.Context, valkey.Client) (bool, error)) (string, error) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), writeTimeout)
+	defer cancel()
+	vk := s.client()
+	useValkey := vk != nil && s.up.Load() && !s.opts.ReadPostgres
+	from := FromPostgres
+	touchedValkey := false
+	err := pgx.BeginFunc(ctx, s.db, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtextextended($1, 0))`, s.opts.SentinelKey+"|"+sid); err != nil {
+			return err
+		}
+		tell, err := pgWrite(ctx, tx)
+		if err != nil {
+			return err
+		}
+		stale := false
+		switch {
+		case !s.HasValkey() || s.opts.ReadPostgres:
+			// No Valkey, or it is untrusted by the migration marker anyway.
+		case !useValkey:
+			stale = true
+		case tell:
+			vctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
+			touchedValkey = true
+			agrees, err := vkWrite(vctx, vk)
+			cancel()
+			switch {
+			case err != nil:
+				s.markDown(op, err)
+				stale = true
+			case !agrees:
+				stale = true
+			default:
+				from = FromValkey
+			}
+		}
+		if stale {
+			from = FromPostgres
+			return s.markStale(ctx, tx, sid, destroy)
+		}
+		return nil
+	})
+	if err != nil {
+		if touchedValkey {
+			// Valkey may hold a change PostgreSQL does not: stop trusting it here at once, and
+			// have Run move the epoch before anyone trusts it again.
+			s.pendingStale.Store(true)
+			s.trusted.Store(false)
+			s.setActive()
+		}
+		s.m.ops.WithLabelValues(op, FromPostgres, "error").Inc()
+		return FromPostgres, fmt.Errorf("%w: %w", ErrUnavailable, err)
+	}
+	s.m.ops.WithLabelValues(op, from, "ok").Inc()
+	return from, nil
+}
+
+// markStale records, in the writing transaction, that Valkey missed a write: a new epoch (no
+// sidecar trusts the old sentinel any more) and, for a destroy, a tombstone.
+func (s *Store) markStale(ctx context.Context, tx pgx.Tx, sid string, destroy bool) error {
+	if destroy {
+		if _, err := tx.Exec(ctx, `INSERT INTO cachecar_session_tombstones (store, sid) VALUES ($1, $2)
+			ON CONFLICT (store, sid) DO UPDATE SET destroyed_at = now()`, s.opts.SentinelKey, sid); err != nil {
+			return err
+		}
+	}
+	return bumpEpoch(ctx, tx, s.opts.SentinelKey)
+}
+
+// bumpEpoch gives the store keyed key a new epoch.
+func bumpEpoch(ctx context.Context, tx pgx.Tx, key string) error {
+	_, err := tx.Exec(ctx, `INSERT INTO cachecar_session_state (store, epoch) VALUES ($1, md5(random()::text || clock_timestamp()::text))
+		ON CONFLICT (store) DO UPDATE SET epoch = EXCLUDED.epoch`, key)
+	return err
 }

@@ -22,14 +22,17 @@ const (
 
 // StateSQL creates the tables behind the epoch and the tombstones (a migration of
 // internal/schema).
+// Rows are keyed by the store (its sentinel key, namespace included), so that deployments with
+// different namespaces sharing one database keep separate epochs and tombstones.
 const StateSQL = `CREATE TABLE IF NOT EXISTS cachecar_session_state (
-	id    integer PRIMARY KEY CHECK (id = 1),
-	epoch text    NOT NULL
+	store text PRIMARY KEY,
+	epoch text NOT NULL
 );
-INSERT INTO cachecar_session_state (id, epoch) VALUES (1, md5(random()::text)) ON CONFLICT (id) DO NOTHING;
 CREATE TABLE IF NOT EXISTS cachecar_session_tombstones (
-	sid          varchar     PRIMARY KEY,
-	destroyed_at timestamptz NOT NULL DEFAULT now()
+	store        text        NOT NULL,
+	sid          varchar     NOT NULL,
+	destroyed_at timestamptz NOT NULL DEFAULT now(),
+	PRIMARY KEY (store, sid)
 );`
 
 // TableName returns connect-pg-simple's table, quoted as it quotes it, schema-qualified when
@@ -83,15 +86,15 @@ func jitter(d time.Duration) time.Duration {
 // refresh re-reads the epoch and decides whether Valkey is trusted.
 func (s *Store) refresh(ctx context.Context) {
 	qctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	var epoch string
-	err := s.db.QueryRow(qctx, `SELECT epoch FROM cachecar_session_state WHERE id = 1`).Scan(&epoch)
-	cancel()
-	if err != nil {
-		// PostgreSQL down (every session call fails and says so) or not migrated.
-		s.log.Debug().Err(err).Msg("read session epoch")
-		return
+	defer cancel()
+	if s.pendingStale.Load() {
+		// A write failed after it touched Valkey: move the epoch before anything else.
+		if err := pgx.BeginFunc(qctx, s.db, func(tx pgx.Tx) error { return bumpEpoch(qctx, tx, s.opts.SentinelKey) }); err != nil {
+			s.log.Debug().Err(err).Msg("record a missed session write")
+			return
+		}
+		s.pendingStale.Store(false)
 	}
-	s.epoch.Store(&epoch)
 	if s.dial == nil {
 		return
 	}
@@ -105,34 +108,74 @@ func (s *Store) refresh(ctx context.Context) {
 		s.vk.Store(&vkBox{c})
 		vk = c
 	}
-	vctx, cancel := context.WithTimeout(ctx, s.opts.Timeout*4)
-	sentinel, err := vk.Do(vctx, vk.B().Get().Key(s.opts.SentinelKey).Build()).ToString()
-	cancel()
+	vctx, vcancel := context.WithTimeout(ctx, s.opts.Timeout*4)
+	res := vk.DoMulti(vctx, vk.B().Get().Key(s.opts.SentinelKey).Build(), vk.B().Info().Section("server").Build())
+	vcancel()
+	sentinel, err := res[0].ToString()
 	if err != nil && !valkey.IsValkeyNil(err) {
 		s.markDown("probe", err)
+		return
+	}
+	runID, err := parseRunID(res[1])
+	if err != nil {
+		s.markDown("probe", err)
+		return
+	}
+	// The epoch is read after the sentinel, never before: a write that missed Valkey while
+	// this check waited on it (a paused server answers late) moved the epoch, and must be seen.
+	var epoch string
+	err = s.db.QueryRow(qctx, `INSERT INTO cachecar_session_state (store, epoch) VALUES ($1, md5(random()::text || clock_timestamp()::text))
+		ON CONFLICT (store) DO UPDATE SET epoch = cachecar_session_state.epoch RETURNING epoch`, s.opts.SentinelKey).Scan(&epoch)
+	if err != nil {
+		// PostgreSQL down: no write can succeed anywhere, so no write can miss Valkey, and a
+		// trusted Valkey stays right. Reads go on; writes fail with 503.
+		s.log.Debug().Err(err).Msg("read session epoch")
 		return
 	}
 	if !s.up.Swap(true) {
 		s.log.Info().Msg("valkey answers again; sessions move back to it once reconciled")
 	}
-	if sentinel == epoch {
+	if s.opts.ReadPostgres {
+		// Migrating from connect-pg-simple: nobody may trust Valkey until a sidecar without
+		// this mode has reconciled it.
+		s.trusted.Store(false)
+		s.setActive()
+		if sentinel != pgMigrationMarker {
+			c, cancel := context.WithTimeout(ctx, s.opts.Timeout*4)
+			if err := vk.Do(c, vk.B().Set().Key(s.opts.SentinelKey).Value(pgMigrationMarker).Build()).Error(); err != nil {
+				s.markDown("sentinel", err)
+			}
+			cancel()
+		}
+		return
+	}
+	token := epoch + "|" + runID
+	s.token.Store(&token)
+	if sentinel == token {
 		s.trusted.Store(true)
 		s.setActive()
 		return
 	}
 	s.trusted.Store(false)
 	s.setActive()
-	if err := s.reconcile(ctx, vk, epoch); err != nil {
+	if err := s.reconcile(ctx, vk, epoch, runID, sentinel == pgMigrationMarker); err != nil {
 		s.m.reconciles.WithLabelValues("error").Inc()
 		s.log.Warn().Err(err).Msg("session reconciliation failed; retrying")
-		s.noteRecon(false)
 	}
 }
 
-func (s *Store) noteRecon(ok bool) {
-	s.mu.Lock()
-	s.lastRecon, s.lastReconOK = s.now(), ok
-	s.mu.Unlock()
+// parseRunID reads run_id from an INFO server answer.
+func parseRunID(r valkey.ValkeyResult) (string, error) {
+	info, err := r.ToString()
+	if err != nil {
+		return "", err
+	}
+	for _, line := range strings.Split(info, "\n") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "run_id:"); ok {
+			return v, nil
+		}
+	}
+	return "", errors.New("valkey INFO server has no run_id")
 }
 
 // reconcile makes Valkey hold what PostgreSQL holds, then trusts it: tombstoned keys deleted,
@@ -140,7 +183,7 @@ func (s *Store) noteRecon(ok bool) {
 // keys PostgreSQL does not know deleted (DeleteUnknown), then a new epoch set in Valkey and, by
 // compare-and-set against the epoch it started from, in PostgreSQL. A write that missed Valkey
 // meanwhile changed the epoch, the compare-and-set fails, and the next refresh starts over.
-func (s *Store) reconcile(ctx context.Context, vk valkey.Client, oldEpoch string) error {
+func (s *Store) reconcile(ctx context.Context, vk valkey.Client, oldEpoch, runID string, afterPgMigration bool) error {
 	conn, err := s.db.Acquire(ctx)
 	if err != nil {
 		return err
@@ -154,9 +197,16 @@ func (s *Store) reconcile(ctx context.Context, vk valkey.Client, oldEpoch string
 		return nil // the sidecar holding it will set the sentinel; the next refresh sees it
 	}
 	defer conn.Exec(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, int64(reconcileLock))
+	// Another sidecar may have finished a reconciliation while this one waited: start from the
+	// epoch as it is now.
+	if err := conn.QueryRow(ctx, `SELECT epoch FROM cachecar_session_state WHERE store = $1`, s.opts.SentinelKey).Scan(&oldEpoch); err != nil {
+		return err
+	}
 	start := s.now()
 	var b [16]byte
-	crand.Read(b[:])
+	if _, err := crand.Read(b[:]); err != nil {
+		return err
+	}
 	newEpoch := hex.EncodeToString(b[:])
 	vctx := func() (context.Context, context.CancelFunc) {
 		return context.WithTimeout(ctx, 10*s.opts.Timeout+time.Second)
@@ -170,7 +220,7 @@ func (s *Store) reconcile(ctx context.Context, vk valkey.Client, oldEpoch string
 	}
 
 	// Tombstones: sessions destroyed while Valkey could not be told.
-	rows, err := conn.Query(ctx, `SELECT sid, destroyed_at FROM cachecar_session_tombstones`)
+	rows, err := conn.Query(ctx, `SELECT sid, destroyed_at FROM cachecar_session_tombstones WHERE store = $1`, s.opts.SentinelKey)
 	if err != nil {
 		return err
 	}
@@ -201,15 +251,17 @@ func (s *Store) reconcile(ctx context.Context, vk valkey.Client, oldEpoch string
 			return fmt.Errorf("delete tombstoned: %w", err)
 		}
 		if _, err := conn.Exec(ctx, `DELETE FROM cachecar_session_tombstones t USING unnest($1::text[], $2::timestamptz[]) AS u(sid, at)
-			WHERE t.sid = u.sid AND t.destroyed_at = u.at`, batch, ats[i:min(i+500, len(sids))]); err != nil {
+			WHERE t.store = $3 AND t.sid = u.sid AND t.destroyed_at = u.at`, batch, ats[i:min(i+500, len(sids))], s.opts.SentinelKey); err != nil {
 			return err
 		}
 	}
 
 	// Every live row, in sid order, 500 at a time, each batch row-locked while it is copied.
+	// Not while migrating from connect-redis: there a row may be a session connect-redis has
+	// destroyed, and Valkey is the source of truth.
 	copied := 0
 	after := ""
-	for {
+	for !s.opts.ValkeyOnly {
 		n := 0
 		err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 			rows, err := tx.Query(ctx, `SELECT sid, sess::text,
@@ -258,30 +310,30 @@ func (s *Store) reconcile(ctx context.Context, vk valkey.Client, oldEpoch string
 	}
 
 	deleted := 0
-	if s.opts.DeleteUnknown {
+	if s.opts.DeleteUnknown || afterPgMigration {
 		if deleted, err = s.deleteUnknown(ctx, vk, conn); err != nil {
 			return err
 		}
 	}
 
 	c, cancel = vctx()
-	err = vk.Do(c, vk.B().Set().Key(s.opts.SentinelKey).Value(newEpoch).Build()).Error()
+	token := newEpoch + "|" + runID
+	err = vk.Do(c, vk.B().Set().Key(s.opts.SentinelKey).Value(token).Build()).Error()
 	cancel()
 	if err != nil {
 		return fmt.Errorf("sentinel: %w", err)
 	}
-	tag, err := conn.Exec(ctx, `UPDATE cachecar_session_state SET epoch = $1 WHERE id = 1 AND epoch = $2`, newEpoch, oldEpoch)
+	tag, err := conn.Exec(ctx, `UPDATE cachecar_session_state SET epoch = $1 WHERE store = $3 AND epoch = $2`, newEpoch, oldEpoch, s.opts.SentinelKey)
 	if err != nil {
 		return err
 	}
 	if tag.RowsAffected() == 0 {
 		return errors.New("a write missed Valkey during the reconciliation; starting over")
 	}
-	s.epoch.Store(&newEpoch)
+	s.token.Store(&token)
 	s.trusted.Store(true)
 	s.setActive()
 	s.m.reconciles.WithLabelValues("ok").Inc()
-	s.noteRecon(true)
 	s.log.Info().Int("copied", copied).Int("tombstones", len(sids)).Int("deleted_unknown", deleted).
 		Dur("took", s.now().Sub(start)).Msg("sessions reconciled; valkey serves them again")
 	return nil
@@ -359,7 +411,7 @@ func (s *Store) prune(ctx context.Context) {
 		return
 	}
 	s.m.pruned.Add(float64(tag.RowsAffected()))
-	conn.Exec(ctx, `DELETE FROM cachecar_session_tombstones WHERE destroyed_at < now() - interval '30 days'`)
+	conn.Exec(ctx, `DELETE FROM cachecar_session_tombstones WHERE store = $1 AND destroyed_at < now() - interval '30 days'`, s.opts.SentinelKey)
 	s.log.Info().Int64("rows", tag.RowsAffected()).Msg("pruned expired sessions")
 }
 

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"math"
 	"regexp"
-	"sync"
 	"sync/atomic"
 	"time"
 	"unicode/utf8"
@@ -69,7 +68,8 @@ func CheckSID(sid string) error {
 	return nil
 }
 
-// Options configures a Store. Zero durations are not valid: cmd passes the configured values.
+// Options configures a Store. Zero durations are not valid (a zero Timeout fails every Valkey
+// call, a zero RefreshInterval panics in Run): cmd passes the configured values.
 type Options struct {
 	// Prefix is the Valkey key prefix: the namespace plus connect-redis's "sess:".
 	Prefix string
@@ -93,10 +93,19 @@ type Options struct {
 	// have (a Valkey restored from an old snapshot). Turn it off while apps still write
 	// sessions to Valkey directly with connect-redis: theirs are not in PostgreSQL.
 	DeleteUnknown bool
-	// ReadPostgres serves every read from PostgreSQL (writes still go to both stores): while
-	// apps still write connect-pg-simple's table directly, Valkey never hears of their writes.
+	// ReadPostgres (migrating from connect-pg-simple) serves every read from PostgreSQL and
+	// leaves Valkey alone: apps that write the table directly never tell Valkey. A marker in the
+	// sentinel keeps every sidecar from trusting Valkey until one running without it has
+	// reconciled it (deleting what PostgreSQL does not have).
 	ReadPostgres bool
+	// ValkeyOnly (migrating from connect-redis) makes Valkey the source of truth, as it is for
+	// connect-redis: no reads from PostgreSQL when Valkey is down (503), and reconciliation
+	// copies no rows into Valkey, because a row may be a session connect-redis has destroyed.
+	ValkeyOnly bool
 }
+
+// pgMigrationMarker is the sentinel while some sidecar runs with ReadPostgres.
+const pgMigrationMarker = "migrating:connect-pg-simple"
 
 // Store is the session store. Safe for concurrent use; Run keeps it in shape.
 type Store struct {
@@ -109,12 +118,14 @@ type Store struct {
 	now  func() time.Time
 
 	up      atomic.Bool // the last Valkey call worked (the breaker)
-	trusted atomic.Bool // the sentinel matched the epoch at the last check
-	epoch   atomic.Pointer[string]
-
-	mu          sync.Mutex
-	lastRecon   time.Time
-	lastReconOK bool
+	trusted atomic.Bool // the sentinel matched the token at the last check
+	// token is what the sentinel must hold for Valkey to be trusted: the epoch in PostgreSQL
+	// and the Valkey server's run id, so that a restart from a snapshot (which brings the
+	// sentinel back with old data) is not trusted.
+	token atomic.Pointer[string]
+	// pendingStale: a write transaction failed after it had touched Valkey; Run must move the
+	// epoch before this store trusts Valkey again.
+	pendingStale atomic.Bool
 }
 
 type vkBox struct{ c valkey.Client }
@@ -125,7 +136,7 @@ type vkBox struct{ c valkey.Client }
 func New(opts Options, dial func() (valkey.Client, error), db *pgxpool.Pool, log zerolog.Logger, reg prometheus.Registerer) *Store {
 	s := &Store{opts: opts, dial: dial, db: db, log: log, m: newMetrics(reg), now: time.Now}
 	empty := ""
-	s.epoch.Store(&empty)
+	s.token.Store(&empty)
 	s.setActive()
 	return s
 }
@@ -199,24 +210,22 @@ func (s *Store) Parse(body []byte) (Session, error) {
 	if len(trimmed) == 0 || trimmed[0] != '{' || !utf8.Valid(trimmed) || !json.Valid(trimmed) {
 		return Session{}, &InputError{Code: "bad_session", Message: "the body must be a JSON object (the express-session session)"}
 	}
-	var shape struct {
-		Cookie json.RawMessage `json:"cookie"`
-	}
+	// Maps, not structs: encoding/json matches struct fields case-insensitively, and JavaScript
+	// reads exactly "cookie" and "expires" (the last of duplicate keys, as a map decode keeps).
+	var shape map[string]json.RawMessage
 	if err := json.Unmarshal(trimmed, &shape); err != nil {
 		return Session{}, &InputError{Code: "bad_session", Message: "the body must be a JSON object (the express-session session)"}
 	}
 	out := Session{Raw: body}
-	c := bytes.TrimSpace(shape.Cookie)
+	c := bytes.TrimSpace(shape["cookie"])
 	if len(c) == 0 || string(c) == "null" {
 		return out, nil
 	}
-	var cookie struct {
-		Expires json.RawMessage `json:"expires"`
-	}
+	var cookie map[string]json.RawMessage
 	if c[0] != '{' || json.Unmarshal(c, &cookie) != nil {
 		return Session{}, &InputError{Code: "bad_cookie", Message: "cookie must be an object"}
 	}
-	e := bytes.TrimSpace(cookie.Expires)
+	e := bytes.TrimSpace(cookie["expires"])
 	if len(e) == 0 || string(e) == "null" || string(e) == "false" {
 		return out, nil
 	}

@@ -55,9 +55,9 @@ func newFixture(t *testing.T, tweak func(*Options)) *fixture {
 	t.Cleanup(raw.Close)
 	f := &fixture{url: url, db: db, redis: r, raw: raw}
 	f.store, f.reg, f.stop = f.start(t, tweak)
-	// Valkey reconciled and trusted (with ReadPostgres it still does not serve reads).
+	// Valkey reconciled and trusted (with ReadPostgres, only reachable: it is never trusted).
 	deadline := time.Now().Add(10 * time.Second)
-	for !(f.store.up.Load() && f.store.trusted.Load()) {
+	for !(f.store.up.Load() && (f.store.trusted.Load() || f.store.opts.ReadPostgres)) {
 		if time.Now().After(deadline) {
 			t.Fatal("the store never trusted Valkey")
 		}
@@ -403,4 +403,68 @@ func TestPruneOneSidecarAtATime(t *testing.T) {
 		t.Fatalf("pruned %v + %v rows, want 200 in all", a, b)
 	}
 	_ = otherReg
+}
+
+// TestRestartFromSnapshotNotTrusted: Valkey saves a snapshot, then takes writes that all
+// succeed (the epoch does not move), then restarts from the snapshot: old copies and the old
+// sentinel come back. The new run id must keep it from being trusted until reconciled.
+func TestRestartFromSnapshotNotTrusted(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := context.Background()
+	f.put(t, "logout", body("old", time.Now().Add(time.Hour)))
+	f.put(t, "changed", body("v1", time.Now().Add(time.Hour)))
+	if err := f.raw.Do(ctx, f.raw.B().Save().Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.store.Delete(ctx, "logout"); err != nil {
+		t.Fatal(err)
+	}
+	f.put(t, "changed", body("v2", time.Now().Add(time.Hour)))
+	f.put(t, "created", body("new", time.Now().Add(time.Hour)))
+	f.redis.Stop()
+	time.Sleep(4 * f.store.opts.RefreshInterval)
+	f.redis.Start(t) // loads the snapshot
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, from, err := f.get(t, "logout"); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("the destroyed session came back from the snapshot (from %s, %v)", from, err)
+		}
+		if got, from, _ := f.get(t, "changed"); !strings.Contains(got, `"v2"`) {
+			t.Fatalf("changed = %s from %s, want v2", got, from)
+		}
+		if _, from, err := f.get(t, "created"); err != nil {
+			t.Fatalf("created lost (from %s): %v", from, err)
+		}
+		if f.store.Active() == FromValkey {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("Valkey not trusted again within 10s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, ok := f.rawGet(t, "sess:logout"); ok {
+		t.Fatal("the reconciliation left the snapshot's copy of the destroyed session")
+	}
+}
+
+// TestTouchWhileDownIsKept: a touch that Valkey missed must not let the key expire there while
+// PostgreSQL keeps the session alive.
+func TestTouchWhileDownIsKept(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := context.Background()
+	f.put(t, "t", body("kept", time.Now().Add(2*time.Second)))
+	f.redis.Pause()
+	f.get(t, "t")
+	f.waitActive(t, FromPostgres)
+	sess, _ := f.store.Parse(body("ignored", time.Now().Add(time.Hour)))
+	if _, err := f.store.Touch(ctx, "t", sess); err != nil {
+		t.Fatal(err)
+	}
+	f.redis.Resume()
+	time.Sleep(2500 * time.Millisecond) // past the old TTL
+	f.waitActive(t, FromValkey)
+	if got, from, err := f.get(t, "t"); err != nil || !strings.Contains(got, `"kept"`) {
+		t.Fatalf("touched session after Valkey came back: %q from %s, %v", got, from, err)
+	}
 }

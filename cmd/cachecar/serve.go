@@ -145,6 +145,7 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 			PruneInterval:   cfg.Sessions.PruneInterval,
 			DeleteUnknown:   cfg.Sessions.DeleteUnknown,
 			ReadPostgres:    cfg.Sessions.Migration == "connect-pg-simple",
+			ValkeyOnly:      cfg.Sessions.Migration == "connect-redis",
 		}, dial, pool, log.With().Str("component", "sessions").Logger(), reg)
 		defer sess.Close()
 	}

@@ -151,6 +151,7 @@ type Redis struct {
 	Addr string
 	bin  string
 	port int
+	dir  string // its working directory: where SAVE writes and a restart reads the snapshot
 	mu   sync.Mutex
 	cmd  *exec.Cmd
 }
@@ -170,8 +171,9 @@ func (r *Redis) Start(t testing.TB) {
 	if r.cmd != nil {
 		return
 	}
+	// No automatic snapshots; a test that wants one sends SAVE, and a restart loads it from dir.
 	cmd := exec.Command(r.bin, "--port", strconv.Itoa(r.port), "--bind", "127.0.0.1",
-		"--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning")
+		"--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning", "--dir", r.dir)
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start redis-server: %v", err)
 	}
@@ -243,7 +245,7 @@ func StartRedisAt(t testing.TB, addr string) *Redis {
 		t.Fatal(err)
 	}
 	port, _ := strconv.Atoi(portText)
-	r := &Redis{Addr: addr, bin: bin, port: port}
+	r := &Redis{Addr: addr, bin: bin, port: port, dir: t.TempDir()}
 	r.Start(t)
 	t.Cleanup(r.Stop)
 	return r
