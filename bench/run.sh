@@ -10,15 +10,26 @@
 #                       (targets: from the COMMIT's pg_xact_commit_timestamp; from the trigger's
 #                       timestamp, just before COMMIT, when that is unavailable)
 #   g  consistency      TestTwoSidecarsRandomizedConsistency of ./cmd/cachecar for a set duration
+# and three session scenarios, each measured twice: first at a fixed rate (bench/sessions -load:
+# open loop, BENCH_CONNECTIONS keep-alive connections, latency from each request's scheduled send
+# time; the targets read this p99), then closed loop with the same wrk settings as a to e
+# (saturating: its p99 is queueing on the shared cores):
+#   h  session GET      sessions written first, read back from Valkey (store valkey, reconciled)
+#   i  session PUT      rewrites of a bounded pool of sessions: PostgreSQL commit, then Valkey
+#   j  session GET      Valkey unreachable (CACHECAR_VALKEY_ADDRS on a closed loopback port):
+#                       sessions read from PostgreSQL
 # Prints a Markdown report (also written to var/bench/last.md). See bench/README.md.
 #
-# Environment: DATABASE_URL (required for b to f), REDIS_HOST (127.0.0.1), REDIS_PORT (6379),
+# Environment: DATABASE_URL (required for b to f and h to j), REDIS_HOST (127.0.0.1), REDIS_PORT (6379),
 # CACHECAR_BIN (bin/cachecar), BENCH_DURATION (10s), BENCH_CONNECTIONS (50), BENCH_THREADS (2),
-# BENCH_SCENARIOS ("a b c d e f g"), BENCH_ID_LAST (5000: ids 1..BENCH_ID_LAST exist in courses),
+# BENCH_SCENARIOS ("a b c d e f g h i j"), BENCH_ID_LAST (5000: ids 1..BENCH_ID_LAST exist in courses),
 # BENCH_MISS_WARM (200: ids requested untimed before d so that cachecar's pools are open),
 # BENCH_INVALIDATION_RATE (1000 updates/s), BENCH_INVALIDATION_DURATION (5s),
 # BENCH_INVALIDATION_WORKERS (8 connections), BENCH_CONSISTENCY_DURATION (30s),
 # CACHECAR_INVALIDATION_CHANNEL (cachecar_invalidation: the triggers' channel, f listens on it),
+# BENCH_SESSION_COUNT (2000: sessions written and then read or rewritten in h, i and j),
+# BENCH_SESSION_GET_RATE (2000/s: h's and j's fixed rate), BENCH_SESSION_PUT_RATE (1000/s: i's),
+# BENCH_SESSION_LOAD_DURATION (BENCH_DURATION: how long each fixed-rate run lasts),
 # CACHECAR_TEST_DATABASE_URL, CACHECAR_TEST_VALKEY_ADDR, CACHECAR_TEST_REDIS_SERVER (for g; the
 # Makefile's test defaults).
 #
@@ -31,7 +42,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DURATION=${BENCH_DURATION:-10s}
 CONNECTIONS=${BENCH_CONNECTIONS:-50}
 THREADS=${BENCH_THREADS:-2}
-SCENARIOS=${BENCH_SCENARIOS:-a b c d e f g}
+SCENARIOS=${BENCH_SCENARIOS:-a b c d e f g h i j}
 ID_LAST=${BENCH_ID_LAST:-5000}
 MISS_WARM=${BENCH_MISS_WARM:-200}
 INV_RATE=${BENCH_INVALIDATION_RATE:-1000}
@@ -40,6 +51,14 @@ INV_WORKERS=${BENCH_INVALIDATION_WORKERS:-8}
 # cachecar inherits the variable; bench/invalidation LISTENs on the same channel.
 INV_CHANNEL=${CACHECAR_INVALIDATION_CHANNEL:-cachecar_invalidation}
 CONSISTENCY_DURATION=${BENCH_CONSISTENCY_DURATION:-30s}
+SESSION_COUNT=${BENCH_SESSION_COUNT:-2000}
+# h, i, j at a fixed rate (requests per second over CONNECTIONS connections): well below what
+# the closed-loop runs reach on a 2-core machine (see bench/README.md).
+SESSION_GET_RATE=${BENCH_SESSION_GET_RATE:-2000}
+SESSION_PUT_RATE=${BENCH_SESSION_PUT_RATE:-1000}
+SESSION_LOAD_DURATION=${BENCH_SESSION_LOAD_DURATION:-$DURATION}
+# Sessions read back (random ones) before h, i and j to check status and store.
+SESSION_VERIFY=200
 CACHECAR_BIN=${CACHECAR_BIN:-bin/cachecar}
 REDIS_HOST=${REDIS_HOST:-127.0.0.1}
 REDIS_PORT=${REDIS_PORT:-6379}
@@ -118,11 +137,20 @@ random_hex() { od -An -N6 -tx1 /dev/urandom | tr -d ' \n'; }
 # ---------------------------------------------------------------------------------------------
 # Results, by scenario letter.
 declare -A RPS P50 P99 ERRS FAILED NOTE CMD BUSY
+# h, i, j: the fraction of answers from the store the scenario is about.
+declare -A SESS_FRAC
+# h, i, j at a fixed rate (bench/sessions -load): its LOAD_RESULT fields, by letter; FR_FAILED
+# when that run failed (the closed-loop row can still stand).
+declare -A FR_RATE FR_TARGET FR_CONNS FR_P50 FR_P90 FR_P99 FR_MAX FR_ERRS FR_CMD FR_FAILED
+SESS_OUT=""
 DESC_a="fixedjson: fixed 1 KB JSON, Go net/http"
 DESC_b="directpg: pgxpool (16), one SELECT per request"
 DESC_c="cachecar hit: random ids, all warmed"
 DESC_d="cachecar miss: fresh namespace, each id once"
 DESC_e="cachecar hit, invalidation off"
+DESC_h="session GET, from Valkey"
+DESC_i="session PUT (PostgreSQL commit, then Valkey)"
+DESC_j="session GET, Valkey down: from PostgreSQL"
 # f's INVALIDATION_RESULT fields and g's "consistency:" line.
 declare -A INV
 CONSISTENCY=""
@@ -572,6 +600,185 @@ scenario_g() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# Sessions: h, i, j. bench/sessions waits for the store, writes and checks the sessions (ids
+# PREFIX0..PREFIX<count-1>, PREFIX fresh per scenario) and deletes them afterwards, so that the
+# session table does not grow from run to run (every reconciliation copies its live rows).
+
+# sessions_helper LETTER ARGS...: runs bench/sessions in the background (so that the traps can
+# stop it); its output is appended to $OUT/sessions-LETTER.txt and kept in SESS_OUT.
+sessions_helper() {
+	local s=$1 pid status=0
+	shift
+	"$BIN/sessions" "$@" >"$OUT/sessions-$s.part" 2>&1 &
+	pid=$!
+	STARTED+=("$pid")
+	wait "$pid" || status=$?
+	forget "$pid"
+	SESS_OUT=$(cat "$OUT/sessions-$s.part")
+	cat "$OUT/sessions-$s.part" >>"$OUT/sessions-$s.txt"
+	rm -f "$OUT/sessions-$s.part"
+	[[ -n $SESS_OUT ]] && printf '%s\n' "$SESS_OUT" | sed 's/^/    /' >&2
+	return "$status"
+}
+
+# session_prepare LETTER STORE PREFIX [-put]: waits until /health/detailed shows the sessions'
+# STORE, writes the sessions with -put, and checks that SESSION_VERIFY random ones answer 200
+# with X-Session-Store: STORE. On failure it deletes what it wrote and stops cachecar.
+session_prepare() {
+	local s=$1 store=$2 prefix=$3
+	shift 3
+	: >"$OUT/sessions-$s.txt"
+	if ! sessions_helper "$s" -health "$CC_HEALTH" -store "$store" -base "$CC_URL" -prefix "$prefix" \
+		-count "$SESSION_COUNT" "$@" -verify "$SESSION_VERIFY" -timeout 2m; then
+		fail "$s" "bench/sessions: $(printf '%s' "$SESS_OUT" | tail -n 1 | sed 's/^sessions: //') (log: $CC_LOG)"
+		session_cleanup "$s" "$prefix"
+		stop_cachecar "$s"
+		return 1
+	fi
+	NOTE[$s]+=" $(printf '%s\n' "$SESS_OUT" | sed 's/^sessions: //' | awk '{ printf "%s%s", sep, $0; sep = "; " }')."
+}
+
+# session_cleanup LETTER PREFIX: deletes the scenario's sessions (best effort: they would expire
+# a day later).
+session_cleanup() {
+	if ! sessions_helper "$1" -base "$CC_URL" -prefix "$2" -count "$SESSION_COUNT" -delete -timeout 2m; then
+		NOTE[$1]+=" Deleting its sessions afterwards failed: $(printf '%s' "$SESS_OUT" | tail -n 1 | sed 's/^sessions: //')."
+	fi
+}
+
+# session_counts LETTER STORE: the X-Session-Store and status counts session_get.lua or
+# session_put.lua printed, into the scenario's note, with the fraction STORE answered.
+session_counts() {
+	local s=$1 want=$2 stores statuses frac
+	stores=$(grep '^SESSION_STORE' "$OUT/wrk-$s.txt" | sed 's/^SESSION_STORE *//' || true)
+	statuses=$(grep '^SESSION_STATUS' "$OUT/wrk-$s.txt" | sed 's/^SESSION_STATUS *//' || true)
+	if [[ -z $stores ]]; then
+		NOTE[$s]+=" The wrk script printed no SESSION_STORE line: which store answered is unknown."
+		return 0
+	fi
+	frac=$(awk -v c="$stores" -v w="$want" 'BEGIN { n = split(c, kv, " "); for (i = 1; i <= n; i++) { split(kv[i], p, "=");
+		t += p[2]; if (p[1] == w) h = p[2] } if (t > 0) printf "%.4f", h / t; else print "n/a" }')
+	SESS_FRAC[$s]=$frac
+	NOTE[$s]+=" During the run, answers by X-Session-Store: $stores (fraction $want $frac); by status: $statuses."
+	if [[ $frac != 1.0000 ]]; then
+		NOTE[$s]+=" Not every answer came from $want: this row did not measure $want alone."
+		log "scenario $s: WARNING not every answer came from $want (X-Session-Store $stores)"
+	fi
+}
+
+# session_fixed_rate LETTER MODE RATE STORE PREFIX: bench/sessions -load MODE (get or put) at
+# RATE requests/s over CONNECTIONS keep-alive connections for SESSION_LOAD_DURATION, open loop,
+# each latency from the request's scheduled send time. Fills FR_* from its LOAD_RESULT line and
+# adds the details to the scenario's note; on failure sets FR_FAILED.
+session_fixed_rate() {
+	local s=$1 mode=$2 rate=$3 want=$4 prefix=$5 line f
+	local cmd=(-base "$CC_URL" -prefix "$prefix" -count "$SESSION_COUNT" -load "$mode" -rate "$rate"
+		-conns "$CONNECTIONS" -duration "$SESSION_LOAD_DURATION" -timeout 1m)
+	FR_CMD[$s]="bench/sessions ${cmd[*]}"
+	log "scenario $s: fixed rate: ${FR_CMD[$s]}"
+	if ! sessions_helper "$s" "${cmd[@]}"; then
+		FR_FAILED[$s]="bench/sessions -load: $(printf '%s' "$SESS_OUT" | tail -n 1 | sed 's/^sessions: //')"
+		log "scenario $s: fixed-rate run FAILED: ${FR_FAILED[$s]}"
+		return 1
+	fi
+	line=$(printf '%s\n' "$SESS_OUT" | sed -n 's/^sessions: LOAD_RESULT //p' | tail -n 1)
+	if [[ -z $line ]]; then
+		FR_FAILED[$s]="bench/sessions -load printed no LOAD_RESULT line"
+		log "scenario $s: fixed-rate run FAILED: ${FR_FAILED[$s]}"
+		return 1
+	fi
+	declare -A LR=()
+	for f in $line; do
+		LR[${f%%=*}]=${f#*=}
+	done
+	for f in target_rate rate conns duration requests answers errors not_sent non2xx new_conns queued stores statuses \
+		p50_ms p90_ms p99_ms max_ms send_p50_ms send_p99_ms behind_p50_ms behind_p99_ms behind_max_ms; do
+		if [[ -z ${LR[$f]:-} ]]; then
+			FR_FAILED[$s]="bench/sessions -load: no $f in its LOAD_RESULT line"
+			log "scenario $s: fixed-rate run FAILED: ${FR_FAILED[$s]}"
+			return 1
+		fi
+	done
+	FR_TARGET[$s]=${LR[target_rate]}
+	FR_RATE[$s]=${LR[rate]}
+	FR_CONNS[$s]=${LR[conns]}
+	FR_P50[$s]=${LR[p50_ms]}
+	FR_P90[$s]=${LR[p90_ms]}
+	FR_P99[$s]=${LR[p99_ms]}
+	FR_MAX[$s]=${LR[max_ms]}
+	FR_ERRS[$s]=$((LR[errors] + LR[not_sent] + LR[non2xx]))
+	NOTE[$s]+=" Fixed rate ($mode, ${LR[target_rate]}/s over ${LR[conns]} connections for ${LR[duration]}, open loop):"
+	NOTE[$s]+=" ${LR[requests]} requests scheduled, achieved ${LR[rate]}/s, answers ${LR[answers]}, errors ${LR[errors]},"
+	NOTE[$s]+=" not sent ${LR[not_sent]}, non-2xx ${LR[non2xx]}, connections opened during the run ${LR[new_conns]};"
+	NOTE[$s]+=" X-Session-Store ${LR[stores]//,/ }, status ${LR[statuses]//,/ };"
+	NOTE[$s]+=" latency from the scheduled send p50 / p90 / p99 / max ${LR[p50_ms]} / ${LR[p90_ms]} / ${LR[p99_ms]} / ${LR[max_ms]} ms,"
+	NOTE[$s]+=" from the actual send p50 / p99 ${LR[send_p50_ms]} / ${LR[send_p99_ms]} ms,"
+	NOTE[$s]+=" sends behind schedule p50 / p99 / max ${LR[behind_p50_ms]} / ${LR[behind_p99_ms]} / ${LR[behind_max_ms]} ms,"
+	NOTE[$s]+=" ${LR[queued]} requests found their connection still busy at their scheduled time."
+	if [[ ${LR[stores]} != "$want:${LR[answers]}" ]]; then
+		NOTE[$s]+=" Not every fixed-rate answer came from $want: that row did not measure $want alone."
+		log "scenario $s: WARNING not every fixed-rate answer came from $want (X-Session-Store ${LR[stores]})"
+	fi
+	if awk -v a="${LR[rate]}" -v t="${LR[target_rate]}" 'BEGIN { exit !(a < 0.95 * t) }'; then
+		NOTE[$s]+=" The fixed-rate run achieved less than 95% of its target rate: it measured a different load than stated."
+	fi
+}
+
+# session_read_scenario LETTER STORE [NAME=VALUE...]: h and j. Starts cachecar with the
+# environment given, waits for the sessions' STORE, writes SESSION_COUNT sessions, checks a
+# sample, then GETs random ones of them: first at a fixed rate (bench/sessions -load get), then
+# closed loop with wrk.
+session_read_scenario() {
+	local s=$1 store=$2 prefix
+	shift 2
+	start_cachecar "$s" "$@" || return 1
+	prefix="bench-$s-$(random_hex)-"
+	session_prepare "$s" "$store" "$prefix" -put || return 1
+	session_fixed_rate "$s" get "$SESSION_GET_RATE" "$store" "$prefix" || true
+	run_wrk "$s" "$CC_URL" bench/session_get.lua "$prefix" "$SESSION_COUNT" || true
+	session_cleanup "$s" "$prefix"
+	stop_cachecar "$s"
+	[[ -z ${FAILED[$s]:-} ]] || return 1
+	session_counts "$s" "$store"
+}
+
+scenario_h() { session_read_scenario h valkey; }
+
+# i: PUTs of random sessions of a bounded pool, all written once first (untimed: it also opens
+# cachecar's connections), so that the run measures rewrites, each acknowledged after the
+# PostgreSQL upsert committed and Valkey has it: first at a fixed rate, then closed loop.
+scenario_i() {
+	local prefix
+	start_cachecar i || return 1
+	prefix="bench-i-$(random_hex)-"
+	session_prepare i valkey "$prefix" -put || return 1
+	session_fixed_rate i put "$SESSION_PUT_RATE" valkey "$prefix" || true
+	run_wrk i "$CC_URL" bench/session_put.lua "$prefix" "$SESSION_COUNT" || true
+	session_cleanup i "$prefix"
+	stop_cachecar i
+	[[ -z ${FAILED[i]:-} ]] || return 1
+	session_counts i valkey
+}
+
+# j: Valkey unreachable. cachecar gets CACHECAR_VALKEY_ADDRS on a loopback port nobody listens
+# on (it wins over REDIS_HOST/REDIS_PORT), so its PUTs commit to PostgreSQL only (each moving the
+# sessions' epoch, and each DELETE afterwards leaving a tombstone for the next reconciliation)
+# and its reads come from PostgreSQL.
+scenario_j() {
+	local dead
+	free_port || {
+		fail j "no free port"
+		return 1
+	}
+	dead=$FREE_PORT
+	NOTE[j]+=" CACHECAR_VALKEY_ADDRS=127.0.0.1:$dead (nothing listening)."
+	session_read_scenario j postgres CACHECAR_VALKEY_ADDRS="127.0.0.1:$dead" || return 1
+	if (exec 3<>"/dev/tcp/127.0.0.1/$dead") 2>/dev/null; then
+		NOTE[j]+=" Something listened on port $dead after the run: Valkey may not have been unreachable throughout."
+	fi
+}
+
+# ---------------------------------------------------------------------------------------------
 # Report
 
 ratio() { # ratio NUM DEN: NUM/DEN with 3 decimals, or empty
@@ -606,8 +813,19 @@ verdict() {
 		ok = (op == ">=") ? (v >= l) : (v <= l); print ok ? "PASS" : "MISS" }'
 }
 
+# fr_rate LETTER: the fixed rate of h, i or j (what it ran at, else what it would run at).
+fr_rate() {
+	if [[ -n ${FR_TARGET[$1]:-} ]]; then
+		echo "${FR_TARGET[$1]}"
+	elif [[ $1 == i ]]; then
+		echo "$SESSION_PUT_RATE"
+	else
+		echo "$SESSION_GET_RATE"
+	fi
+}
+
 report() {
-	local s row status ca cb dbp c99 ce v busy="" noisy=""
+	local s row status ca cb dbp c99 ce v desc busy="" noisy=""
 	echo "## Benchmark run $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 	echo
 	echo "- machine: nproc $(nproc), $(uname -sr) $(uname -m); every process on loopback, wrk on the same cores"
@@ -620,21 +838,35 @@ report() {
 		((BUSY[$s] > 20)) && noisy+="${noisy:+, }$s"
 	done
 	[[ -n $busy ]] && echo "- CPU busy in the second before each scenario: $busy$([[ -n $noisy ]] && printf ' (other work was running before %s: those numbers are not representative)' "$noisy")"
-	echo "- load: \`wrk ${WRK_OPTS[*]}\` in scenarios a to e; course ids 1..$ID_LAST"
-	for s in a b c d e f g; do
+	echo "- load: \`wrk ${WRK_OPTS[*]}\` in scenarios a to e and h to j (closed loop); course ids 1..$ID_LAST; $SESSION_COUNT sessions in each of h, i and j"
+	echo "- h, i, j also at a fixed rate (\`bench/sessions -load\`, open loop, latency from each request's scheduled send time, run before wrk): GET ${SESSION_GET_RATE}/s (h, j), PUT ${SESSION_PUT_RATE}/s (i), over $CONNECTIONS keep-alive connections for $SESSION_LOAD_DURATION"
+	for s in a b c d e f g h i j; do
 		[[ -n ${CMD[$s]:-} ]] && echo "- $s: \`${CMD[$s]}\`"
+		[[ -n ${FR_CMD[$s]:-} ]] && echo "- $s, fixed rate: \`${FR_CMD[$s]}\`"
 	done
 	echo
 	echo "| scenario | what | requests/s | p50 ms | p99 ms | errors |"
 	echo "|---|---|---:|---:|---:|---:|"
-	for s in a b c d e; do
+	for s in a b c d e h i j; do
 		v="DESC_$s"
+		desc=${!v}
+		# h, i, j: the wrk row is closed loop at saturation; the fixed-rate row follows it.
+		[[ $s == [hij] ]] && desc+=": closed loop, saturating (wrk, $CONNECTIONS connections)"
 		if [[ -n ${RPS[$s]:-} && -z ${FAILED[$s]:-} ]]; then
-			echo "| $s | ${!v} | $(awk -v r="${RPS[$s]}" 'BEGIN { printf "%.0f", r }') | ${P50[$s]} | ${P99[$s]} | ${ERRS[$s]} |"
+			echo "| $s | $desc | $(awk -v r="${RPS[$s]}" 'BEGIN { printf "%.0f", r }') | ${P50[$s]} | ${P99[$s]} | ${ERRS[$s]} |"
 		elif [[ -n ${FAILED[$s]:-} ]]; then
-			echo "| $s | ${!v} | failed | | | |"
+			echo "| $s | $desc | failed | | | |"
 		else
-			echo "| $s | ${!v} | not run | | | |"
+			echo "| $s | $desc | not run | | | |"
+		fi
+		[[ $s == [hij] ]] || continue
+		desc="${!v}: fixed rate $(fr_rate "$s")/s, $CONNECTIONS connections (open loop)"
+		if [[ -n ${FR_P99[$s]:-} && -z ${FAILED[$s]:-} && -z ${FR_FAILED[$s]:-} ]]; then
+			echo "| $s | $desc | $(awk -v r="${FR_RATE[$s]}" 'BEGIN { printf "%.0f", r }') | ${FR_P50[$s]} | ${FR_P99[$s]} | ${FR_ERRS[$s]} |"
+		elif [[ -n ${FAILED[$s]:-} || -n ${FR_FAILED[$s]:-} ]]; then
+			echo "| $s | $desc | failed | | | |"
+		else
+			echo "| $s | $desc | not run | | | |"
 		fi
 	done
 	echo
@@ -694,6 +926,21 @@ report() {
 	echo "| f invalidation lag p99 ms ($fsrc) | ${fp99:-n/a} | <= 10 | $(verdict "$(num "$fp99")" "<=" 10) |"
 	echo "| f keys never deleted (missing) | ${INV[missing]:-n/a} | 0 | $(verdict "${INV[missing]:-}" "<=" 0) |"
 	echo "| g consistency test (no stale read after the bound) | $(g_verdict value) | passes | $(g_verdict) |"
+	# h to j: the p99 of the fixed-rate row (the targets are about the latency at a stated load,
+	# not queueing at saturation); the closed-loop p99 is in the label. The notes under the table
+	# say which store answered.
+	local fp sat
+	declare -A FRP99=() SATP99=()
+	for s in h i j; do
+		fp="" sat=""
+		[[ -z ${FAILED[$s]:-} && -z ${FR_FAILED[$s]:-} ]] && fp=${FR_P99[$s]:-}
+		[[ -z ${FAILED[$s]:-} ]] && sat=${P99[$s]:-}
+		FRP99[$s]=$fp
+		SATP99[$s]=${sat:-n/a}
+	done
+	echo "| h session GET from Valkey p99 ms, fixed rate $(fr_rate h)/s over $CONNECTIONS connections (closed loop, saturating: ${SATP99[h]}) | ${FRP99[h]:-n/a} | <= 1 | $(verdict "${FRP99[h]}" "<=" 1) |"
+	echo "| i session PUT p99 ms (durable: PostgreSQL commit, then Valkey), fixed rate $(fr_rate i)/s over $CONNECTIONS connections (closed loop, saturating: ${SATP99[i]}) | ${FRP99[i]:-n/a} | <= 5 | $(verdict "${FRP99[i]}" "<=" 5) |"
+	echo "| j session GET with Valkey down (from PostgreSQL) p99 ms, fixed rate $(fr_rate j)/s over $CONNECTIONS connections (closed loop, saturating: ${SATP99[j]}) | ${FRP99[j]:-n/a} | <= 3 | $(verdict "${FRP99[j]}" "<=" 3) |"
 	echo
 	for s in a b c d e f; do
 		if [[ -n ${FAILED[$s]:-} ]]; then
@@ -707,8 +954,19 @@ report() {
 	elif [[ -n $CONSISTENCY ]]; then
 		echo "- g: \`$CONSISTENCY\`"
 	fi
-	echo "- errors = non-2xx answers plus socket errors; d's requests/s is answered requests over the"
-	echo "  time from its first request to its last answer (bench/miss.lua), not wrk's Requests/sec."
+	for s in h i j; do
+		if [[ -n ${FAILED[$s]:-} ]]; then
+			echo "- $s: FAILED: ${FAILED[$s]}"
+		elif [[ -n ${NOTE[$s]:-} ]]; then
+			echo "- $s:${NOTE[$s]}"
+		fi
+		[[ -n ${FR_FAILED[$s]:-} ]] && echo "- $s, fixed rate: FAILED: ${FR_FAILED[$s]}"
+	done
+	echo "- errors = non-2xx answers plus socket errors (fixed-rate rows: non-2xx answers, requests without"
+	echo "  an answer, and requests not sent in time); d's requests/s is answered requests over the"
+	echo "  time from its first request to its last answer (bench/miss.lua), not wrk's Requests/sec;"
+	echo "  a fixed-rate row's requests/s is its achieved rate (answers over the time from the first"
+	echo "  scheduled send to the last answer), its p50 and p99 count from each request's scheduled send."
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -735,18 +993,18 @@ cpu_busy() {
 CPU_BUSY=$(cpu_busy)
 mkdir -p "$BIN"
 log "building helpers into $BIN"
-go build -o "$BIN/" ./bench/fixedjson ./bench/directpg ./bench/warm ./bench/invalidation
+go build -o "$BIN/" ./bench/fixedjson ./bench/directpg ./bench/warm ./bench/invalidation ./bench/sessions
 
-if [[ " $SCENARIOS " == *[cdef]* ]] && [[ -x $CACHECAR_BIN ]]; then
+if [[ " $SCENARIOS " == *[cdefhij]* ]] && [[ -x $CACHECAR_BIN ]]; then
 	CACHECAR_VERSION=$(timeout 5 "$CACHECAR_BIN" version 2>&1 | head -n 1 || true)
 	CACHECAR_VERSION="$CACHECAR_BIN, ${CACHECAR_VERSION:-version unknown}"
 fi
 
 for s in $SCENARIOS; do
 	case $s in
-	a | b | c | d | e | f | g) ;;
+	a | b | c | d | e | f | g | h | i | j) ;;
 	*)
-		log "unknown scenario '$s' in BENCH_SCENARIOS (want a subset of: a b c d e f g)"
+		log "unknown scenario '$s' in BENCH_SCENARIOS (want a subset of: a b c d e f g h i j)"
 		exit 1
 		;;
 	esac
@@ -764,6 +1022,10 @@ rc=0
 for s in $SCENARIOS; do
 	if [[ -n ${FAILED[$s]:-} ]]; then
 		log "scenario $s did not run: ${FAILED[$s]}"
+		rc=1
+	fi
+	if [[ -n ${FR_FAILED[$s]:-} ]]; then
+		log "scenario $s: the fixed-rate run failed: ${FR_FAILED[$s]}"
 		rc=1
 	fi
 done

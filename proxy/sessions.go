@@ -130,12 +130,12 @@ func (s *Server) sessionError(w http.ResponseWriter, r *http.Request, err error)
 		writeJSONError(w, http.StatusBadRequest, in.Code, in.Message)
 	case errors.Is(err, sessions.ErrNotFound):
 		writeJSONError(w, http.StatusNotFound, "not_found", "no such session, or it expired")
+	case errors.Is(err, context.Canceled) && r.Context().Err() != nil:
+		w.WriteHeader(499) // the client went away
 	case errors.Is(err, sessions.ErrUnavailable):
 		s.log.Warn().Err(err).Str("request_id", w.Header().Get("X-Request-Id")).Str("route", r.Pattern).Msg("session store unavailable")
 		w.Header().Set("Retry-After", "1")
-		writeJSONError(w, http.StatusServiceUnavailable, "sessions_unavailable", "PostgreSQL, the sessions' durable store, is unreachable; nothing was stored")
-	case errors.Is(err, context.Canceled) && r.Context().Err() != nil:
-		w.WriteHeader(499)
+		writeJSONError(w, http.StatusServiceUnavailable, "sessions_unavailable", "the session store is unreachable; nothing was stored or read")
 	default:
 		s.log.Error().Err(err).Str("request_id", w.Header().Get("X-Request-Id")).Str("route", r.Pattern).Msg("session request failed")
 		writeJSONError(w, http.StatusInternalServerError, "internal", "internal error; see the sidecar's log")
