@@ -28,7 +28,7 @@
 # BENCH_INVALIDATION_WORKERS (8 connections), BENCH_CONSISTENCY_DURATION (30s),
 # CACHECAR_INVALIDATION_CHANNEL (cachecar_invalidation: the triggers' channel, f listens on it),
 # BENCH_SESSION_COUNT (2000: sessions written and then read or rewritten in h, i and j),
-# BENCH_SESSION_GET_RATE (2000/s: h's and j's fixed rate), BENCH_SESSION_PUT_RATE (1000/s: i's),
+# BENCH_SESSION_GET_RATE (2000/s: h's and j's fixed rate), BENCH_SESSION_PUT_RATE (500/s: i's),
 # BENCH_SESSION_LOAD_DURATION (BENCH_DURATION: how long each fixed-rate run lasts),
 # CACHECAR_TEST_DATABASE_URL, CACHECAR_TEST_VALKEY_ADDR, CACHECAR_TEST_REDIS_SERVER (for g; the
 # Makefile's test defaults).
@@ -55,7 +55,7 @@ SESSION_COUNT=${BENCH_SESSION_COUNT:-2000}
 # h, i, j at a fixed rate (requests per second over CONNECTIONS connections): well below what
 # the closed-loop runs reach on a 2-core machine (see bench/README.md).
 SESSION_GET_RATE=${BENCH_SESSION_GET_RATE:-2000}
-SESSION_PUT_RATE=${BENCH_SESSION_PUT_RATE:-1000}
+SESSION_PUT_RATE=${BENCH_SESSION_PUT_RATE:-500}
 SESSION_LOAD_DURATION=${BENCH_SESSION_LOAD_DURATION:-$DURATION}
 # Sessions read back (random ones) before h, i and j to check status and store.
 SESSION_VERIFY=200
@@ -692,7 +692,7 @@ session_fixed_rate() {
 		LR[${f%%=*}]=${f#*=}
 	done
 	for f in target_rate rate conns duration requests answers errors not_sent non2xx new_conns queued stores statuses \
-		p50_ms p90_ms p99_ms max_ms send_p50_ms send_p99_ms behind_p50_ms behind_p99_ms behind_max_ms; do
+		p50_ms p90_ms p99_ms max_ms send_p50_ms send_p99_ms behind_p50_ms behind_p99_ms behind_max_ms cpu_busy; do
 		if [[ -z ${LR[$f]:-} ]]; then
 			FR_FAILED[$s]="bench/sessions -load: no $f in its LOAD_RESULT line"
 			log "scenario $s: fixed-rate run FAILED: ${FR_FAILED[$s]}"
@@ -714,7 +714,8 @@ session_fixed_rate() {
 	NOTE[$s]+=" latency from the scheduled send p50 / p90 / p99 / max ${LR[p50_ms]} / ${LR[p90_ms]} / ${LR[p99_ms]} / ${LR[max_ms]} ms,"
 	NOTE[$s]+=" from the actual send p50 / p99 ${LR[send_p50_ms]} / ${LR[send_p99_ms]} ms,"
 	NOTE[$s]+=" sends behind schedule p50 / p99 / max ${LR[behind_p50_ms]} / ${LR[behind_p99_ms]} / ${LR[behind_max_ms]} ms,"
-	NOTE[$s]+=" ${LR[queued]} requests found their connection still busy at their scheduled time."
+	NOTE[$s]+=" requests whose connection was still busy at their scheduled time: ${LR[queued]};"
+	NOTE[$s]+=" CPU busy during the run ${LR[cpu_busy]}% of all cores (bench/sessions included)."
 	if [[ ${LR[stores]} != "$want:${LR[answers]}" ]]; then
 		NOTE[$s]+=" Not every fixed-rate answer came from $want: that row did not measure $want alone."
 		log "scenario $s: WARNING not every fixed-rate answer came from $want (X-Session-Store ${LR[stores]})"
