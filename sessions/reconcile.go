@@ -47,7 +47,11 @@ func TableName(schema, table string) string {
 // TableSQL creates connect-pg-simple's table if it is absent, as its table.sql does: the same
 // columns, primary key and expire index (named as connect-pg-simple names them for "session").
 func TableSQL(schema, table string) string {
-	return fmt.Sprintf(`CREATE TABLE IF NOT EXISTS %s (
+	create := ""
+	if schema != "" {
+		create = "CREATE SCHEMA IF NOT EXISTS " + pgx.Identifier{schema}.Sanitize() + ";\n"
+	}
+	return create + fmt.Sprintf(`CREATE TABLE IF NOT EXISTS %s (
 	"sid" varchar NOT NULL COLLATE "default",
 	"sess" json NOT NULL,
 	"expire" timestamp(6) NOT NULL,

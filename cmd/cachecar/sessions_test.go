@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"net/http"
 	"strings"
 	"testing"
@@ -91,5 +92,27 @@ func TestSessionsEndToEnd(t *testing.T) {
 	}
 	if strings.Contains(s.out.String(), "e2e-secret-value") {
 		t.Fatal("a session's contents reached the log")
+	}
+}
+
+// TestMigrateCreatesConfiguredSessionTable: a table and schema named in the config are created
+// as connect-pg-simple's table.sql creates them, and migrate stays idempotent.
+func TestMigrateCreatesConfiguredSessionTable(t *testing.T) {
+	url := testenv.PostgresURL(t)
+	schema := "s_" + testenv.Suffix()
+	env := withChannel(map[string]string{"DATABASE_URL": url, "CACHECAR_SESSIONS_TABLE": "user_sessions", "CACHECAR_SESSIONS_SCHEMA": schema})
+	for i := 0; i < 2; i++ {
+		var out bytes.Buffer
+		if err := run(context.Background(), []string{"migrate", "--reference-schema"}, envFunc(env), &out, &out); err != nil {
+			t.Fatalf("migrate %d: %v\n%s", i+1, err, &out)
+		}
+	}
+	pool := openPool(t, url)
+	t.Cleanup(func() { pool.Exec(context.Background(), "DROP SCHEMA "+schema+" CASCADE") })
+	var cols string
+	err := pool.QueryRow(context.Background(), `SELECT string_agg(attname || ' ' || format_type(atttypid, atttypmod), ', ' ORDER BY attnum)
+		FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0`, schema+".user_sessions").Scan(&cols)
+	if err != nil || cols != "sid character varying, sess json, expire timestamp(6) without time zone" {
+		t.Fatalf("columns %q (%v)", cols, err)
 	}
 }
