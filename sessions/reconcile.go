@@ -20,47 +20,6 @@ const (
 	pruneLock     = 0x63637370726e // "ccsprn"
 )
 
-// StateSQL creates the tables behind the epoch and the tombstones (a migration of
-// internal/schema).
-// Rows are keyed by the store (its sentinel key, namespace included), so that deployments with
-// different namespaces sharing one database keep separate epochs and tombstones.
-const StateSQL = `CREATE TABLE IF NOT EXISTS cachecar_session_state (
-	store text PRIMARY KEY,
-	epoch text NOT NULL
-);
-CREATE TABLE IF NOT EXISTS cachecar_session_tombstones (
-	store        text        NOT NULL,
-	sid          varchar     NOT NULL,
-	destroyed_at timestamptz NOT NULL DEFAULT now(),
-	PRIMARY KEY (store, sid)
-);`
-
-// TableName returns connect-pg-simple's table, quoted as it quotes it, schema-qualified when
-// schema is set.
-func TableName(schema, table string) string {
-	if schema == "" {
-		return pgx.Identifier{table}.Sanitize()
-	}
-	return pgx.Identifier{schema, table}.Sanitize()
-}
-
-// TableSQL creates connect-pg-simple's table if it is absent, as its table.sql does: the same
-// columns, primary key and expire index (named as connect-pg-simple names them for "session").
-func TableSQL(schema, table string) string {
-	create := ""
-	if schema != "" {
-		create = "CREATE SCHEMA IF NOT EXISTS " + pgx.Identifier{schema}.Sanitize() + ";\n"
-	}
-	return create + fmt.Sprintf(`CREATE TABLE IF NOT EXISTS %s (
-	"sid" varchar NOT NULL COLLATE "default",
-	"sess" json NOT NULL,
-	"expire" timestamp(6) NOT NULL,
-	CONSTRAINT %s PRIMARY KEY ("sid") NOT DEFERRABLE INITIALLY IMMEDIATE
-);
-CREATE INDEX IF NOT EXISTS %s ON %s ("expire");`, TableName(schema, table),
-		pgx.Identifier{table + "_pkey"}.Sanitize(), pgx.Identifier{"IDX_" + table + "_expire"}.Sanitize(), TableName(schema, table))
-}
-
 // Run keeps the store in shape until ctx ends: every RefreshInterval it re-reads the epoch,
 // checks (or, while down, probes) Valkey and reconciles it when it is not trusted; every
 // PruneInterval, jittered, it deletes expired rows.
@@ -127,9 +86,7 @@ func (s *Store) refresh(ctx context.Context) {
 	}
 	// The epoch is read after the sentinel, never before: a write that missed Valkey while
 	// this check waited on it (a paused server answers late) moved the epoch, and must be seen.
-	var epoch string
-	err = s.db.QueryRow(qctx, `INSERT INTO cachecar_session_state (store, epoch) VALUES ($1, md5(random()::text || clock_timestamp()::text))
-		ON CONFLICT (store) DO UPDATE SET epoch = cachecar_session_state.epoch RETURNING epoch`, s.opts.SentinelKey).Scan(&epoch)
+	epoch, err := s.readEpoch(qctx)
 	if err != nil {
 		// PostgreSQL down: no write can succeed anywhere, so no write can miss Valkey, and a
 		// trusted Valkey stays right. Reads go on; writes fail with 503.
@@ -166,6 +123,19 @@ func (s *Store) refresh(ctx context.Context) {
 		s.m.reconciles.WithLabelValues("error").Inc()
 		s.log.Warn().Err(err).Msg("session reconciliation failed; retrying")
 	}
+}
+
+// readEpoch returns the store's epoch, creating it the first time. A plain read otherwise: this
+// runs every RefreshInterval on every sidecar and must not write.
+func (s *Store) readEpoch(ctx context.Context) (string, error) {
+	var epoch string
+	err := s.db.QueryRow(ctx, `SELECT epoch FROM cachecar_session_state WHERE store = $1`, s.opts.SentinelKey).Scan(&epoch)
+	if !errors.Is(err, pgx.ErrNoRows) {
+		return epoch, err
+	}
+	err = s.db.QueryRow(ctx, `INSERT INTO cachecar_session_state (store, epoch) VALUES ($1, md5(random()::text || clock_timestamp()::text))
+		ON CONFLICT (store) DO UPDATE SET epoch = cachecar_session_state.epoch RETURNING epoch`, s.opts.SentinelKey).Scan(&epoch)
+	return epoch, err
 }
 
 // parseRunID reads run_id from an INFO server answer.
@@ -394,29 +364,6 @@ func (s *Store) deleteUnknown(ctx context.Context, vk valkey.Client, conn interf
 			return deleted, nil
 		}
 	}
-}
-
-// prune deletes expired rows (connect-pg-simple's pruning query) and old tombstones, under an
-// advisory lock so that one sidecar at a time does it.
-func (s *Store) prune(ctx context.Context) {
-	conn, err := s.db.Acquire(ctx)
-	if err != nil {
-		return
-	}
-	defer conn.Release()
-	var locked bool
-	if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1)`, int64(pruneLock)).Scan(&locked); err != nil || !locked {
-		return
-	}
-	defer conn.Exec(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, int64(pruneLock))
-	tag, err := conn.Exec(ctx, `DELETE FROM `+s.opts.Table+` WHERE expire < to_timestamp($1)`, nowUnix(s.now()))
-	if err != nil {
-		s.log.Warn().Err(err).Msg("prune expired sessions")
-		return
-	}
-	s.m.pruned.Add(float64(tag.RowsAffected()))
-	conn.Exec(ctx, `DELETE FROM cachecar_session_tombstones WHERE store = $1 AND destroyed_at < now() - interval '30 days'`, s.opts.SentinelKey)
-	s.log.Info().Int64("rows", tag.RowsAffected()).Msg("pruned expired sessions")
 }
 
 // globEscape escapes the glob characters of s for SCAN MATCH.
