@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/cachecar/cachecar/cachepolicy"
 	"github.com/cachecar/cachecar/invalidation"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -40,6 +41,24 @@ type HealthOptions struct {
 	Listener ListenerStatus
 	// Sessions is the session store; nil when sessions are off.
 	Sessions SessionStatus
+	// Cache reports the breakers and the in-process tier; nil shows none of them.
+	Cache CacheStatus
+}
+
+// CacheStatus reports the read path's breakers and in-process tier; *cachepolicy.Resolver is
+// the real one.
+type CacheStatus interface {
+	ValkeyCircuit() int   // cachepolicy.CircuitClosed, CircuitHalfOpen or CircuitOpen
+	DatabaseCircuit() int // the same states
+	Tier() (bool, cachepolicy.TierStats)
+}
+
+// TierStatus is the in-process tier in /health/detailed.
+type TierStatus struct {
+	Enabled  bool   `json:"enabled"`
+	Entries  uint64 `json:"entries"`
+	Bytes    uint64 `json:"bytes"`
+	MaxBytes uint64 `json:"maxBytes"`
 }
 
 // SessionStatus reports the session store's backend; *sessions.Store is the real one.
@@ -118,6 +137,10 @@ type ServiceStatus struct {
 	LastNotification string `json:"lastNotification,omitempty"`
 	// Store is the sessions': the store that serves reads now.
 	Store string `json:"store,omitempty"`
+	// Circuit is the breaker in front of the service: closed, half-open or open.
+	Circuit string `json:"circuit,omitempty"`
+	// Tier is the cache's in-process tier.
+	Tier *TierStatus `json:"tier,omitempty"`
 }
 
 // listenerStatus maps the listener's state onto a service status: up while live; down while
@@ -173,12 +196,20 @@ func (h *Health) detailed(w http.ResponseWriter, r *http.Request) {
 	}
 	wg.Wait()
 	cache := ServiceStatus{Status: "up"}
+	if c := h.opts.Cache; c != nil {
+		db.Circuit = cachepolicy.CircuitName(c.DatabaseCircuit())
+		if h.valkey != nil {
+			redis.Circuit = cachepolicy.CircuitName(c.ValkeyCircuit())
+			on, st := c.Tier()
+			cache.Tier = &TierStatus{Enabled: on, Entries: st.Entries, Bytes: st.Bytes, MaxBytes: st.Limit}
+		}
+	}
 	switch {
 	case !h.opts.CacheEnabled:
 		cache.Status = "disabled"
 	case h.valkey == nil:
 		cache.Status = "disabled"
-	case redis.Status != "up":
+	case redis.Status != "up", redis.Circuit == "open", redis.Circuit == "half-open":
 		cache.Status = "degraded"
 	}
 	listener := h.listenerStatus()

@@ -20,7 +20,14 @@ import (
 const (
 	Hit    = "HIT"
 	Miss   = "MISS"
+	Stale  = "STALE"  // an entry past its TTL, inside its policy's stale window
 	Bypass = "BYPASS" // the cache could not be used (disabled, unreachable, failing)
+)
+
+// Why a stale entry was served, as in RFC 5861's Cache-Control extensions.
+const (
+	StaleWhileRevalidate = "stale-while-revalidate"
+	StaleIfError         = "stale-if-error"
 )
 
 // Loader reads entries from the database. *PG is the real one.
@@ -41,6 +48,12 @@ type Options struct {
 	Invalidation bool
 	// Policies are the policies whose keys a resync deletes (those with Invalidated set).
 	Policies []*Policy
+	// MaxLoads bounds the database loads running at once (the bulkhead); a load past it fails
+	// at once with ErrOverloaded. 0 means no bound.
+	MaxLoads int
+	// LeaseWait is how long a reader that finds another reader's fill lease (a load in flight,
+	// maybe in another sidecar) waits for its fill before it loads by itself.
+	LeaseWait time.Duration
 }
 
 // Resolver answers reads: cache first, then one load per cold key, then a fill. It also is the
@@ -58,20 +71,68 @@ type Resolver struct {
 	// database before it (the load's own fill is refused by its lease, but its value would
 	// still be handed to the joiner).
 	epoch atomic.Uint64
+	// slots is the bulkhead of database loads (nil: unbounded).
+	slots chan struct{}
+	// db is the database's circuit breaker: after repeated connection failures loads fail at
+	// once for a jittered, growing back-off instead of each dialling a dead server.
+	db *Breaker
 }
+
+// Database breaker: three connection failures in a row open it for 250 ms, doubling up to 5 s
+// while its probes fail.
+const (
+	dbBreakerThreshold = 3
+	dbBreakerMinOpen   = 250 * time.Millisecond
+	dbBreakerMaxOpen   = 5 * time.Second
+)
 
 // New returns a resolver. store may be nil (no cache configured or cache disabled).
 func New(opts Options, store *Store, loader Loader, log zerolog.Logger, m *Metrics) *Resolver {
 	r := &Resolver{opts: opts, store: store, loader: loader, m: m, log: log}
 	r.live.Store(!opts.Invalidation)
+	if opts.MaxLoads > 0 {
+		r.slots = make(chan struct{}, opts.MaxLoads)
+	}
+	r.db = &Breaker{Threshold: dbBreakerThreshold, MinOpen: dbBreakerMinOpen, MaxOpen: dbBreakerMaxOpen,
+		OnChange: func(state int) {
+			m.dbCircuit.Set(float64(state))
+			if state == CircuitOpen {
+				log.Warn().Msg("database circuit open: loads fail fast; stale entries are served where policies allow")
+			} else if state == CircuitClosed {
+				log.Info().Msg("database circuit closed")
+			}
+		}}
 	return r
+}
+
+// DatabaseCircuit returns the database breaker's state.
+func (r *Resolver) DatabaseCircuit() int { return r.db.State() }
+
+// ValkeyCircuit returns the Valkey breaker's state (closed without Valkey).
+func (r *Resolver) ValkeyCircuit() int {
+	if r.store == nil {
+		return CircuitClosed
+	}
+	return r.store.Circuit()
+}
+
+// Tier reports whether the in-process tier is on, and what it holds.
+func (r *Resolver) Tier() (bool, TierStats) {
+	if r.store == nil {
+		return false, TierStats{}
+	}
+	return r.store.Tier()
 }
 
 // Result is one answered read. Body is the JSON exactly as PostgreSQL produced it.
 type Result struct {
 	Body  []byte
-	Cache string // Hit, Miss or Bypass
+	Cache string // Hit, Miss, Stale or Bypass
 	Age   time.Duration
+	// StaleReason says why a Stale result was served: StaleWhileRevalidate or StaleIfError.
+	StaleReason string
+	// Local is set on a hit answered from the in-process tier.
+	Local bool
 }
 
 // ETag returns a strong entity tag of body.
@@ -103,22 +164,92 @@ func (r *Resolver) Get(ctx context.Context, p *Policy, vals []string, args ...an
 // LoadFunc loads one entry's bytes. It returns ErrNotFound when there is nothing to cache.
 type LoadFunc func(ctx context.Context) ([]byte, error)
 
+// entry is what a lookup found in the cache.
+type entry struct {
+	body  []byte
+	age   time.Duration
+	fresh bool // within its TTL
+	swr   bool // past its TTL, inside stale_while_revalidate
+	sie   bool // past its TTL, inside stale_if_error
+}
+
+// classifyEntry places a cached value of key in p's windows from its remaining PTTL (negative:
+// unknown, taken as fresh).
+func (p *Policy) classifyEntry(key string, body []byte, pttl time.Duration) entry {
+	ttl, win := p.ttlFor(key), p.staleWindow()
+	e := entry{body: body, age: age(ttl+win, pttl)}
+	if pttl < 0 || pttl > win {
+		e.fresh = true
+		if pttl < 0 {
+			e.age = 0
+		}
+		return e
+	}
+	past := win - pttl // how long past its TTL
+	e.swr = past < p.StaleWhileRevalidate
+	e.sie = past < p.StaleIfError
+	return e
+}
+
+// flightResult is what one load hands to every caller sharing it.
+type flightResult struct {
+	body  []byte
+	cache string // Miss, or Hit when a fill by another reader arrived while waiting
+	pttl  time.Duration // of a Hit
+	local bool
+}
+
 // GetFunc answers one read of policy p whose entry is loaded by load instead of p.SQL (a parsed
 // file, say), with the same tiers, single-flight, lease and fill as Get.
 func (r *Resolver) GetFunc(ctx context.Context, p *Policy, vals []string, load LoadFunc) (Result, error) {
 	key := r.opts.Namespace + p.Key.Render(vals...)
 	cacheState := Bypass
-	fill := false // take a lease and fill; false when another reader's lease is in the key
+	var mode fillMode // how a load may fill the key
+	var stale entry   // a stale entry to fall back on, when it is inside stale_if_error
+	if r.store != nil && !r.usable(p) {
+		// Invalidation is not live: a change may have been missed, so the entry is not served
+		// as a hit. It is still a stale entry, good for stale_if_error when the database fails
+		// too (the usual reason the listener is away).
+		if body, pttl, _, err := r.store.Get(ctx, key); err == nil && !isNegative(body) {
+			if e := p.classifyEntry(key, body, pttl); e.fresh || e.sie {
+				e.sie = true
+				stale = e
+			}
+		}
+	}
 	if r.usable(p) {
-		body, pttl, err := r.store.Get(ctx, key)
+		body, pttl, local, err := r.store.Get(ctx, key)
 		switch {
-		case err == nil:
+		case err == nil && isNegative(body):
 			r.m.lookups.WithLabelValues(p.Name, "hit").Inc()
-			return Result{Body: body, Cache: Hit, Age: age(p.TTL, pttl)}, nil
+			return Result{Cache: Hit, Local: local}, ErrNotFound
+		case err == nil:
+			e := p.classifyEntry(key, body, pttl)
+			switch {
+			case e.fresh:
+				r.m.lookups.WithLabelValues(p.Name, "hit").Inc()
+				if local {
+					r.m.localHits.WithLabelValues(p.Name).Inc()
+				}
+				if p.RefreshAhead > 0 && e.age >= time.Duration(p.RefreshAhead*float64(p.ttlFor(key))) {
+					r.refresh(p, key, vals, load, "ahead")
+				}
+				return Result{Body: body, Cache: Hit, Age: e.age, Local: local}, nil
+			case e.swr:
+				r.m.lookups.WithLabelValues(p.Name, "stale").Inc()
+				r.m.staleServed.WithLabelValues(p.Name, StaleWhileRevalidate).Inc()
+				r.refresh(p, key, vals, load, "stale")
+				return Result{Body: body, Cache: Stale, Age: e.age, StaleReason: StaleWhileRevalidate, Local: local}, nil
+			}
+			// Past stale_while_revalidate: load now, keeping the entry for stale_if_error.
+			cacheState, mode = Miss, fillRefresh
+			if e.sie {
+				stale = e
+			}
 		case errors.Is(err, errMiss):
-			cacheState, fill = Miss, true
+			cacheState, mode = Miss, fillLease
 		case errors.Is(err, errLeased):
-			cacheState = Miss
+			cacheState, mode = Miss, fillWait
 		default:
 			r.logValkey(err)
 		}
@@ -127,13 +258,6 @@ func (r *Resolver) GetFunc(ctx context.Context, p *Policy, vals []string, load L
 		r.m.lookups.WithLabelValues(p.Name, "miss").Inc()
 	} else {
 		r.m.lookups.WithLabelValues(p.Name, "bypass").Inc()
-	}
-	var tags []string
-	if fill && len(p.Tags) > 0 {
-		tags = make([]string, len(p.Tags))
-		for i, t := range p.Tags {
-			tags[i] = r.opts.Namespace + t.Render(vals...)
-		}
 	}
 
 	// One load per key per process: concurrent misses wait for the first one's query. The
@@ -144,46 +268,7 @@ func (r *Resolver) GetFunc(ctx context.Context, p *Policy, vals []string, load L
 	ch := r.flight.DoChan(flightKey, func() (any, error) {
 		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.opts.QueryTimeout)
 		defer cancel()
-		// The lease goes in before the database is read: an invalidation after this point
-		// deletes it, and the fill below is refused.
-		lease := ""
-		if fill {
-			l := newLease()
-			got, err := r.store.Lease(lctx, key, l, tags, r.leaseTTL(), p.TTL)
-			if err != nil {
-				// A timed-out call may still have set the lease: take it back (by value, so
-				// nobody else's), or the key would stay unfillable until the lease expired.
-				r.logValkey(err)
-				r.store.Release(context.WithoutCancel(lctx), key, l)
-			} else if got {
-				lease = l
-			}
-		}
-		start := time.Now()
-		body, err := load(lctx)
-		if p.SQL != "" { // database loads only: a policy without SQL loads from elsewhere
-			r.observe(p, start, err)
-		}
-		if err != nil {
-			if lease != "" {
-				if err := r.store.Release(context.WithoutCancel(lctx), key, lease); err != nil {
-					r.logValkey(err)
-				}
-			}
-			return nil, err
-		}
-		if lease != "" {
-			// The fill gets its own time (the store bounds it): a load that used most of the
-			// query timeout must not leave its lease behind.
-			stored, err := r.store.Fill(context.WithoutCancel(lctx), key, lease, body, p.TTL)
-			if err != nil {
-				r.logValkey(err)
-				r.store.Release(context.WithoutCancel(lctx), key, lease)
-			} else if !stored {
-				r.m.fillsRefused.WithLabelValues(p.Name).Inc()
-			}
-		}
-		return body, nil
+		return r.loadAndFill(lctx, p, key, vals, load, mode)
 	})
 	select {
 	case res := <-ch:
@@ -191,12 +276,203 @@ func (r *Resolver) GetFunc(ctx context.Context, p *Policy, vals []string, load L
 			r.m.shared.WithLabelValues(p.Name).Inc()
 		}
 		if res.Err != nil {
-			return Result{}, res.Err
+			if stale.sie && !errors.Is(res.Err, ErrNotFound) && !errors.Is(res.Err, ErrOverloaded) {
+				r.m.staleServed.WithLabelValues(p.Name, StaleIfError).Inc()
+				return Result{Body: stale.body, Cache: Stale, Age: stale.age, StaleReason: StaleIfError}, nil
+			}
+			return Result{Cache: cacheState}, res.Err
 		}
-		return Result{Body: res.Val.([]byte), Cache: cacheState}, nil
+		f := res.Val.(flightResult)
+		if f.cache == Hit {
+			return Result{Body: f.body, Cache: Hit, Age: p.classifyEntry(key, f.body, f.pttl).age, Local: f.local}, nil
+		}
+		return Result{Body: f.body, Cache: cacheState}, nil
 	case <-ctx.Done():
 		return Result{}, ctx.Err()
 	}
+}
+
+// fillMode says how a load may fill its key.
+type fillMode int
+
+const (
+	fillNone    fillMode = iota // no cache, or not usable: load only
+	fillLease                   // the key is empty: take its fill lease
+	fillRefresh                 // the key holds a stale entry: take its refresh lease
+	fillWait                    // the key holds another reader's lease: wait for its fill first
+)
+
+// loadAndFill is one load of key, run once per process for concurrent readers: lease, load,
+// fill (or, in fillWait, first wait for another reader's fill).
+func (r *Resolver) loadAndFill(ctx context.Context, p *Policy, key string, vals []string, load LoadFunc, mode fillMode) (any, error) {
+	if mode == fillWait {
+		f, next, err := r.awaitFill(ctx, key)
+		if err != nil {
+			return nil, err
+		}
+		if f != nil {
+			return *f, nil
+		}
+		mode = next
+	}
+	var tags []string
+	if mode != fillNone && len(p.Tags) > 0 {
+		tags = make([]string, len(p.Tags))
+		for i, t := range p.Tags {
+			tags[i] = r.opts.Namespace + t.Render(vals...)
+		}
+	}
+	ttl := p.ttlFor(key) + p.staleWindow()
+	// The lease goes in before the database is read: an invalidation after this point deletes
+	// it, and the fill below is refused.
+	lease := r.takeLease(ctx, p, key, tags, ttl, mode)
+	body, err := r.runLoad(ctx, p, load)
+	if lease == "" {
+		return flightResult{body: body, cache: Miss}, err
+	}
+	// Valkey calls after the load get their own time (the store bounds each): a load that used
+	// most of the query timeout must not leave its lease behind.
+	vctx := context.WithoutCancel(ctx)
+	value := body
+	switch {
+	case errors.Is(err, ErrNotFound) && p.NegativeTTL > 0:
+		value, ttl = []byte(negativeValue), p.NegativeTTL
+	case err != nil:
+		r.release(vctx, key, lease, mode)
+		return nil, err
+	}
+	fill := r.store.Fill
+	if mode == fillRefresh {
+		fill = r.store.RefreshFill
+	}
+	stored, ferr := fill(vctx, key, lease, value, ttl)
+	if ferr != nil {
+		r.logValkey(ferr)
+		r.release(vctx, key, lease, mode)
+	} else if !stored {
+		r.m.fillsRefused.WithLabelValues(p.Name).Inc()
+	}
+	return flightResult{body: body, cache: Miss}, err
+}
+
+// takeLease takes the fill or refresh lease of key for mode and returns it, or "" when this load
+// must not fill (no cache, or another reader holds the lease).
+func (r *Resolver) takeLease(ctx context.Context, p *Policy, key string, tags []string, ttl time.Duration, mode fillMode) string {
+	if mode != fillLease && mode != fillRefresh {
+		return ""
+	}
+	l := newLease()
+	var got bool
+	var err error
+	if mode == fillLease {
+		got, err = r.store.Lease(ctx, key, l, tags, r.leaseTTL(), ttl)
+	} else {
+		got, err = r.store.RefreshLease(ctx, key, l, tags, r.leaseTTL(), ttl, p.staleWindow())
+	}
+	if err != nil {
+		// A timed-out call may still have set the lease: take it back (by value, so nobody
+		// else's), or the key would stay unfillable until the lease expired.
+		r.logValkey(err)
+		r.release(context.WithoutCancel(ctx), key, l, mode)
+		return ""
+	}
+	if !got {
+		return ""
+	}
+	return l
+}
+
+func (r *Resolver) release(ctx context.Context, key, lease string, mode fillMode) {
+	var err error
+	if mode == fillRefresh {
+		err = r.store.ReleaseRefresh(ctx, key, lease)
+	} else {
+		err = r.store.Release(ctx, key, lease)
+	}
+	if err != nil {
+		r.logValkey(err)
+	}
+}
+
+// awaitFill waits up to LeaseWait for another reader's fill of key, polling (from the in-process
+// tier when it is on, where a fill arrives as an invalidation of the lease). It returns the
+// filled entry, or how to go on: take the lease when the key became empty (that reader's load
+// failed, or an invalidation revoked its lease), or load without filling when the wait ran out.
+func (r *Resolver) awaitFill(ctx context.Context, key string) (*flightResult, fillMode, error) {
+	deadline := time.Now().Add(r.opts.LeaseWait)
+	wait := 500 * time.Microsecond
+	for {
+		if time.Now().Add(wait).After(deadline) {
+			return nil, fillNone, nil
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, fillNone, nil
+		case <-t.C:
+		}
+		wait = min(wait*2, 8*time.Millisecond)
+		body, pttl, local, err := r.store.Get(ctx, key)
+		switch {
+		case errors.Is(err, errLeased):
+			continue
+		case errors.Is(err, errMiss):
+			return nil, fillLease, nil
+		case err != nil:
+			r.logValkey(err)
+			return nil, fillNone, nil
+		case isNegative(body):
+			return nil, fillNone, ErrNotFound
+		}
+		return &flightResult{body: body, cache: Hit, pttl: pttl, local: local}, fillNone, nil
+	}
+}
+
+// runLoad runs one database load through the bulkhead and the database breaker.
+func (r *Resolver) runLoad(ctx context.Context, p *Policy, load LoadFunc) ([]byte, error) {
+	if r.slots != nil {
+		select {
+		case r.slots <- struct{}{}:
+			defer func() { <-r.slots }()
+		default:
+			r.m.shed.WithLabelValues(p.Name).Inc()
+			return nil, ErrOverloaded
+		}
+	}
+	if p.SQL == "" { // not a database load (a parsed file): no breaker, no query metrics
+		return load(ctx)
+	}
+	if !r.db.Allow() {
+		r.m.queries.WithLabelValues(p.Name, "circuit_open").Inc()
+		return nil, fmt.Errorf("%w: circuit open after repeated failures", ErrUnavailable)
+	}
+	start := time.Now()
+	body, err := load(ctx)
+	r.observe(p, start, err)
+	if errors.Is(err, ErrUnavailable) {
+		r.db.Failure()
+	} else {
+		r.db.Success()
+	}
+	return body, err
+}
+
+// refresh reloads a stale or ageing entry in the background, at most once at a time per key in
+// this process, and across sidecars by the refresh lease. The reader that triggered it has
+// already been answered.
+func (r *Resolver) refresh(p *Policy, key string, vals []string, load LoadFunc, why string) {
+	fk := "refresh\x00" + strconv.FormatUint(r.epoch.Load(), 36) + "\x00" + key
+	r.flight.DoChan(fk, func() (any, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), r.opts.QueryTimeout)
+		defer cancel()
+		r.m.refreshes.WithLabelValues(p.Name, why).Inc()
+		_, err := r.loadAndFill(ctx, p, key, vals, load, fillRefresh)
+		if err != nil && !errors.Is(err, ErrNotFound) {
+			r.log.Debug().Err(err).Str("policy", p.Name).Msg("background refresh failed; the stale entry stays")
+		}
+		return nil, nil
+	})
 }
 
 // leaseTTL is how long a fill lease lives: past the longest load, so that only a crashed
@@ -211,7 +487,8 @@ type Item struct {
 
 // GetMany answers a batch of single-row reads of p by id with one MGET and, for the misses, one
 // query of p.BatchSQL. The result is in the order of ids. The cache result is Hit only when every
-// id was cached. p's key must have one placeholder (so p has no tags).
+// id was cached and fresh, Stale when some entry was served stale. p's key must have one
+// placeholder (so p has no tags).
 func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item, string, error) {
 	if len(p.Tags) > 0 {
 		// Batch leases register no tags: a tagged key filled here would escape invalidation.
@@ -226,19 +503,57 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 		items[i].ID = id
 	}
 	var missing []int
+	stale := map[int]entry{} // entries past stale_while_revalidate kept for stale_if_error
 	state := Bypass
+	anyStale := false
+	if r.store != nil && !r.usable(p) {
+		// As in GetFunc: entries are kept only for stale_if_error while invalidation is away.
+		if vals, pttls, err := r.store.MGet(ctx, keys); err == nil {
+			for i, v := range vals {
+				if v != nil && !isNegative(v) {
+					if e := p.classifyEntry(keys[i], v, pttls[i]); e.fresh || e.sie {
+						stale[i] = e
+					}
+				}
+			}
+		}
+	}
 	if r.usable(p) {
-		vals, err := r.store.MGet(ctx, keys)
+		vals, pttls, err := r.store.MGet(ctx, keys)
 		if err == nil {
 			state = Hit
+			hits := 0
 			for i, v := range vals {
 				if v == nil {
 					missing = append(missing, i)
 					continue
 				}
-				items[i].Body = v
+				if isNegative(v) {
+					hits++
+					continue
+				}
+				e := p.classifyEntry(keys[i], v, pttls[i])
+				switch {
+				case e.fresh:
+					hits++
+					items[i].Body = v
+				case e.swr:
+					anyStale = true
+					items[i].Body = v
+					r.m.lookups.WithLabelValues(p.Name, "stale").Inc()
+					r.m.staleServed.WithLabelValues(p.Name, StaleWhileRevalidate).Inc()
+					r.refresh(p, keys[i], []string{strconv.FormatInt(ids[i], 10)}, r.oneLoad(p, ids[i]), "stale")
+				default:
+					if e.sie {
+						stale[i] = e
+					}
+					// The key holds the old entry, so no fill lease can be had: the batch
+					// load answers this reader and a background refresh replaces the entry.
+					missing = append(missing, i)
+					r.refresh(p, keys[i], []string{strconv.FormatInt(ids[i], 10)}, r.oneLoad(p, ids[i]), "stale")
+				}
 			}
-			r.m.lookups.WithLabelValues(p.Name, "hit").Add(float64(len(ids) - len(missing)))
+			r.m.lookups.WithLabelValues(p.Name, "hit").Add(float64(hits))
 			r.m.lookups.WithLabelValues(p.Name, "miss").Add(float64(len(missing)))
 			if len(missing) > 0 {
 				state = Miss
@@ -255,6 +570,9 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 		r.m.lookups.WithLabelValues(p.Name, "bypass").Add(float64(len(ids)))
 	}
 	if len(missing) == 0 {
+		if anyStale {
+			state = Stale
+		}
 		return items, state, nil
 	}
 	lctx, cancel := context.WithTimeout(ctx, r.opts.QueryTimeout)
@@ -271,18 +589,22 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 		var err error
 		if got, err = r.store.LeaseMany(lctx, missKeys, leases, r.leaseTTL()); err != nil {
 			r.logValkey(err)
-			for j := range missKeys { // see GetFunc: a timed-out call may have set them
+			for j := range missKeys { // see takeLease: a timed-out call may have set them
 				r.store.Release(context.WithoutCancel(lctx), missKeys[j], leases[j])
 			}
+			got = nil
 		}
 	}
 	missIDs := make([]int64, len(missing))
 	for j, i := range missing {
 		missIDs[j] = ids[i]
 	}
-	start := time.Now()
-	found, err := r.loader.LoadMany(lctx, p.BatchSQL, missIDs)
-	r.observe(p, start, err)
+	var found map[int64][]byte
+	_, err := r.runLoad(lctx, p, func(ctx context.Context) ([]byte, error) {
+		var err error
+		found, err = r.loader.LoadMany(ctx, p.BatchSQL, missIDs)
+		return nil, err
+	})
 	// Valkey calls after the load get their own time: a load that used most of the query
 	// timeout must not leave its leases behind by timing out the fill.
 	vctx := context.WithoutCancel(lctx)
@@ -294,10 +616,19 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 				}
 			}
 		}
+		if len(stale) == len(missing) && !errors.Is(err, ErrOverloaded) {
+			// Every id the load should have answered has an entry inside stale_if_error.
+			for i, e := range stale {
+				items[i].Body = e.body
+			}
+			r.m.staleServed.WithLabelValues(p.Name, StaleIfError).Add(float64(len(stale)))
+			return items, Stale, nil
+		}
 		return nil, "", err
 	}
 	var fillKeys, fillLeases []string
 	var fillVals [][]byte
+	var fillTTLs []time.Duration
 	for j, i := range missing {
 		b, ok := found[ids[i]]
 		if ok {
@@ -306,24 +637,37 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 		if got == nil || !got[j] {
 			continue
 		}
+		ttl := p.ttlFor(keys[i]) + p.staleWindow()
 		if !ok {
-			// Nothing to store: give the lease back so the next reader can take one.
-			if err := r.store.Release(vctx, keys[i], leases[j]); err != nil {
-				r.logValkey(err)
+			if p.NegativeTTL <= 0 {
+				// Nothing to store: give the lease back so the next reader can take one.
+				if err := r.store.Release(vctx, keys[i], leases[j]); err != nil {
+					r.logValkey(err)
+				}
+				continue
 			}
-			continue
+			b, ttl = []byte(negativeValue), p.NegativeTTL
 		}
 		fillKeys = append(fillKeys, keys[i])
 		fillLeases = append(fillLeases, leases[j])
 		fillVals = append(fillVals, b)
+		fillTTLs = append(fillTTLs, ttl)
 	}
-	stored, err := r.store.FillMany(vctx, fillKeys, fillLeases, fillVals, p.TTL)
+	stored, err := r.store.FillMany(vctx, fillKeys, fillLeases, fillVals, fillTTLs)
 	if err != nil {
 		r.logValkey(err)
 	} else if refused := len(fillKeys) - stored; refused > 0 {
 		r.m.fillsRefused.WithLabelValues(p.Name).Add(float64(refused))
 	}
+	if anyStale {
+		state = Stale
+	}
 	return items, state, nil
+}
+
+// oneLoad loads one id of p with p.SQL, for a background refresh of one entry of a batch.
+func (r *Resolver) oneLoad(p *Policy, id int64) LoadFunc {
+	return func(ctx context.Context) ([]byte, error) { return r.loader.LoadOne(ctx, p.SQL, id) }
 }
 
 // SetLive says whether invalidation is live (the listener is connected and has resynced). While

@@ -10,6 +10,8 @@ var (
 	ErrUnavailable = errors.New("database unavailable")
 	// ErrTimeout: the load did not finish within the query timeout (504).
 	ErrTimeout = errors.New("database timeout")
+	// ErrOverloaded: the bulkhead of database loads is full (503 with Retry-After).
+	ErrOverloaded = errors.New("too many database loads at once")
 )
 
 // InputError is a bad request: an id or parameter that fails its rule (400).

@@ -86,6 +86,83 @@ for i = nk + 1, #KEYS do
 end
 return out`)
 
+// Refresh leases. An entry past its fresh TTL but inside its policy's stale window is still in
+// its key (Valkey keeps it for TTL plus the window), so the key cannot hold a lease. Its
+// refresher takes the lease in the key's companion (the key plus refreshSuffix) instead, and its
+// fill replaces the value only while the companion still holds that lease. Every invalidation
+// deletes a key's companion with the key, so a refresh that read the database before an
+// invalidation is refused exactly like a fill.
+const refreshSuffix = "\x00refresh"
+
+// refreshKey is the companion of key that holds its refresh lease.
+func refreshKey(key string) string { return key + refreshSuffix }
+
+// refreshLeaseScript takes the refresh lease of KEYS[1] in KEYS[2] if the entry is no longer
+// fresh (its PTTL is at most the stale window ARGV[4] ms) and still there, and registers KEYS[1]
+// in the tag sets KEYS[3..] as leaseScript does. ARGV: lease, lease TTL (ms), member lifetime
+// (ms), stale window (ms).
+var refreshLeaseScript = valkey.NewLuaScript(`
+local p = redis.call('PTTL', KEYS[1])
+if p == -2 or p > tonumber(ARGV[4]) then return 0 end
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local life = tonumber(ARGV[3])
+for i = 3, #KEYS do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  redis.call('ZADD', KEYS[i], now + life, KEYS[1])
+  if redis.call('PTTL', KEYS[i]) < life then redis.call('PEXPIRE', KEYS[i], life) end
+end
+return 1`)
+
+// refreshFillScript sets KEYS[1] to ARGV[2] for ARGV[3] ms and drops the refresh lease, only if
+// KEYS[2] still holds the lease ARGV[1].
+var refreshFillScript = valkey.NewLuaScript(`
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('DEL', KEYS[2])
+return 1`)
+
+// RefreshLease takes the refresh lease of a stale entry (see refreshLeaseScript); stale is the
+// policy's stale window, life how long the key may live from now (for its tag sets).
+func (s *Store) RefreshLease(ctx context.Context, key, lease string, tags []string, leaseTTL, life, stale time.Duration) (bool, error) {
+	c, err := s.get()
+	if err != nil {
+		return false, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
+	defer cancel()
+	keys := append([]string{key, refreshKey(key)}, tags...)
+	n, err := refreshLeaseScript.Exec(ctx, c, keys, []string{lease, ms(leaseTTL), ms(leaseTTL + life), ms(stale)}).AsInt64()
+	if err != nil {
+		return false, s.fail("lease", err)
+	}
+	s.ok()
+	return n == 1, nil
+}
+
+// RefreshFill stores value under key for ttl if the refresh lease is still key's, and reports
+// whether it did.
+func (s *Store) RefreshFill(ctx context.Context, key, lease string, value []byte, ttl time.Duration) (bool, error) {
+	c, err := s.get()
+	if err != nil {
+		return false, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
+	defer cancel()
+	n, err := refreshFillScript.Exec(ctx, c, []string{key, refreshKey(key)}, []string{lease, valkey.BinaryString(value), ms(ttl)}).AsInt64()
+	if err != nil {
+		return false, s.fail("fill", err)
+	}
+	s.ok()
+	return n == 1, nil
+}
+
+// ReleaseRefresh gives up a refresh lease after a load that stored nothing.
+func (s *Store) ReleaseRefresh(ctx context.Context, key, lease string) error {
+	return s.Release(ctx, refreshKey(key), lease)
+}
+
 // errLeased: the key holds another reader's fill lease (its load is in flight).
 var errLeased = errors.New("fill lease held by another reader")
 
@@ -134,7 +211,7 @@ func (s *Store) Fill(ctx context.Context, key, lease string, value []byte, ttl t
 }
 
 // FillMany is Fill for many keys, pipelined; it returns how many were stored.
-func (s *Store) FillMany(ctx context.Context, keys, leases []string, values [][]byte, ttl time.Duration) (int, error) {
+func (s *Store) FillMany(ctx context.Context, keys, leases []string, values [][]byte, ttls []time.Duration) (int, error) {
 	if len(keys) == 0 {
 		return 0, nil
 	}
@@ -146,7 +223,7 @@ func (s *Store) FillMany(ctx context.Context, keys, leases []string, values [][]
 	defer cancel()
 	execs := make([]valkey.LuaExec, len(keys))
 	for i := range keys {
-		execs[i] = valkey.LuaExec{Keys: []string{keys[i]}, Args: []string{leases[i], valkey.BinaryString(values[i]), ms(ttl)}}
+		execs[i] = valkey.LuaExec{Keys: []string{keys[i]}, Args: []string{leases[i], valkey.BinaryString(values[i]), ms(ttls[i])}}
 	}
 	stored := 0
 	for _, r := range fillScript.ExecMulti(ctx, c, execs...) {
@@ -211,6 +288,7 @@ func (s *Store) Invalidate(ctx context.Context, keys, tags []string) (int, error
 	if err != nil {
 		return 0, err
 	}
+	keys = withRefreshKeys(keys)
 	if len(tags) == 0 {
 		n, err := c.Do(ctx, c.B().Unlink().Key(keys...).Build()).AsInt64()
 		if err != nil {
@@ -246,9 +324,9 @@ func (s *Store) Invalidate(ctx context.Context, keys, tags []string) (int, error
 			if len(members) == 0 {
 				break
 			}
-			batch := make([]string, len(members))
-			for i, z := range members {
-				batch[i] = z.Member
+			batch := make([]string, 0, 2*len(members))
+			for _, z := range members {
+				batch = append(batch, z.Member, refreshKey(z.Member))
 			}
 			n, err := c.Do(ctx, c.B().Unlink().Key(batch...).Build()).AsInt64()
 			if err != nil {
@@ -259,6 +337,16 @@ func (s *Store) Invalidate(ctx context.Context, keys, tags []string) (int, error
 	}
 	s.ok()
 	return deleted, nil
+}
+
+// withRefreshKeys returns keys followed by their refresh companions.
+func withRefreshKeys(keys []string) []string {
+	out := make([]string, 0, 2*len(keys))
+	out = append(out, keys...)
+	for _, k := range keys {
+		out = append(out, refreshKey(k))
+	}
+	return out
 }
 
 // ServerID identifies the Valkey server's data: its run id (new after a restart) and its

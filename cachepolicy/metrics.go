@@ -13,6 +13,15 @@ type Metrics struct {
 	valkeyErrs   *prometheus.CounterVec   // op
 	valkeyUp     prometheus.Gauge
 	valkeyConns  prometheus.Counter
+
+	localHits      *prometheus.CounterVec // policy: hits answered by the in-process tier
+	staleServed    *prometheus.CounterVec // policy, reason
+	refreshes      *prometheus.CounterVec // policy, why: stale|ahead
+	shed           *prometheus.CounterVec // policy: loads refused by the bulkhead
+	circuit        prometheus.Gauge       // Valkey breaker state
+	circuitChanges *prometheus.CounterVec // state
+	dbCircuit      prometheus.Gauge
+	tierOn         prometheus.Gauge
 }
 
 // NewMetrics registers the resolver's metrics on reg.
@@ -52,6 +61,39 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Name: "cachecar_cache_fills_refused_total",
 		Help: "Fills refused because an invalidation deleted the fill lease while the load ran (the stale-set race, closed).",
 	}, []string{"policy"})
-	reg.MustRegister(m.lookups, m.queries, m.queryTime, m.shared, m.fillsRefused, m.valkeyErrs, m.valkeyUp, m.valkeyConns)
+	m.localHits = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "cachecar_cache_local_hits_total",
+		Help: "Hits answered from the in-process tier, without a Valkey round trip (a subset of the lookups with result hit).",
+	}, []string{"policy"})
+	m.staleServed = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "cachecar_cache_stale_served_total",
+		Help: "Entries served past their TTL, by policy and reason (stale-while-revalidate, stale-if-error).",
+	}, []string{"policy", "reason"})
+	m.refreshes = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "cachecar_cache_refreshes_total",
+		Help: "Background refreshes started, by policy and why (stale: served stale; ahead: refresh-ahead of a hot key).",
+	}, []string{"policy", "why"})
+	m.shed = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "cachecar_db_loads_shed_total",
+		Help: "Loads refused because database.max_loads loads were already running (answered 503 with Retry-After).",
+	}, []string{"policy"})
+	m.circuit = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "cachecar_valkey_circuit_state",
+		Help: "The Valkey circuit breaker: 0 closed, 1 half-open, 2 open (reads go to PostgreSQL).",
+	})
+	m.circuitChanges = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "cachecar_valkey_circuit_transitions_total",
+		Help: "Transitions of the Valkey circuit breaker, by the state entered.",
+	}, []string{"state"})
+	m.dbCircuit = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "cachecar_db_circuit_state",
+		Help: "The database circuit breaker: 0 closed, 1 half-open, 2 open (loads fail fast).",
+	})
+	m.tierOn = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "cachecar_tier_enabled",
+		Help: "1 while the in-process tier (Valkey client tracking) is on.",
+	})
+	reg.MustRegister(m.lookups, m.queries, m.queryTime, m.shared, m.fillsRefused, m.valkeyErrs, m.valkeyUp, m.valkeyConns,
+		m.localHits, m.staleServed, m.refreshes, m.shed, m.circuit, m.circuitChanges, m.dbCircuit, m.tierOn)
 	return m
 }

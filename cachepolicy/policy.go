@@ -2,6 +2,7 @@ package cachepolicy
 
 import (
 	"fmt"
+	"hash/fnv"
 	"regexp"
 	"strconv"
 	"strings"
@@ -31,7 +32,38 @@ type Policy struct {
 	// taken, one per dependency that binds only some of the key's placeholders. Invalidating a
 	// tag deletes all its keys, without SCAN or KEYS.
 	Tags []*Tag
+	// StaleWhileRevalidate is how long past its TTL an entry is still served (X-Cache: STALE)
+	// while one background load refreshes it (RFC 5861).
+	StaleWhileRevalidate time.Duration
+	// StaleIfError is how long past its TTL an entry is served when the load that should
+	// replace it fails or times out (RFC 5861).
+	StaleIfError time.Duration
+	// NegativeTTL is how long a "not found" is cached; 0 caches none.
+	NegativeTTL time.Duration
+	// RefreshAhead, between 0 and 1, refreshes an entry in the background when it is read after
+	// this fraction of its TTL has passed, so that a key read often never goes cold; 0 is off.
+	RefreshAhead float64
 }
+
+// staleWindow is how long Valkey keeps an entry past its fresh TTL.
+func (p *Policy) staleWindow() time.Duration { return max(p.StaleWhileRevalidate, p.StaleIfError) }
+
+// ttlFor is the fresh TTL of key: the policy's TTL with ±10% jitter, so that keys filled together
+// (a warm-up, a burst after a deploy) do not all expire together. The jitter is a hash of the key,
+// not a random draw, so that a reader can tell from the key's remaining PTTL exactly how old an
+// entry is and whether it is still fresh, with no timestamp stored next to the value.
+func (p *Policy) ttlFor(key string) time.Duration {
+	h := fnv.New64a()
+	h.Write([]byte(key))
+	f := 0.9 + 0.2*float64(h.Sum64()>>11)/float64(1<<53)
+	return time.Duration(float64(p.TTL) * f).Truncate(time.Millisecond)
+}
+
+// negativeValue is what a cached "not found" holds. Entries are JSON, manifest verdicts or
+// leases, none of which starts with a NUL byte followed by this text.
+const negativeValue = "\x00cachecar-absent"
+
+func isNegative(b []byte) bool { return string(b) == negativeValue }
 
 // tagPrefix starts every tag-set key (after the namespace). Resync deletes these with the
 // policies' keys.

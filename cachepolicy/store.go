@@ -36,7 +36,25 @@ type StoreOptions struct {
 	// MaxFlushDelay is valkey-go's: how long the writer may wait to batch concurrent commands
 	// into one write. 0 flushes at once.
 	MaxFlushDelay time.Duration
+	// TierSize is the in-process tier's memory in bytes; 0 runs without it. At least
+	// MinTierSize.
+	TierSize int
+	// Breaker opens after this many failed calls in a row (BreakerThreshold), stays open from
+	// BreakerMinOpen, doubling up to BreakerMaxOpen while its probes fail.
+	BreakerThreshold int
+	BreakerMinOpen   time.Duration
+	BreakerMaxOpen   time.Duration
 }
+
+// MinTierSize is the smallest in-process tier: fastcache's 512 buckets of 64 KiB chunks.
+const MinTierSize = 32 << 20
+
+// tierTTL bounds how long the in-process tier keeps a copy whatever the server's TTL says; the
+// server's TTL (read with the value) and its invalidation messages normally end it first.
+const tierTTL = time.Hour
+
+// errCircuitOpen: the breaker is open; the call was not made.
+var errCircuitOpen = errors.New("valkey circuit open")
 
 // Store is the shared cache tier in Valkey/Redis. It is safe for concurrent use. While it has
 // no connection, or Valkey fails, its calls fail fast and the resolver reads PostgreSQL.
@@ -46,6 +64,9 @@ type Store struct {
 	m      *Metrics
 	client atomic.Pointer[clientBox]
 	up     atomic.Bool
+	cb     *Breaker
+	tier   tierStats
+	tierOn atomic.Bool // the connected client caches in process
 }
 
 type clientBox struct{ c valkey.Client }
@@ -53,15 +74,38 @@ type clientBox struct{ c valkey.Client }
 // NewStore returns a store that is not yet connected. It starts no goroutines; call Connect
 // and Run.
 func NewStore(opts StoreOptions, log zerolog.Logger, m *Metrics) *Store {
-	return &Store{opts: opts, log: log, m: m}
+	s := &Store{opts: opts, log: log, m: m}
+	s.cb = &Breaker{Threshold: max(opts.BreakerThreshold, 1), MinOpen: opts.BreakerMinOpen, MaxOpen: opts.BreakerMaxOpen,
+		OnChange: func(state int) {
+			m.circuit.Set(float64(state))
+			m.circuitChanges.WithLabelValues(CircuitName(state)).Inc()
+			if state == CircuitOpen {
+				log.Warn().Msg("valkey circuit open: reads go to PostgreSQL")
+			} else if state == CircuitClosed {
+				log.Info().Msg("valkey circuit closed: the cache serves again")
+			}
+		}}
+	if s.cb.MinOpen <= 0 {
+		s.cb.MinOpen = time.Second
+	}
+	s.cb.MaxOpen = max(s.cb.MaxOpen, s.cb.MinOpen)
+	return s
 }
 
-// Connect makes one connection attempt, bounded by the dial timeout.
+// Circuit returns the breaker's state (CircuitClosed, CircuitHalfOpen, CircuitOpen).
+func (s *Store) Circuit() int { return s.cb.State() }
+
+// Tier reports whether the in-process tier is on, and what it holds.
+func (s *Store) Tier() (bool, TierStats) { return s.tierOn.Load(), s.tier.read() }
+
+// Connect makes one connection attempt, bounded by the dial timeout. With a tier size set, it
+// asks for client tracking; a server that cannot track (RESP2 only, or CLIENT refused by ACL)
+// is used without the in-process tier, and the log says so.
 func (s *Store) Connect() error {
 	if s.client.Load() != nil {
 		return nil
 	}
-	c, err := valkey.NewClient(valkey.ClientOption{
+	opt := valkey.ClientOption{
 		InitAddress:      s.opts.Addrs,
 		Username:         s.opts.Username,
 		Password:         s.opts.Password,
@@ -71,10 +115,40 @@ func (s *Store) Connect() error {
 		ConnWriteTimeout: s.opts.Timeout * 20,
 		ClientName:       "cachecar",
 		MaxFlushDelay:    s.opts.MaxFlushDelay,
-	})
+	}
+	var c valkey.Client
+	var err error
+	tier := false
+	if s.opts.TierSize > 0 {
+		// Every pipelined connection gets its own store; keep each at fastcache's minimum or
+		// more (one connection for the smallest tiers).
+		cached := opt
+		cached.DisableCache = false
+		conns := 2
+		cached.PipelineMultiplex = 1
+		if s.opts.TierSize < 2*MinTierSize {
+			conns, cached.PipelineMultiplex = 1, -1
+		}
+		cached.CacheSizeEachConn = s.opts.TierSize / conns
+		cached.NewCacheStoreFn = func(o valkey.CacheStoreOption) valkey.CacheStore {
+			return newLocalStore(o.CacheSizeEachConn, &s.tier)
+		}
+		c, err = valkey.NewClient(cached)
+		tier = err == nil
+		if errors.Is(err, valkey.ErrNoCache) {
+			s.log.Warn().Err(err).Msg("valkey does not support client tracking (RESP3 CLIENT TRACKING): running without the in-process tier")
+			c, err = valkey.NewClient(opt)
+		}
+	} else {
+		c, err = valkey.NewClient(opt)
+	}
 	if err != nil {
 		s.setUp(false)
 		return fmt.Errorf("connect valkey %v: %w", s.opts.Addrs, err)
+	}
+	s.tierOn.Store(tier)
+	if tier {
+		s.m.tierOn.Set(1)
 	}
 	s.client.Store(&clientBox{c})
 	s.m.valkeyConns.Inc()
@@ -124,22 +198,33 @@ func (s *Store) setUp(v bool) {
 	}
 }
 
+// get returns the client for one call, or errNotConnected, or errCircuitOpen while the breaker
+// refuses calls. Every call it allows reports its end with ok or fail.
 func (s *Store) get() (valkey.Client, error) {
 	b := s.client.Load()
 	if b == nil {
 		return nil, errNotConnected
 	}
+	if !s.cb.Allow() {
+		return nil, errCircuitOpen
+	}
 	return b.c, nil
 }
 
-// fail records a failed call of op and returns err wrapped.
+// fail records a failed call of op and returns err wrapped. A call its own caller gave up on
+// (the client hung up) says nothing about Valkey and does not count against the breaker.
 func (s *Store) fail(op string, err error) error {
+	if errors.Is(err, context.Canceled) {
+		return fmt.Errorf("valkey %s: %w", op, err)
+	}
 	s.m.valkeyErrs.WithLabelValues(op).Inc()
 	s.setUp(false)
+	s.cb.Failure()
 	return fmt.Errorf("valkey %s: %w", op, err)
 }
 
 func (s *Store) ok() {
+	s.cb.Success()
 	if !s.up.Load() {
 		s.setUp(true)
 	}
@@ -158,64 +243,110 @@ func (s *Store) Ping(ctx context.Context) error {
 	return nil
 }
 
-// Get returns the value of key and its remaining TTL, in one round trip. A missing key is errMiss.
-func (s *Store) Get(ctx context.Context, key string) ([]byte, time.Duration, error) {
+// Get returns the value of key and its remaining TTL, in one round trip, or from the
+// in-process tier (local true) without one. A missing key is errMiss, a key holding another
+// reader's fill lease errLeased.
+func (s *Store) Get(ctx context.Context, key string) (body []byte, pttl time.Duration, local bool, err error) {
 	c, err := s.get()
 	if err != nil {
-		return nil, 0, err
+		return nil, 0, false, err
 	}
 	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
 	defer cancel()
-	res := c.DoMulti(ctx, c.B().Get().Key(key).Build(), c.B().Pttl().Key(key).Build())
-	body, err := res[0].AsBytes()
+	var ms int64
+	if s.tierOn.Load() {
+		// The tier answers with the key's PTTL as Valkey sent it with the value (valkey-go
+		// reads both in one MULTI), counted down since.
+		res := c.DoCache(ctx, c.B().Get().Key(key).Cache(), tierTTL)
+		body, err = res.AsBytes()
+		local = res.IsCacheHit()
+		ms = res.CachePTTL()
+	} else {
+		res := c.DoMulti(ctx, c.B().Get().Key(key).Build(), c.B().Pttl().Key(key).Build())
+		body, err = res[0].AsBytes()
+		if err == nil {
+			if ms, err = res[1].AsInt64(); err != nil {
+				ms, err = -1, nil // the value is good; only its age is unknown
+			}
+		}
+	}
 	if err != nil {
 		if valkey.IsValkeyNil(err) {
 			s.ok()
-			return nil, 0, errMiss
+			return nil, 0, local, errMiss
 		}
-		return nil, 0, s.fail("get", err)
-	}
-	if isLease(body) {
-		s.ok()
-		return nil, 0, errLeased
-	}
-	pttl, err := res[1].AsInt64()
-	if err != nil {
-		pttl = -1 // the value is good; only its age is unknown
+		return nil, 0, false, s.fail("get", err)
 	}
 	s.ok()
-	return body, time.Duration(pttl) * time.Millisecond, nil
+	if isLease(body) {
+		return nil, 0, local, errLeased
+	}
+	return body, time.Duration(ms) * time.Millisecond, local, nil
 }
 
-// MGet returns the values of keys in order, nil for each missing key, with one MGET.
-func (s *Store) MGet(ctx context.Context, keys []string) ([][]byte, error) {
+// MGet returns the values of keys in order and their remaining TTLs, nil for each missing key,
+// with one round trip for the keys the in-process tier does not hold (one MGET without the
+// tier).
+func (s *Store) MGet(ctx context.Context, keys []string) ([][]byte, []time.Duration, error) {
 	c, err := s.get()
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
 	defer cancel()
-	msgs, err := c.Do(ctx, c.B().Mget().Key(keys...).Build()).ToArray()
+	out := make([][]byte, len(keys))
+	pttls := make([]time.Duration, len(keys))
+	if s.tierOn.Load() {
+		cmds := make([]valkey.CacheableTTL, len(keys))
+		for i, k := range keys {
+			cmds[i] = valkey.CT(c.B().Get().Key(k).Cache(), tierTTL)
+		}
+		for i, r := range c.DoMultiCache(ctx, cmds...) {
+			b, err := r.AsBytes()
+			if valkey.IsValkeyNil(err) {
+				continue
+			}
+			if err != nil {
+				return nil, nil, s.fail("mget", err)
+			}
+			if !isLease(b) {
+				out[i], pttls[i] = b, time.Duration(r.CachePTTL())*time.Millisecond
+			}
+		}
+		s.ok()
+		return out, pttls, nil
+	}
+	cmds := make(valkey.Commands, 0, len(keys)+1)
+	cmds = append(cmds, c.B().Mget().Key(keys...).Build())
+	for _, k := range keys {
+		cmds = append(cmds, c.B().Pttl().Key(k).Build())
+	}
+	res := c.DoMulti(ctx, cmds...)
+	msgs, err := res[0].ToArray()
 	if err != nil {
-		return nil, s.fail("mget", err)
+		return nil, nil, s.fail("mget", err)
 	}
 	if len(msgs) != len(keys) {
-		return nil, s.fail("mget", fmt.Errorf("got %d values for %d keys", len(msgs), len(keys)))
+		return nil, nil, s.fail("mget", fmt.Errorf("got %d values for %d keys", len(msgs), len(keys)))
 	}
-	out := make([][]byte, len(keys))
 	for i := range msgs {
 		if msgs[i].IsNil() {
 			continue
 		}
 		b, err := msgs[i].AsBytes()
 		if err != nil {
-			return nil, s.fail("mget", err)
+			return nil, nil, s.fail("mget", err)
 		}
 		if isLease(b) {
 			continue // a fill in flight: a miss to this reader
 		}
 		out[i] = b
+		ms, err := res[i+1].AsInt64()
+		if err != nil {
+			ms = -1
+		}
+		pttls[i] = time.Duration(ms) * time.Millisecond
 	}
 	s.ok()
-	return out, nil
+	return out, pttls, nil
 }

@@ -14,6 +14,7 @@ import (
 	"reflect"
 	"regexp"
 	"regexp/syntax"
+	"runtime/debug"
 	"slices"
 	"sort"
 	"strconv"
@@ -137,6 +138,8 @@ type AdminConfig struct {
 type DatabaseConfig struct {
 	URL            string        `mapstructure:"url"`
 	MaxConns       int32         `mapstructure:"max_conns"`
+	// MaxLoads bounds the loads running at once (the bulkhead); past it reads answer 503.
+	MaxLoads int `mapstructure:"max_loads"`
 	ConnectTimeout time.Duration `mapstructure:"connect_timeout"`
 	QueryTimeout   time.Duration `mapstructure:"query_timeout"`
 }
@@ -152,12 +155,21 @@ type ValkeyConfig struct {
 	ReconnectMax time.Duration `mapstructure:"reconnect_max"`
 	// MaxFlushDelay is valkey-go's MaxFlushDelay; 0 flushes at once.
 	MaxFlushDelay time.Duration `mapstructure:"max_flush_delay"`
+	// BreakerThreshold failed calls in a row open the circuit breaker for BreakerOpen, doubling
+	// up to BreakerOpenMax while its probes fail.
+	BreakerThreshold int           `mapstructure:"breaker_threshold"`
+	BreakerOpen      time.Duration `mapstructure:"breaker_open"`
+	BreakerOpenMax   time.Duration `mapstructure:"breaker_open_max"`
 }
 
 // CacheConfig switches caching and holds the default TTL.
 type CacheConfig struct {
 	Enabled    bool          `mapstructure:"enabled"`
 	TTLDefault time.Duration `mapstructure:"ttl_default"`
+	// TierMaxBytes is the in-process tier's memory; 0 turns it off.
+	TierMaxBytes int64 `mapstructure:"tier_max_bytes"`
+	// LeaseWait is how long a reader waits for another reader's fill before loading itself.
+	LeaseWait time.Duration `mapstructure:"lease_wait"`
 }
 
 // LogConfig sets the log level and access-log sampling.
@@ -185,6 +197,14 @@ type Policy struct {
 	BatchSQL  string        `mapstructure:"batch_sql,omitempty"`
 	// InvalidateOn lists the tables whose changes make this policy's entries stale.
 	InvalidateOn []Dependency `mapstructure:"invalidate_on"`
+	// StaleWhileRevalidate and StaleIfError are the RFC 5861 windows past the TTL.
+	StaleWhileRevalidate time.Duration `mapstructure:"stale_while_revalidate"`
+	StaleIfError         time.Duration `mapstructure:"stale_if_error"`
+	// NegativeTTL is how long a "not found" is cached; 0 caches none.
+	NegativeTTL time.Duration `mapstructure:"negative_ttl"`
+	// RefreshAhead is the fraction of the TTL after which a read refreshes the entry in the
+	// background; 0 is off.
+	RefreshAhead float64 `mapstructure:"refresh_ahead"`
 }
 
 // Dependency says that a change to a row of Table makes stale the keys whose placeholders equal
@@ -546,6 +566,26 @@ func (c *Config) validate() []string {
 	} else if _, err := pgxpool.ParseConfig(c.Database.URL); err != nil {
 		p = append(p, "database.url: not a valid PostgreSQL URL or DSN")
 	}
+	if c.Database.MaxLoads < 1 {
+		p = append(p, fmt.Sprintf("database.max_loads: must be at least 1, got %d", c.Database.MaxLoads))
+	} else if c.Database.MaxLoads < int(c.Database.MaxConns) {
+		p = append(p, fmt.Sprintf("database.max_loads (%d) must be at least database.max_conns (%d), or pooled connections sit unused", c.Database.MaxLoads, c.Database.MaxConns))
+	}
+	if c.Valkey.BreakerThreshold < 1 {
+		p = append(p, fmt.Sprintf("valkey.breaker_threshold: must be at least 1, got %d", c.Valkey.BreakerThreshold))
+	}
+	positive("valkey.breaker_open", c.Valkey.BreakerOpen)
+	if c.Valkey.BreakerOpenMax < c.Valkey.BreakerOpen {
+		p = append(p, fmt.Sprintf("valkey.breaker_open_max (%s) must not be shorter than valkey.breaker_open (%s)", c.Valkey.BreakerOpenMax, c.Valkey.BreakerOpen))
+	}
+	if c.Cache.TierMaxBytes != 0 && (c.Cache.TierMaxBytes < MinTierBytes || c.Cache.TierMaxBytes > 1<<40) {
+		p = append(p, fmt.Sprintf("cache.tier_max_bytes: must be 0 (no in-process tier) or from %d (32 MiB) to 1 TiB, got %d", MinTierBytes, c.Cache.TierMaxBytes))
+	} else if lim, src := MemoryLimit(); c.Cache.TierMaxBytes > 0 && lim > 0 && c.Cache.TierMaxBytes+64<<20 > lim {
+		p = append(p, fmt.Sprintf("cache.tier_max_bytes (%d) does not fit the memory limit of %d bytes (%s) with 64 MiB for everything else", c.Cache.TierMaxBytes, lim, src))
+	}
+	if c.Cache.LeaseWait < 0 || (c.Database.QueryTimeout > 0 && c.Cache.LeaseWait > c.Database.QueryTimeout) {
+		p = append(p, fmt.Sprintf("cache.lease_wait: must be from 0 to database.query_timeout (%s), got %s", c.Database.QueryTimeout, c.Cache.LeaseWait))
+	}
 	if c.Database.MaxConns < 1 {
 		p = append(p, fmt.Sprintf("database.max_conns: must be at least 1, got %d", c.Database.MaxConns))
 	}
@@ -631,6 +671,18 @@ func (pol *Policy) validate(prefix string, params, bindable []string) []string {
 	p := validateKey(prefix+".key", pol.Key, params)
 	if pol.TTL < 0 {
 		p = append(p, prefix+".ttl: must not be negative")
+	}
+	if pol.StaleWhileRevalidate < 0 {
+		p = append(p, prefix+".stale_while_revalidate: must not be negative")
+	}
+	if pol.StaleIfError < 0 {
+		p = append(p, prefix+".stale_if_error: must not be negative")
+	}
+	if pol.NegativeTTL < 0 {
+		p = append(p, prefix+".negative_ttl: must not be negative")
+	}
+	if pol.RefreshAhead < 0 || pol.RefreshAhead >= 1 {
+		p = append(p, fmt.Sprintf("%s.refresh_ahead: must be 0 (off) or a fraction of the TTL below 1, got %v", prefix, pol.RefreshAhead))
 	}
 	if pol.IDPattern == "" {
 		p = append(p, prefix+".id_pattern: must be set")
@@ -863,4 +915,25 @@ func redactDSN(s string) string {
 // secretParam reports whether a connection parameter holds a secret.
 func secretParam(key string) bool {
 	return strings.EqualFold(key, "password") || strings.EqualFold(key, "sslpassword")
+}
+
+// MinTierBytes is the smallest in-process tier (cachepolicy.MinTierSize: fastcache's 512 buckets
+// of 64 KiB).
+const MinTierBytes = 32 << 20
+
+// MemoryLimit returns the memory this process may use and where the limit comes from: GOMEMLIMIT,
+// or the cgroup's memory.max (a container's limit), whichever is lower; 0 when neither is set.
+// A variable so that tests can set a limit.
+var MemoryLimit = func() (int64, string) {
+	var lim int64
+	src := ""
+	if l := debug.SetMemoryLimit(-1); l > 0 && l < math.MaxInt64 {
+		lim, src = l, "GOMEMLIMIT"
+	}
+	if b, err := os.ReadFile("/sys/fs/cgroup/memory.max"); err == nil {
+		if n, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64); err == nil && n > 0 && (lim == 0 || n < lim) {
+			lim, src = n, "cgroup memory.max"
+		}
+	}
+	return lim, src
 }

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -37,11 +38,19 @@ func (s *Server) single(p *cachepolicy.Policy, idName string) http.Handler {
 		sid := strconv.FormatInt(id, 10)
 		res, err := s.read.Get(r.Context(), p, []string{sid}, id)
 		if err != nil {
+			notFoundHit(w, res, err)
 			writeError(w, r, s, err)
 			return
 		}
-		writeResult(w, r, res.Body, res.Cache, res.Age, true)
+		writeResult(w, r, res.Body, res, true)
 	})
+}
+
+// notFoundHit marks a 404 answered by a cached "not found" (negative caching) as a hit.
+func notFoundHit(w http.ResponseWriter, res cachepolicy.Result, err error) {
+	if res.Cache == cachepolicy.Hit && errors.Is(err, cachepolicy.ErrNotFound) {
+		w.Header().Set("X-Cache", cachepolicy.Hit)
+	}
 }
 
 // courseBatch serves GET /v1/courses?ids=1,2,3.
@@ -114,7 +123,7 @@ func (s *Server) courseBatch() http.Handler {
 			body = strconv.AppendInt(body, it.ID, 10)
 		}
 		body = append(body, "]}"...)
-		writeResult(w, r, body, state, 0, false)
+		writeResult(w, r, body, cachepolicy.Result{Cache: state}, false)
 	})
 }
 
@@ -162,10 +171,11 @@ func (s *Server) dispatchList() http.Handler {
 		vals := []string{strconv.FormatInt(tenant, 10), statusKey, strconv.FormatInt(after, 10), strconv.FormatInt(limit, 10)}
 		res, err := s.read.Get(r.Context(), p, vals, tenant, status, after, limit)
 		if err != nil {
+			notFoundHit(w, res, err)
 			writeError(w, r, s, err)
 			return
 		}
-		writeResult(w, r, res.Body, res.Cache, res.Age, true)
+		writeResult(w, r, res.Body, res, true)
 	})
 }
 

@@ -106,7 +106,7 @@ func (s *Server) manifest() http.Handler {
 		}
 		if bytes.HasPrefix(res.Body, verdictPrefix) {
 			h := w.Header()
-			h.Set("X-Cache", res.Cache)
+			setCacheHeaders(h, res)
 			h.Set("Age", strconv.FormatInt(max(int64(res.Age.Seconds()), 0), 10))
 			h.Set("Content-Type", "application/json")
 			h.Set("Content-Length", strconv.Itoa(len(res.Body)))
@@ -114,7 +114,7 @@ func (s *Server) manifest() http.Handler {
 			w.Write(res.Body)
 			return
 		}
-		writeResult(w, r, res.Body, res.Cache, res.Age, true)
+		writeResult(w, r, res.Body, res, true)
 	})
 }
 

@@ -44,6 +44,8 @@ type fakeReader struct {
 
 	result cachepolicy.Result
 	err    error
+	// errResult is returned with err (a negative-cache hit carries Cache: HIT).
+	errResult cachepolicy.Result
 	// items answers GetMany; nil answers every id with {"id":N}.
 	items func(ids []int64) []cachepolicy.Item
 	state string
@@ -67,7 +69,10 @@ func (f *fakeReader) Get(ctx context.Context, p *cachepolicy.Policy, vals []stri
 			return cachepolicy.Result{}, err
 		}
 	}
-	return f.result, f.err
+	if f.err != nil {
+		return f.errResult, f.err
+	}
+	return f.result, nil
 }
 
 func (f *fakeReader) GetMany(ctx context.Context, p *cachepolicy.Policy, ids []int64) ([]cachepolicy.Item, string, error) {
@@ -1046,5 +1051,50 @@ func TestAccessSample(t *testing.T) {
 	n := strings.Count(h.log.String(), `"message":"request"`)
 	if n < 100 || n > 300 {
 		t.Errorf("sample 0.5 logged %d of 400", n)
+	}
+}
+
+func TestStaleAndNegativeHeaders(t *testing.T) {
+	body := []byte(`{"id":1}`)
+	tests := []struct {
+		name        string
+		res         cachepolicy.Result
+		err         error
+		status      int
+		xcache      string
+		warning     string
+		cacheStatus string
+		retryAfter  string
+	}{
+		{"stale while revalidate", cachepolicy.Result{Body: body, Cache: cachepolicy.Stale, Age: 70 * time.Second, StaleReason: cachepolicy.StaleWhileRevalidate},
+			nil, 200, "STALE", `110 cachecar "Response is Stale"`, "cachecar; hit; detail=stale-while-revalidate", ""},
+		{"stale if error", cachepolicy.Result{Body: body, Cache: cachepolicy.Stale, Age: 700 * time.Second, StaleReason: cachepolicy.StaleIfError},
+			nil, 200, "STALE", `111 cachecar "Revalidation Failed"`, "cachecar; fwd=stale; detail=stale-if-error", ""},
+		{"fresh hit", cachepolicy.Result{Body: body, Cache: cachepolicy.Hit}, nil, 200, "HIT", "", "", ""},
+		{"cached not found", cachepolicy.Result{Cache: cachepolicy.Hit}, cachepolicy.ErrNotFound, 404, "HIT", "", "", ""},
+		{"bulkhead full", cachepolicy.Result{}, cachepolicy.ErrOverloaded, 503, "", "", "", "1"},
+	}
+	for _, tt := range tests {
+		for _, path := range []string{"/v1/tenants/1", "/v1/tenants/1/stats", "/v1/tenants/1/dispatches"} {
+			t.Run(tt.name+" "+path, func(t *testing.T) {
+				h := defaultHarness(t)
+				if tt.err != nil {
+					h.fake.err, h.fake.errResult = tt.err, tt.res
+				} else {
+					h.fake.result = tt.res
+				}
+				rec := h.do("GET", path)
+				if rec.Code != tt.status {
+					t.Fatalf("status %d, want %d (%s)", rec.Code, tt.status, rec.Body)
+				}
+				hd := rec.Header()
+				if hd.Get("X-Cache") != tt.xcache || hd.Get("Warning") != tt.warning || hd.Get("Cache-Status") != tt.cacheStatus || hd.Get("Retry-After") != tt.retryAfter {
+					t.Errorf("headers %v", hd)
+				}
+				if tt.status == 200 && hd.Get("Age") != strconv.Itoa(int(tt.res.Age/time.Second)) {
+					t.Errorf("Age %q, want %d", hd.Get("Age"), int(tt.res.Age/time.Second))
+				}
+			})
+		}
 	}
 }

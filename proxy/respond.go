@@ -12,16 +12,17 @@ import (
 	"github.com/cachecar/cachecar/cachepolicy"
 )
 
-// writeResult sends a JSON body with the cache headers, or 304 when If-None-Match matches.
-func writeResult(w http.ResponseWriter, r *http.Request, body []byte, cache string, age time.Duration, withAge bool) {
+// writeResult sends a JSON body with the cache headers of res, or 304 when If-None-Match
+// matches.
+func writeResult(w http.ResponseWriter, r *http.Request, body []byte, res cachepolicy.Result, withAge bool) {
 	etag := cachepolicy.ETag(body)
 	h := w.Header()
 	h.Set("Content-Type", "application/json")
-	h.Set("X-Cache", cache)
+	setCacheHeaders(h, res)
 	h.Set("ETag", etag)
 	if withAge {
 		// Age is a non-negative number of seconds (RFC 9111 5.1), whatever the Reader says.
-		h.Set("Age", strconv.FormatInt(max(int64(age/time.Second), 0), 10))
+		h.Set("Age", strconv.FormatInt(max(int64(res.Age/time.Second), 0), 10))
 	}
 	if inm := r.Header.Get("If-None-Match"); inm != "" && etagMatch(inm, etag) {
 		w.WriteHeader(http.StatusNotModified)
@@ -31,6 +32,23 @@ func writeResult(w http.ResponseWriter, r *http.Request, body []byte, cache stri
 	w.WriteHeader(http.StatusOK)
 	if r.Method != http.MethodHead {
 		w.Write(body)
+	}
+}
+
+// setCacheHeaders sets X-Cache and, on a stale answer, the Warning (RFC 7234 5.5) and
+// Cache-Status (RFC 9211) headers that say why it was served.
+func setCacheHeaders(h http.Header, res cachepolicy.Result) {
+	if res.Cache == "" {
+		return
+	}
+	h.Set("X-Cache", res.Cache)
+	switch res.StaleReason {
+	case cachepolicy.StaleWhileRevalidate:
+		h.Set("Warning", `110 cachecar "Response is Stale"`)
+		h.Set("Cache-Status", "cachecar; hit; detail=stale-while-revalidate")
+	case cachepolicy.StaleIfError:
+		h.Set("Warning", `111 cachecar "Revalidation Failed"`)
+		h.Set("Cache-Status", "cachecar; fwd=stale; detail=stale-if-error")
 	}
 }
 
@@ -79,6 +97,9 @@ func writeError(w http.ResponseWriter, r *http.Request, s *Server, err error) {
 		s.log.Warn().Err(err).Str("request_id", rid).Str("route", r.Pattern).Msg("database unavailable")
 		w.Header().Set("Retry-After", "1")
 		writeJSONError(w, http.StatusServiceUnavailable, "database_unavailable", "the database is unreachable and nothing is cached for this request")
+	case errors.Is(err, cachepolicy.ErrOverloaded):
+		w.Header().Set("Retry-After", "1")
+		writeJSONError(w, http.StatusServiceUnavailable, "overloaded", "too many database loads are running; retry shortly")
 	case errors.Is(err, cachepolicy.ErrTimeout):
 		s.log.Warn().Err(err).Str("request_id", rid).Str("route", r.Pattern).Msg("database timeout")
 		writeJSONError(w, http.StatusGatewayTimeout, "database_timeout", "the database did not answer in time")

@@ -69,6 +69,8 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 			Addrs: cfg.Valkey.Addrs, Username: cfg.Valkey.Username, Password: cfg.Valkey.Password,
 			DB: cfg.Valkey.DB, Timeout: cfg.Valkey.Timeout, DialTimeout: cfg.Valkey.DialTimeout,
 			ReconnectMax: cfg.Valkey.ReconnectMax, MaxFlushDelay: cfg.Valkey.MaxFlushDelay,
+			TierSize:         int(cfg.Cache.TierMaxBytes),
+			BreakerThreshold: cfg.Valkey.BreakerThreshold, BreakerMinOpen: cfg.Valkey.BreakerOpen, BreakerMaxOpen: cfg.Valkey.BreakerOpenMax,
 		}, log.With().Str("component", "valkey").Logger(), cm)
 		defer store.Close()
 		if err := store.Connect(); err != nil {
@@ -77,6 +79,14 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 			log.Info().Strs("addrs", cfg.Valkey.Addrs).Msg("valkey connected")
 		}
 		valkeyPinger = store
+	}
+	if store != nil {
+		reg.MustRegister(
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "cachecar_tier_entries", Help: "Entries in the in-process tier."},
+				func() float64 { _, st := store.Tier(); return float64(st.Entries) }),
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "cachecar_tier_bytes", Help: "Memory the in-process tier's chunks take, in bytes."},
+				func() float64 { _, st := store.Tier(); return float64(st.Bytes) }),
+		)
 	}
 	if cfg.Admin.Token != "" {
 		log.Warn().Msg("admin.token is set, but this version has no admin port yet; it is ignored")
@@ -105,6 +115,8 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 		QueryTimeout: cfg.Database.QueryTimeout,
 		Invalidation: useListener,
 		Policies:     []*cachepolicy.Policy{pol.Tenant, pol.Course, pol.Dispatch, pol.DispatchList, pol.TenantStats},
+		MaxLoads:     cfg.Database.MaxLoads,
+		LeaseWait:    cfg.Cache.LeaseWait,
 	}, store, loader, log, cm)
 	var listener *invalidation.Listener
 	if useListener {
@@ -163,7 +175,7 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 			Reader: res,
 		},
 	}, res, pol, log, reg)
-	healthOpts := admin.HealthOptions{CheckTimeout: cfg.Health.CheckTimeout, CacheEnabled: cfg.Cache.Enabled, Pprof: cfg.Health.Pprof}
+	healthOpts := admin.HealthOptions{CheckTimeout: cfg.Health.CheckTimeout, CacheEnabled: cfg.Cache.Enabled, Pprof: cfg.Health.Pprof, Cache: res}
 	if listener != nil {
 		healthOpts.Listener = listener
 	}
@@ -265,6 +277,8 @@ func compilePolicies(cfg *configs.Config) (proxy.Policies, error) {
 		if err != nil {
 			return out, err
 		}
+		p.StaleWhileRevalidate, p.StaleIfError = pc.StaleWhileRevalidate, pc.StaleIfError
+		p.NegativeTTL, p.RefreshAhead = pc.NegativeTTL, pc.RefreshAhead
 		*targets[name] = p
 	}
 	return out, nil
