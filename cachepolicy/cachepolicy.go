@@ -194,7 +194,7 @@ func (p *Policy) classifyEntry(key string, body []byte, pttl time.Duration) entr
 // flightResult is what one load hands to every caller sharing it.
 type flightResult struct {
 	body  []byte
-	cache string // Miss, or Hit when a fill by another reader arrived while waiting
+	cache string        // Miss, or Hit when a fill by another reader arrived while waiting
 	pttl  time.Duration // of a Hit
 	local bool
 }

@@ -136,10 +136,10 @@ type AdminConfig struct {
 
 // DatabaseConfig is the PostgreSQL connection.
 type DatabaseConfig struct {
-	URL            string        `mapstructure:"url"`
-	MaxConns       int32         `mapstructure:"max_conns"`
+	URL      string `mapstructure:"url"`
+	MaxConns int32  `mapstructure:"max_conns"`
 	// MaxLoads bounds the loads running at once (the bulkhead); past it reads answer 503.
-	MaxLoads int `mapstructure:"max_loads"`
+	MaxLoads       int           `mapstructure:"max_loads"`
 	ConnectTimeout time.Duration `mapstructure:"connect_timeout"`
 	QueryTimeout   time.Duration `mapstructure:"query_timeout"`
 }
