@@ -43,6 +43,8 @@ type HealthOptions struct {
 	Sessions SessionStatus
 	// Cache reports the breakers and the in-process tier; nil shows none of them.
 	Cache CacheStatus
+	// MemoryCache is set when the cache is the process's memory alone (no Valkey configured).
+	MemoryCache bool
 }
 
 // CacheStatus reports the read path's breakers and in-process tier; *cachepolicy.Resolver is
@@ -200,6 +202,8 @@ func (h *Health) detailed(w http.ResponseWriter, r *http.Request) {
 		db.Circuit = cachepolicy.CircuitName(c.DatabaseCircuit())
 		if h.valkey != nil {
 			redis.Circuit = cachepolicy.CircuitName(c.ValkeyCircuit())
+		}
+		if h.valkey != nil || h.opts.MemoryCache {
 			on, st := c.Tier()
 			cache.Tier = &TierStatus{Enabled: on, Entries: st.Entries, Bytes: st.Bytes, MaxBytes: st.Limit}
 		}
@@ -207,8 +211,10 @@ func (h *Health) detailed(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case !h.opts.CacheEnabled:
 		cache.Status = "disabled"
-	case h.valkey == nil:
+	case h.valkey == nil && !h.opts.MemoryCache:
 		cache.Status = "disabled"
+	case h.opts.MemoryCache:
+		// No Valkey: the cache is this process's memory, up while the process is.
 	case redis.Status != "up", redis.Circuit == "open", redis.Circuit == "half-open":
 		cache.Status = "degraded"
 	}

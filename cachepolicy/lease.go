@@ -126,6 +126,9 @@ return 1`)
 // RefreshLease takes the refresh lease of a stale entry (see refreshLeaseScript); stale is the
 // policy's stale window, life how long the key may live from now (for its tag sets).
 func (s *Store) RefreshLease(ctx context.Context, key, lease string, tags []string, leaseTTL, life, stale time.Duration) (bool, error) {
+	if s.mem != nil {
+		return s.mem.RefreshLease(key, lease, tags, leaseTTL, life, stale), nil
+	}
 	c, err := s.get()
 	if err != nil {
 		return false, err
@@ -144,6 +147,9 @@ func (s *Store) RefreshLease(ctx context.Context, key, lease string, tags []stri
 // RefreshFill stores value under key for ttl if the refresh lease is still key's, and reports
 // whether it did.
 func (s *Store) RefreshFill(ctx context.Context, key, lease string, value []byte, ttl time.Duration) (bool, error) {
+	if s.mem != nil {
+		return s.mem.RefreshFill(key, lease, value, ttl), nil
+	}
 	c, err := s.get()
 	if err != nil {
 		return false, err
@@ -169,6 +175,9 @@ var errLeased = errors.New("fill lease held by another reader")
 // Lease takes the fill lease of key, registering key in tags, and reports whether it got it.
 // leaseTTL bounds how long a crashed reader's lease blocks fills; ttl is the entry's TTL.
 func (s *Store) Lease(ctx context.Context, key, lease string, tags []string, leaseTTL, ttl time.Duration) (bool, error) {
+	if s.mem != nil {
+		return s.mem.Lease(key, lease, tags, leaseTTL, ttl), nil
+	}
 	c, err := s.get()
 	if err != nil {
 		return false, err
@@ -196,6 +205,9 @@ func (s *Store) Lease(ctx context.Context, key, lease string, tags []string, lea
 
 // Fill stores value under key for ttl if key still holds lease, and reports whether it did.
 func (s *Store) Fill(ctx context.Context, key, lease string, value []byte, ttl time.Duration) (bool, error) {
+	if s.mem != nil {
+		return s.mem.Fill(key, lease, value, ttl), nil
+	}
 	c, err := s.get()
 	if err != nil {
 		return false, err
@@ -212,6 +224,15 @@ func (s *Store) Fill(ctx context.Context, key, lease string, value []byte, ttl t
 
 // FillMany is Fill for many keys, pipelined; it returns how many were stored.
 func (s *Store) FillMany(ctx context.Context, keys, leases []string, values [][]byte, ttls []time.Duration) (int, error) {
+	if s.mem != nil {
+		stored := 0
+		for i := range keys {
+			if s.mem.Fill(keys[i], leases[i], values[i], ttls[i]) {
+				stored++
+			}
+		}
+		return stored, nil
+	}
 	if len(keys) == 0 {
 		return 0, nil
 	}
@@ -239,6 +260,13 @@ func (s *Store) FillMany(ctx context.Context, keys, leases []string, values [][]
 
 // LeaseMany takes the fill leases of keys (no tags), pipelined, and reports which it got.
 func (s *Store) LeaseMany(ctx context.Context, keys, leases []string, leaseTTL time.Duration) ([]bool, error) {
+	if s.mem != nil {
+		got := make([]bool, len(keys))
+		for i := range keys {
+			got[i] = s.mem.Lease(keys[i], leases[i], nil, leaseTTL, 0)
+		}
+		return got, nil
+	}
 	c, err := s.get()
 	if err != nil {
 		return nil, err
@@ -267,6 +295,10 @@ func (s *Store) LeaseMany(ctx context.Context, keys, leases []string, leaseTTL t
 // Release gives up the lease of key after a load that stored nothing, so the next reader can
 // take one at once instead of waiting for it to expire.
 func (s *Store) Release(ctx context.Context, key, lease string) error {
+	if s.mem != nil {
+		s.mem.Release(key, lease)
+		return nil
+	}
 	c, err := s.get()
 	if err != nil {
 		return err
@@ -284,6 +316,9 @@ func (s *Store) Release(ctx context.Context, key, lease string) error {
 // many keys it deleted. Members are not declared to the script, so this runs on a standalone
 // server or a primary with replicas, not on a Valkey Cluster.
 func (s *Store) Invalidate(ctx context.Context, keys, tags []string) (int, error) {
+	if s.mem != nil {
+		return s.mem.Invalidate(keys, tags), nil
+	}
 	c, err := s.get()
 	if err != nil {
 		return 0, err
@@ -353,6 +388,9 @@ func withRefreshKeys(keys []string) []string {
 // replication id (new after a failover promotes a replica). When it changes, deletes may have
 // been lost or old entries restored from disk, as in a gap.
 func (s *Store) ServerID(ctx context.Context) (string, error) {
+	if s.mem != nil {
+		return s.mem.runID, nil
+	}
 	c, err := s.get()
 	if err != nil {
 		return "", err
@@ -384,6 +422,9 @@ func (s *Store) ServerID(ctx context.Context) (string, error) {
 // with SCAN and UNLINK in batches: never KEYS, never FLUSHDB, and never a key outside the
 // prefixes (sessions and other apps' keys share the server). It returns how many it deleted.
 func (s *Store) DeletePrefixed(ctx context.Context, match string, prefixes []string) (int, error) {
+	if s.mem != nil {
+		return s.mem.DeletePrefixed(prefixes), nil
+	}
 	c, err := s.get()
 	if err != nil {
 		return 0, err

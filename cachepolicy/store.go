@@ -67,7 +67,23 @@ type Store struct {
 	cb     *Breaker
 	tier   tierStats
 	tierOn atomic.Bool // the connected client caches in process
+	mem    *memStore   // set: no Valkey, the cache is this process's memory alone
 }
+
+// NewMemoryStore returns a store without Valkey: a bounded cache in this process's memory
+// (size bytes, at least MinTierSize), with the same leases and tag sets as the Valkey store, for
+// a single sidecar. Invalidations apply to it as they do to Valkey.
+func NewMemoryStore(size int, log zerolog.Logger, m *Metrics) *Store {
+	s := NewStore(StoreOptions{TierSize: size}, log, m)
+	s.mem = newMemStore(size)
+	s.tierOn.Store(true)
+	m.tierOn.Set(1)
+	s.setUp(true)
+	return s
+}
+
+// Memory reports whether the store is the process's memory alone (no Valkey).
+func (s *Store) Memory() bool { return s.mem != nil }
 
 type clientBox struct{ c valkey.Client }
 
@@ -96,13 +112,18 @@ func NewStore(opts StoreOptions, log zerolog.Logger, m *Metrics) *Store {
 func (s *Store) Circuit() int { return s.cb.State() }
 
 // Tier reports whether the in-process tier is on, and what it holds.
-func (s *Store) Tier() (bool, TierStats) { return s.tierOn.Load(), s.tier.read() }
+func (s *Store) Tier() (bool, TierStats) {
+	if s.mem != nil {
+		return true, s.mem.stats()
+	}
+	return s.tierOn.Load(), s.tier.read()
+}
 
 // Connect makes one connection attempt, bounded by the dial timeout. With a tier size set, it
 // asks for client tracking; a server that cannot track (RESP2 only, or CLIENT refused by ACL)
 // is used without the in-process tier, and the log says so.
 func (s *Store) Connect() error {
-	if s.client.Load() != nil {
+	if s.mem != nil || s.client.Load() != nil {
 		return nil
 	}
 	opt := valkey.ClientOption{
@@ -160,7 +181,7 @@ func (s *Store) Connect() error {
 // connection, then waits for ctx to end and closes the client.
 func (s *Store) Run(ctx context.Context) error {
 	backoff := 100 * time.Millisecond
-	for s.client.Load() == nil {
+	for s.mem == nil && s.client.Load() == nil {
 		wait := backoff/2 + rand.N(backoff/2+1)
 		select {
 		case <-ctx.Done():
@@ -232,6 +253,9 @@ func (s *Store) ok() {
 
 // Ping checks Valkey with one PING.
 func (s *Store) Ping(ctx context.Context) error {
+	if s.mem != nil {
+		return nil
+	}
 	c, err := s.get()
 	if err != nil {
 		return err
@@ -247,6 +271,10 @@ func (s *Store) Ping(ctx context.Context) error {
 // in-process tier (local true) without one. A missing key is errMiss, a key holding another
 // reader's fill lease errLeased.
 func (s *Store) Get(ctx context.Context, key string) (body []byte, pttl time.Duration, local bool, err error) {
+	if s.mem != nil {
+		body, pttl, err = s.mem.Get(key)
+		return body, pttl, true, err
+	}
 	c, err := s.get()
 	if err != nil {
 		return nil, 0, false, err
@@ -288,6 +316,10 @@ func (s *Store) Get(ctx context.Context, key string) (body []byte, pttl time.Dur
 // with one round trip for the keys the in-process tier does not hold (one MGET without the
 // tier).
 func (s *Store) MGet(ctx context.Context, keys []string) ([][]byte, []time.Duration, error) {
+	if s.mem != nil {
+		out, pttls := s.mem.MGet(keys)
+		return out, pttls, nil
+	}
 	c, err := s.get()
 	if err != nil {
 		return nil, nil, err

@@ -373,7 +373,7 @@ func (l *Listener) resync(ctx context.Context, reason string) error {
 	start := time.Now()
 	n, err := l.cache.Resync(rctx)
 	if err != nil {
-		return &invalidateError{"cache resync failed"}
+		return &invalidateError{"cache resync failed: " + err.Error()}
 	}
 	l.m.resyncs.WithLabelValues(reason).Inc()
 	l.m.resyncKeys.Add(float64(n))

@@ -62,8 +62,11 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 	switch {
 	case !cfg.Cache.Enabled:
 		log.Warn().Msg("cache.enabled is false: every read goes to PostgreSQL")
+	case len(cfg.Valkey.Addrs) == 0 && cfg.Cache.TierMaxBytes > 0:
+		store = cachepolicy.NewMemoryStore(int(cfg.Cache.TierMaxBytes), log.With().Str("component", "cache").Logger(), cm)
+		log.Info().Int64("bytes", cfg.Cache.TierMaxBytes).Msg("valkey.addrs is empty: caching in this process's memory alone (one sidecar; nothing shared)")
 	case len(cfg.Valkey.Addrs) == 0:
-		log.Warn().Msg("valkey.addrs is empty: no shared cache, every read goes to PostgreSQL")
+		log.Warn().Msg("valkey.addrs is empty and cache.tier_max_bytes is 0: no cache, every read goes to PostgreSQL")
 	default:
 		store = cachepolicy.NewStore(cachepolicy.StoreOptions{
 			Addrs: cfg.Valkey.Addrs, Username: cfg.Valkey.Username, Password: cfg.Valkey.Password,
@@ -80,6 +83,7 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 		}
 		valkeyPinger = store
 	}
+	memoryCache := store != nil && store.Memory()
 	if store != nil {
 		reg.MustRegister(
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "cachecar_tier_entries", Help: "Entries in the in-process tier."},
@@ -175,7 +179,7 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 			Reader: res,
 		},
 	}, res, pol, log, reg)
-	healthOpts := admin.HealthOptions{CheckTimeout: cfg.Health.CheckTimeout, CacheEnabled: cfg.Cache.Enabled, Pprof: cfg.Health.Pprof, Cache: res}
+	healthOpts := admin.HealthOptions{CheckTimeout: cfg.Health.CheckTimeout, CacheEnabled: cfg.Cache.Enabled, Pprof: cfg.Health.Pprof, Cache: res, MemoryCache: memoryCache}
 	if listener != nil {
 		healthOpts.Listener = listener
 	}
