@@ -210,10 +210,12 @@ func (r *Resolver) GetFunc(ctx context.Context, p *Policy, vals []string, load L
 		// Invalidation is not live: a change may have been missed, so the entry is not served
 		// as a hit. It is still a stale entry, good for stale_if_error when the database fails
 		// too (the usual reason the listener is away).
-		if body, pttl, _, err := r.store.Get(ctx, key); err == nil && !isNegative(body) {
-			if e := p.classifyEntry(key, body, pttl); e.fresh || e.sie {
-				e.sie = true
-				stale = e
+		if p.StaleIfError > 0 {
+			if body, pttl, _, err := r.store.Get(ctx, key); err == nil && !isNegative(body) {
+				if e := p.classifyEntry(key, body, pttl); e.fresh || e.sie {
+					e.sie = true
+					stale = e
+				}
 			}
 		}
 	}
@@ -231,14 +233,16 @@ func (r *Resolver) GetFunc(ctx context.Context, p *Policy, vals []string, load L
 				if local {
 					r.m.localHits.WithLabelValues(p.Name).Inc()
 				}
-				if p.RefreshAhead > 0 && e.age >= time.Duration(p.RefreshAhead*float64(p.ttlFor(key))) {
-					r.refresh(p, key, vals, load, "ahead")
+				if ttl := p.ttlFor(key); p.RefreshAhead > 0 && e.age >= time.Duration(p.RefreshAhead*float64(ttl)) {
+					// Lease only while the entry is still this far into its TTL: a refresh done
+					// by another reader meanwhile makes it fresh again, and this one stops.
+					r.refresh(p, key, vals, load, "ahead", p.staleWindow()+ttl-time.Duration(p.RefreshAhead*float64(ttl)))
 				}
 				return Result{Body: body, Cache: Hit, Age: e.age, Local: local}, nil
 			case e.swr:
 				r.m.lookups.WithLabelValues(p.Name, "stale").Inc()
 				r.m.staleServed.WithLabelValues(p.Name, StaleWhileRevalidate).Inc()
-				r.refresh(p, key, vals, load, "stale")
+				r.refresh(p, key, vals, load, "stale", p.staleWindow())
 				return Result{Body: body, Cache: Stale, Age: e.age, StaleReason: StaleWhileRevalidate, Local: local}, nil
 			}
 			// Past stale_while_revalidate: load now, keeping the entry for stale_if_error.
@@ -268,7 +272,7 @@ func (r *Resolver) GetFunc(ctx context.Context, p *Policy, vals []string, load L
 	ch := r.flight.DoChan(flightKey, func() (any, error) {
 		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.opts.QueryTimeout)
 		defer cancel()
-		return r.loadAndFill(lctx, p, key, vals, load, mode)
+		return r.loadAndFill(lctx, p, key, vals, load, plan{mode: mode, refreshBelow: p.staleWindow()})
 	})
 	select {
 	case res := <-ch:
@@ -302,9 +306,22 @@ const (
 	fillWait                    // the key holds another reader's lease: wait for its fill first
 )
 
+// plan says how one load goes.
+type plan struct {
+	mode fillMode
+	// refreshBelow: in fillRefresh, the refresh lease is taken only while the key's PTTL is at
+	// most this (its stale window, or more for a refresh ahead of expiry).
+	refreshBelow time.Duration
+	// background is a refresh nobody waits for: without the lease (another reader, maybe in
+	// another sidecar, is refreshing), it does not load at all.
+	background bool
+	why        string // of a background refresh, for its metric: stale or ahead
+}
+
 // loadAndFill is one load of key, run once per process for concurrent readers: lease, load,
 // fill (or, in fillWait, first wait for another reader's fill).
-func (r *Resolver) loadAndFill(ctx context.Context, p *Policy, key string, vals []string, load LoadFunc, mode fillMode) (any, error) {
+func (r *Resolver) loadAndFill(ctx context.Context, p *Policy, key string, vals []string, load LoadFunc, pl plan) (any, error) {
+	mode := pl.mode
 	if mode == fillWait {
 		f, next, err := r.awaitFill(ctx, key)
 		if err != nil {
@@ -325,7 +342,13 @@ func (r *Resolver) loadAndFill(ctx context.Context, p *Policy, key string, vals 
 	ttl := p.ttlFor(key) + p.staleWindow()
 	// The lease goes in before the database is read: an invalidation after this point deletes
 	// it, and the fill below is refused.
-	lease := r.takeLease(ctx, p, key, tags, ttl, mode)
+	lease := r.takeLease(ctx, key, tags, ttl, mode, pl.refreshBelow)
+	if lease == "" && pl.background {
+		return flightResult{}, nil
+	}
+	if pl.background {
+		r.m.refreshes.WithLabelValues(p.Name, pl.why).Inc()
+	}
 	body, err := r.runLoad(ctx, p, load)
 	if lease == "" {
 		return flightResult{body: body, cache: Miss}, err
@@ -357,7 +380,7 @@ func (r *Resolver) loadAndFill(ctx context.Context, p *Policy, key string, vals 
 
 // takeLease takes the fill or refresh lease of key for mode and returns it, or "" when this load
 // must not fill (no cache, or another reader holds the lease).
-func (r *Resolver) takeLease(ctx context.Context, p *Policy, key string, tags []string, ttl time.Duration, mode fillMode) string {
+func (r *Resolver) takeLease(ctx context.Context, key string, tags []string, ttl time.Duration, mode fillMode, refreshBelow time.Duration) string {
 	if mode != fillLease && mode != fillRefresh {
 		return ""
 	}
@@ -367,7 +390,7 @@ func (r *Resolver) takeLease(ctx context.Context, p *Policy, key string, tags []
 	if mode == fillLease {
 		got, err = r.store.Lease(ctx, key, l, tags, r.leaseTTL(), ttl)
 	} else {
-		got, err = r.store.RefreshLease(ctx, key, l, tags, r.leaseTTL(), ttl, p.staleWindow())
+		got, err = r.store.RefreshLease(ctx, key, l, tags, r.leaseTTL(), ttl, refreshBelow)
 	}
 	if err != nil {
 		// A timed-out call may still have set the lease: take it back (by value, so nobody
@@ -461,13 +484,12 @@ func (r *Resolver) runLoad(ctx context.Context, p *Policy, load LoadFunc) ([]byt
 // refresh reloads a stale or ageing entry in the background, at most once at a time per key in
 // this process, and across sidecars by the refresh lease. The reader that triggered it has
 // already been answered.
-func (r *Resolver) refresh(p *Policy, key string, vals []string, load LoadFunc, why string) {
+func (r *Resolver) refresh(p *Policy, key string, vals []string, load LoadFunc, why string, below time.Duration) {
 	fk := "refresh\x00" + strconv.FormatUint(r.epoch.Load(), 36) + "\x00" + key
 	r.flight.DoChan(fk, func() (any, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), r.opts.QueryTimeout)
 		defer cancel()
-		r.m.refreshes.WithLabelValues(p.Name, why).Inc()
-		_, err := r.loadAndFill(ctx, p, key, vals, load, fillRefresh)
+		_, err := r.loadAndFill(ctx, p, key, vals, load, plan{mode: fillRefresh, refreshBelow: below, background: true, why: why})
 		if err != nil && !errors.Is(err, ErrNotFound) {
 			r.log.Debug().Err(err).Str("policy", p.Name).Msg("background refresh failed; the stale entry stays")
 		}
@@ -508,7 +530,7 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 	anyStale := false
 	if r.store != nil && !r.usable(p) {
 		// As in GetFunc: entries are kept only for stale_if_error while invalidation is away.
-		if vals, pttls, err := r.store.MGet(ctx, keys); err == nil {
+		if vals, pttls, err := r.store.MGet(ctx, keys); p.StaleIfError > 0 && err == nil {
 			for i, v := range vals {
 				if v != nil && !isNegative(v) {
 					if e := p.classifyEntry(keys[i], v, pttls[i]); e.fresh || e.sie {
@@ -542,7 +564,7 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 					items[i].Body = v
 					r.m.lookups.WithLabelValues(p.Name, "stale").Inc()
 					r.m.staleServed.WithLabelValues(p.Name, StaleWhileRevalidate).Inc()
-					r.refresh(p, keys[i], []string{strconv.FormatInt(ids[i], 10)}, r.oneLoad(p, ids[i]), "stale")
+					r.refresh(p, keys[i], []string{strconv.FormatInt(ids[i], 10)}, r.oneLoad(p, ids[i]), "stale", p.staleWindow())
 				default:
 					if e.sie {
 						stale[i] = e
@@ -550,7 +572,7 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 					// The key holds the old entry, so no fill lease can be had: the batch
 					// load answers this reader and a background refresh replaces the entry.
 					missing = append(missing, i)
-					r.refresh(p, keys[i], []string{strconv.FormatInt(ids[i], 10)}, r.oneLoad(p, ids[i]), "stale")
+					r.refresh(p, keys[i], []string{strconv.FormatInt(ids[i], 10)}, r.oneLoad(p, ids[i]), "stale", p.staleWindow())
 				}
 			}
 			r.m.lookups.WithLabelValues(p.Name, "hit").Add(float64(hits))

@@ -97,10 +97,11 @@ const refreshSuffix = "\x00refresh"
 // refreshKey is the companion of key that holds its refresh lease.
 func refreshKey(key string) string { return key + refreshSuffix }
 
-// refreshLeaseScript takes the refresh lease of KEYS[1] in KEYS[2] if the entry is no longer
-// fresh (its PTTL is at most the stale window ARGV[4] ms) and still there, and registers KEYS[1]
+// refreshLeaseScript takes the refresh lease of KEYS[1] in KEYS[2] if the entry is still there
+// and its PTTL is at most ARGV[4] ms (past its TTL: the stale window; or near its end, for a
+// refresh ahead of expiry), and registers KEYS[1]
 // in the tag sets KEYS[3..] as leaseScript does. ARGV: lease, lease TTL (ms), member lifetime
-// (ms), stale window (ms).
+// (ms), PTTL bound (ms).
 var refreshLeaseScript = valkey.NewLuaScript(`
 local p = redis.call('PTTL', KEYS[1])
 if p == -2 or p > tonumber(ARGV[4]) then return 0 end
@@ -123,11 +124,12 @@ redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('DEL', KEYS[2])
 return 1`)
 
-// RefreshLease takes the refresh lease of a stale entry (see refreshLeaseScript); stale is the
-// policy's stale window, life how long the key may live from now (for its tag sets).
-func (s *Store) RefreshLease(ctx context.Context, key, lease string, tags []string, leaseTTL, life, stale time.Duration) (bool, error) {
+// RefreshLease takes the refresh lease of an entry whose PTTL is at most below (its stale
+// window, or more for a refresh ahead of expiry; see refreshLeaseScript); life is how long the
+// key may live from now (for its tag sets).
+func (s *Store) RefreshLease(ctx context.Context, key, lease string, tags []string, leaseTTL, life, below time.Duration) (bool, error) {
 	if s.mem != nil {
-		return s.mem.RefreshLease(key, lease, tags, leaseTTL, life, stale), nil
+		return s.mem.RefreshLease(key, lease, tags, leaseTTL, life, below), nil
 	}
 	c, err := s.get()
 	if err != nil {
@@ -136,7 +138,7 @@ func (s *Store) RefreshLease(ctx context.Context, key, lease string, tags []stri
 	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
 	defer cancel()
 	keys := append([]string{key, refreshKey(key)}, tags...)
-	n, err := refreshLeaseScript.Exec(ctx, c, keys, []string{lease, ms(leaseTTL), ms(leaseTTL + life), ms(stale)}).AsInt64()
+	n, err := refreshLeaseScript.Exec(ctx, c, keys, []string{lease, ms(leaseTTL), ms(leaseTTL + life), ms(below)}).AsInt64()
 	if err != nil {
 		return false, s.fail("lease", err)
 	}
@@ -323,6 +325,7 @@ func (s *Store) Invalidate(ctx context.Context, keys, tags []string) (int, error
 	if err != nil {
 		return 0, err
 	}
+	defer s.tier.drop(keys) // after the deletes: see tierStats.drop
 	keys = withRefreshKeys(keys)
 	if len(tags) == 0 {
 		n, err := c.Do(ctx, c.B().Unlink().Key(keys...).Build()).AsInt64()
@@ -367,6 +370,7 @@ func (s *Store) Invalidate(ctx context.Context, keys, tags []string) (int, error
 			if err != nil {
 				return deleted, s.fail("invalidate", err)
 			}
+			s.tier.drop(batch)
 			deleted += int(n)
 		}
 	}
@@ -450,6 +454,7 @@ func (s *Store) DeletePrefixed(ctx context.Context, match string, prefixes []str
 			if err != nil {
 				return deleted, s.fail("unlink", err)
 			}
+			s.tier.drop(batch)
 			deleted += int(n)
 		}
 		cursor = e.Cursor

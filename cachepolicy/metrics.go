@@ -71,7 +71,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	}, []string{"policy", "reason"})
 	m.refreshes = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "cachecar_cache_refreshes_total",
-		Help: "Background refreshes started, by policy and why (stale: served stale; ahead: refresh-ahead of a hot key).",
+		Help: "Background refreshes that took the refresh lease and loaded, by policy and why (stale: an entry served stale; ahead: refresh-ahead of a hot key).",
 	}, []string{"policy", "why"})
 	m.shed = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "cachecar_db_loads_shed_total",

@@ -275,6 +275,16 @@ func (s *Store) Get(ctx context.Context, key string) (body []byte, pttl time.Dur
 		body, pttl, err = s.mem.Get(key)
 		return body, pttl, true, err
 	}
+	if s.tierOn.Load() {
+		// A hit in memory needs neither Valkey nor the breaker's leave: the copy is valid for as
+		// long as its connection lives, and a broken connection empties its store.
+		if body, pttl, ok := s.tier.peek(key); ok {
+			if isLease(body) {
+				return nil, 0, true, errLeased
+			}
+			return body, pttl, true, nil
+		}
+	}
 	c, err := s.get()
 	if err != nil {
 		return nil, 0, false, err

@@ -6,6 +6,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"github.com/VictoriaMetrics/fastcache"
 	"github.com/valkey-io/valkey-go"
@@ -24,25 +25,86 @@ import (
 // nothing for the collector to scan, and its memory is bounded by its size. Entries larger than
 // fastcache's 64 KiB limit are not kept locally; they are served from Valkey.
 
-// tierStats counts what every connection's store holds, for metrics and stats.
+// tierStats holds every connection's store, for peeks, metrics and stats. The list is copied
+// on change (connections come and go rarely) so that the hit path reads it without a lock.
 type tierStats struct {
 	mu     sync.Mutex
-	stores map[*localStore]struct{}
+	stores atomic.Pointer[[]*localStore]
 }
 
 func (t *tierStats) add(s *localStore) {
 	t.mu.Lock()
-	if t.stores == nil {
-		t.stores = make(map[*localStore]struct{})
+	defer t.mu.Unlock()
+	var next []*localStore
+	if cur := t.stores.Load(); cur != nil {
+		next = append(next, *cur...)
 	}
-	t.stores[s] = struct{}{}
-	t.mu.Unlock()
+	next = append(next, s)
+	t.stores.Store(&next)
 }
 
 func (t *tierStats) remove(s *localStore) {
 	t.mu.Lock()
-	delete(t.stores, s)
-	t.mu.Unlock()
+	defer t.mu.Unlock()
+	cur := t.stores.Load()
+	if cur == nil {
+		return
+	}
+	var next []*localStore
+	for _, x := range *cur {
+		if x != s {
+			next = append(next, x)
+		}
+	}
+	t.stores.Store(&next)
+}
+
+func (t *tierStats) list() []*localStore {
+	if cur := t.stores.Load(); cur != nil {
+		return *cur
+	}
+	return nil
+}
+
+// peek answers a GET of key from the tier without going through the client: the same lookup
+// DoCache's Flight makes, without the per-call context and command it needs. A key is cached
+// only in the store of the connection its reads go to, and every store holds only entries its
+// connection's tracking keeps valid, so any store's copy may be served.
+func (t *tierStats) peek(key string) (body []byte, pttl time.Duration, ok bool) {
+	stores := t.list()
+	if len(stores) == 0 {
+		return nil, 0, false
+	}
+	k := []byte(entryKey(key, "GET"))
+	now := time.Now().UnixMilli()
+	for _, s := range stores {
+		buf := s.c.Get(nil, k)
+		if len(buf) <= 8 || int64(binary.BigEndian.Uint64(buf)) <= now {
+			continue
+		}
+		var m valkey.ValkeyMessage
+		if m.CacheUnmarshalView(buf[8:]) != nil || m.IsNil() {
+			continue
+		}
+		str, err := m.ToString()
+		if err != nil {
+			continue
+		}
+		// str is a view of buf, which nothing else holds or reuses.
+		return unsafe.Slice(unsafe.StringData(str), len(str)), time.Duration(m.CachePTTL()) * time.Millisecond, true
+	}
+	return nil, 0, false
+}
+
+// drop deletes the local copies of keys from every store. Valkey's invalidation message does the
+// same a moment later; dropping them as soon as this process's own delete is acknowledged means
+// a read that starts after an invalidation returns never sees the old copy, here or elsewhere.
+func (t *tierStats) drop(keys []string) {
+	for _, s := range t.list() {
+		for _, k := range keys {
+			s.c.Del([]byte(entryKey(k, "GET")))
+		}
+	}
 }
 
 // TierStats is what the in-process tier holds now.
@@ -53,10 +115,8 @@ type TierStats struct {
 }
 
 func (t *tierStats) read() TierStats {
-	t.mu.Lock()
-	defer t.mu.Unlock()
 	var out TierStats
-	for s := range t.stores {
+	for _, s := range t.list() {
 		var st fastcache.Stats
 		s.c.UpdateStats(&st)
 		out.Entries += st.EntriesCount
