@@ -493,6 +493,22 @@ func TestProblems(t *testing.T) {
 			want: [][]string{{"valkey.addrs[0]", "port"}}},
 		{name: "bad address: second of a list", env: map[string]string{"CACHECAR_VALKEY_ADDRS": "a:1,b"},
 			want: [][]string{{"valkey.addrs[1]", "host:port"}}},
+		{name: "tier below fastcache's minimum", sets: []string{"cache.tier_max_bytes=1048576"},
+			want: [][]string{{"cache.tier_max_bytes", "32 MiB"}}},
+		{name: "negative stale windows", sets: []string{"policies.course.stale_while_revalidate=-1s", "policies.tenant.stale_if_error=-5m", "policies.dispatch.negative_ttl=-1s"},
+			want: [][]string{{"policies.course.stale_while_revalidate", "negative"}, {"policies.tenant.stale_if_error", "negative"}, {"policies.dispatch.negative_ttl", "negative"}}},
+		{name: "refresh ahead of a whole TTL", sets: []string{"policies.tenant_stats.refresh_ahead=1"},
+			want: [][]string{{"policies.tenant_stats.refresh_ahead", "below 1"}}},
+		{name: "valkey timeout 0", sets: []string{"valkey.timeout=0s"},
+			want: [][]string{{"valkey.timeout", "must be a positive duration"}}},
+		{name: "bulkhead below the pool", sets: []string{"database.max_loads=4"},
+			want: [][]string{{"database.max_loads", "database.max_conns"}}},
+		{name: "lease wait past the query timeout", sets: []string{"cache.lease_wait=10s"},
+			want: [][]string{{"cache.lease_wait", "database.query_timeout"}}},
+		{name: "breaker open times reversed", sets: []string{"valkey.breaker_open=2s", "valkey.breaker_open_max=1s"},
+			want: [][]string{{"valkey.breaker_open_max", "valkey.breaker_open"}}},
+		{name: "breaker threshold 0", sets: []string{"valkey.breaker_threshold=0"},
+			want: [][]string{{"valkey.breaker_threshold", "at least 1"}}},
 		{name: "empty listen", sets: []string{"server.listen="},
 			want: [][]string{{"server.listen", "host:port"}}},
 		{name: "not YAML", file: "server: [unclosed\n\tlisten: ::: {\n",
@@ -846,5 +862,19 @@ func TestManifestsAndFlushDelayProblems(t *testing.T) {
 		if !errors.As(err, &pe) || !strings.Contains(pe.Error(), tc.want) {
 			t.Errorf("%v: got %v, want a problem containing %q", tc.set, err, tc.want)
 		}
+	}
+}
+
+func TestTierLargerThanMemoryLimit(t *testing.T) {
+	old := MemoryLimit
+	MemoryLimit = func() (int64, string) { return 96 << 20, "cgroup memory.max" }
+	t.Cleanup(func() { MemoryLimit = old })
+	_, err := Load(Source{Sets: []string{"cache.tier_max_bytes=67108864"}})
+	var pe *ProblemsError
+	if !errors.As(err, &pe) || len(pe.Problems) != 1 || !strings.Contains(pe.Problems[0], "cache.tier_max_bytes") || !strings.Contains(pe.Problems[0], "cgroup memory.max") {
+		t.Fatalf("tier of 64 MiB in a 96 MiB limit: %v", err)
+	}
+	if _, err := Load(Source{Sets: []string{"cache.tier_max_bytes=33554432"}}); err != nil {
+		t.Fatalf("tier of 32 MiB in a 96 MiB limit: %v", err)
 	}
 }
