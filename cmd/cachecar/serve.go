@@ -27,7 +27,9 @@ import (
 // serve runs the sidecar until ctx ends, then drains and returns nil.
 func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 	level, _ := zerolog.ParseLevel(cfg.Log.Level)
-	log := zerolog.New(stdout).Level(level).With().Timestamp().Logger()
+	lw := newLogWriter(stdout)
+	defer lw.Close()
+	log := zerolog.New(lw).Level(level).With().Timestamp().Logger()
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(

@@ -1,0 +1,100 @@
+package main
+
+import (
+	"io"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+func itoa(n int64) string { return strconv.FormatInt(n, 10) }
+
+// logWriter takes log lines off the request path: Write copies the line into a buffer, and one
+// goroutine writes the buffer out every flushEvery, or at once when it passes flushAt bytes.
+// Under load that is one write(2) for hundreds of access-log lines instead of one per request,
+// and a request never waits on stdout (a slow log collector, a full pipe). Close writes what is
+// left; a crash loses at most flushEvery of lines.
+type logWriter struct {
+	out io.Writer
+
+	mu      sync.Mutex
+	buf     []byte
+	dropped atomic.Int64 // lines there was no room for
+	kick    chan struct{}
+	done    chan struct{}
+	stopped chan struct{}
+	once    sync.Once
+}
+
+const (
+	logFlushEvery = 5 * time.Millisecond
+	logFlushAt    = 64 << 10
+	// logMaxBuffer bounds the buffer while out is slower than the log: lines past it are
+	// dropped and counted in a line of their own, rather than growing memory without end.
+	logMaxBuffer = 8 << 20
+)
+
+func newLogWriter(out io.Writer) *logWriter {
+	w := &logWriter{out: out, kick: make(chan struct{}, 1), done: make(chan struct{}), stopped: make(chan struct{})}
+	go w.loop()
+	return w
+}
+
+func (w *logWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	full := len(w.buf) >= logFlushAt
+	if len(w.buf)+len(p) <= logMaxBuffer {
+		w.buf = append(w.buf, p...)
+	} else {
+		w.dropped.Add(1)
+	}
+	w.mu.Unlock()
+	if full {
+		select {
+		case w.kick <- struct{}{}:
+		default:
+		}
+	}
+	return len(p), nil
+}
+
+func (w *logWriter) loop() {
+	defer close(w.stopped)
+	t := time.NewTicker(logFlushEvery)
+	defer t.Stop()
+	var spare []byte
+	for {
+		select {
+		case <-w.done:
+			w.flush(&spare)
+			return
+		case <-t.C:
+		case <-w.kick:
+		}
+		w.flush(&spare)
+	}
+}
+
+// flush swaps the buffer with spare and writes it out without holding the lock.
+func (w *logWriter) flush(spare *[]byte) {
+	w.mu.Lock()
+	b := w.buf
+	w.buf = (*spare)[:0]
+	w.mu.Unlock()
+	if n := w.dropped.Swap(0); n > 0 {
+		b = append(b, `{"level":"warn","message":"log lines dropped: stdout is slower than the log","dropped":`...)
+		b = append(b, []byte(itoa(n))...)
+		b = append(b, "}\n"...)
+	}
+	if len(b) > 0 {
+		w.out.Write(b)
+	}
+	*spare = b
+}
+
+// Close writes out what is buffered and stops the goroutine; it is idempotent.
+func (w *logWriter) Close() {
+	w.once.Do(func() { close(w.done) })
+	<-w.stopped
+}

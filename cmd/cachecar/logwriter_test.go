@@ -1,0 +1,47 @@
+package main
+
+import (
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/cachecar/cachecar/internal/testenv"
+)
+
+func TestLogWriterKeepsEveryLineInOrder(t *testing.T) {
+	out := &testenv.SyncBuffer{}
+	w := newLogWriter(out)
+	var wg sync.WaitGroup
+	for g := 0; g < 4; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 5000; i++ {
+				w.Write([]byte(`{"line":1}` + "\n"))
+			}
+		}()
+	}
+	wg.Wait()
+	w.Write([]byte("last\n"))
+	w.Close()
+	w.Close() // idempotent
+	lines := strings.Split(strings.TrimSuffix(out.String(), "\n"), "\n")
+	if len(lines) != 20001 || lines[len(lines)-1] != "last" {
+		t.Fatalf("%d lines, last %q; want 20001 ending with the last one written", len(lines), lines[len(lines)-1])
+	}
+}
+
+func TestLogWriterFlushesWithoutClose(t *testing.T) {
+	out := &testenv.SyncBuffer{}
+	w := newLogWriter(out)
+	defer w.Close()
+	w.Write([]byte("one\n"))
+	deadline := time.Now().Add(2 * time.Second)
+	for out.String() != "one\n" {
+		if time.Now().After(deadline) {
+			t.Fatalf("a line was not written out within 2s: %q", out.String())
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
