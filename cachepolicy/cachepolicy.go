@@ -280,7 +280,7 @@ func (r *Resolver) GetFunc(ctx context.Context, p *Policy, vals []string, load L
 			r.m.shared.WithLabelValues(p.Name).Inc()
 		}
 		if res.Err != nil {
-			if stale.sie && !errors.Is(res.Err, ErrNotFound) && !errors.Is(res.Err, ErrOverloaded) {
+			if stale.sie && !errors.Is(res.Err, ErrNotFound) {
 				r.m.staleServed.WithLabelValues(p.Name, StaleIfError).Inc()
 				return Result{Body: stale.body, Cache: Stale, Age: stale.age, StaleReason: StaleIfError}, nil
 			}
@@ -324,11 +324,8 @@ func (r *Resolver) loadAndFill(ctx context.Context, p *Policy, key string, vals 
 	mode := pl.mode
 	if mode == fillWait {
 		f, next, err := r.awaitFill(ctx, key)
-		if err != nil {
-			return nil, err
-		}
-		if f != nil {
-			return *f, nil
+		if err != nil || f != nil {
+			return deref(f), err
 		}
 		mode = next
 	}
@@ -342,7 +339,19 @@ func (r *Resolver) loadAndFill(ctx context.Context, p *Policy, key string, vals 
 	ttl := p.ttlFor(key) + p.staleWindow()
 	// The lease goes in before the database is read: an invalidation after this point deletes
 	// it, and the fill below is refused.
-	lease := r.takeLease(ctx, key, tags, ttl, mode, pl.refreshBelow)
+	lease, lost := r.takeLease(ctx, key, tags, ttl, mode, pl.refreshBelow)
+	if lost && mode == fillLease {
+		// Another reader (another sidecar: this process's readers share this load) took the
+		// lease between the lookup and now: wait for its fill rather than query too. Should its
+		// load fail, the key is empty again and this one takes the lease.
+		f, next, err := r.awaitFill(ctx, key)
+		if err != nil || f != nil {
+			return deref(f), err
+		}
+		if next == fillLease {
+			lease, _ = r.takeLease(ctx, key, tags, ttl, fillLease, 0)
+		}
+	}
 	if lease == "" && pl.background {
 		return flightResult{}, nil
 	}
@@ -378,11 +387,19 @@ func (r *Resolver) loadAndFill(ctx context.Context, p *Policy, key string, vals 
 	return flightResult{body: body, cache: Miss}, err
 }
 
+// deref returns *f, or nil for a nil f (loadAndFill's result when there is none).
+func deref(f *flightResult) any {
+	if f == nil {
+		return nil
+	}
+	return *f
+}
+
 // takeLease takes the fill or refresh lease of key for mode and returns it, or "" when this load
-// must not fill (no cache, or another reader holds the lease).
-func (r *Resolver) takeLease(ctx context.Context, key string, tags []string, ttl time.Duration, mode fillMode, refreshBelow time.Duration) string {
+// must not fill: no cache, a failed call, or (lost) another reader holds the lease.
+func (r *Resolver) takeLease(ctx context.Context, key string, tags []string, ttl time.Duration, mode fillMode, refreshBelow time.Duration) (lease string, lost bool) {
 	if mode != fillLease && mode != fillRefresh {
-		return ""
+		return "", false
 	}
 	l := newLease()
 	var got bool
@@ -397,12 +414,12 @@ func (r *Resolver) takeLease(ctx context.Context, key string, tags []string, ttl
 		// else's), or the key would stay unfillable until the lease expired.
 		r.logValkey(err)
 		r.release(context.WithoutCancel(ctx), key, l, mode)
-		return ""
+		return "", false
 	}
 	if !got {
-		return ""
+		return "", true
 	}
-	return l
+	return l, false
 }
 
 func (r *Resolver) release(ctx context.Context, key, lease string, mode fillMode) {
@@ -638,7 +655,7 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 				}
 			}
 		}
-		if len(stale) == len(missing) && !errors.Is(err, ErrOverloaded) {
+		if len(stale) == len(missing) {
 			// Every id the load should have answered has an entry inside stale_if_error.
 			for i, e := range stale {
 				items[i].Body = e.body

@@ -321,7 +321,7 @@ func (s *Store) Invalidate(ctx context.Context, keys, tags []string) (int, error
 	if s.mem != nil {
 		return s.mem.Invalidate(keys, tags), nil
 	}
-	c, err := s.get()
+	c, err := s.getAlways()
 	if err != nil {
 		return 0, err
 	}
@@ -395,7 +395,7 @@ func (s *Store) ServerID(ctx context.Context) (string, error) {
 	if s.mem != nil {
 		return s.mem.runID, nil
 	}
-	c, err := s.get()
+	c, err := s.getAlways()
 	if err != nil {
 		return "", err
 	}
@@ -429,7 +429,7 @@ func (s *Store) DeletePrefixed(ctx context.Context, match string, prefixes []str
 	if s.mem != nil {
 		return s.mem.DeletePrefixed(prefixes), nil
 	}
-	c, err := s.get()
+	c, err := s.getAlways()
 	if err != nil {
 		return 0, err
 	}

@@ -232,6 +232,18 @@ func (s *Store) get() (valkey.Client, error) {
 	return b.c, nil
 }
 
+// getAlways is get for the invalidation listener's calls (deletes, resyncs, the server check),
+// which the breaker never refuses: they are few, bounded by the listener's own timeout, and
+// must not fail just because reads stopped trying. Their outcome still counts, so a resync that
+// works closes the breaker at once.
+func (s *Store) getAlways() (valkey.Client, error) {
+	b := s.client.Load()
+	if b == nil {
+		return nil, errNotConnected
+	}
+	return b.c, nil
+}
+
 // fail records a failed call of op and returns err wrapped. A call its own caller gave up on
 // (the client hung up) says nothing about Valkey and does not count against the breaker.
 func (s *Store) fail(op string, err error) error {

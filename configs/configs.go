@@ -138,6 +138,9 @@ type AdminConfig struct {
 type DatabaseConfig struct {
 	URL      string `mapstructure:"url"`
 	MaxConns int32  `mapstructure:"max_conns"`
+	// MinConns are kept open while idle, so that a sudden fall-through to PostgreSQL (Valkey
+	// gone) does not wait on new connections.
+	MinConns int32 `mapstructure:"min_conns"`
 	// MaxLoads bounds the loads running at once (the bulkhead); past it reads answer 503.
 	MaxLoads       int           `mapstructure:"max_loads"`
 	ConnectTimeout time.Duration `mapstructure:"connect_timeout"`
@@ -566,10 +569,11 @@ func (c *Config) validate() []string {
 	} else if _, err := pgxpool.ParseConfig(c.Database.URL); err != nil {
 		p = append(p, "database.url: not a valid PostgreSQL URL or DSN")
 	}
+	if c.Database.MinConns < 0 {
+		p = append(p, fmt.Sprintf("database.min_conns: must not be negative, got %d", c.Database.MinConns))
+	}
 	if c.Database.MaxLoads < 1 {
 		p = append(p, fmt.Sprintf("database.max_loads: must be at least 1, got %d", c.Database.MaxLoads))
-	} else if c.Database.MaxLoads < int(c.Database.MaxConns) {
-		p = append(p, fmt.Sprintf("database.max_loads (%d) must be at least database.max_conns (%d), or pooled connections sit unused", c.Database.MaxLoads, c.Database.MaxConns))
 	}
 	if c.Valkey.BreakerThreshold < 1 {
 		p = append(p, fmt.Sprintf("valkey.breaker_threshold: must be at least 1, got %d", c.Valkey.BreakerThreshold))

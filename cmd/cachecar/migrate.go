@@ -92,6 +92,7 @@ func newPool(ctx context.Context, cfg *configs.Config) (*pgxpool.Pool, error) {
 		return nil, fmt.Errorf("database.url: not a valid PostgreSQL URL")
 	}
 	pc.MaxConns = cfg.Database.MaxConns
+	pc.MinConns = min(cfg.Database.MinConns, cfg.Database.MaxConns)
 	pc.ConnConfig.ConnectTimeout = cfg.Database.ConnectTimeout
 	if pc.ConnConfig.RuntimeParams["application_name"] == "" {
 		pc.ConnConfig.RuntimeParams["application_name"] = "cachecar"

@@ -121,7 +121,7 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 		QueryTimeout: cfg.Database.QueryTimeout,
 		Invalidation: useListener,
 		Policies:     []*cachepolicy.Policy{pol.Tenant, pol.Course, pol.Dispatch, pol.DispatchList, pol.TenantStats},
-		MaxLoads:     cfg.Database.MaxLoads,
+		MaxLoads:     max(cfg.Database.MaxLoads, int(cfg.Database.MaxConns)),
 		LeaseWait:    cfg.Cache.LeaseWait,
 	}, store, loader, log, cm)
 	var listener *invalidation.Listener
