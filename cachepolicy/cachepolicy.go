@@ -9,6 +9,7 @@ import (
 	"hash/fnv"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -76,6 +77,12 @@ type Resolver struct {
 	// db is the database's circuit breaker: after repeated connection failures loads fail at
 	// once for a jittered, growing back-off instead of each dialling a dead server.
 	db *Breaker
+	// bg is the parent of background refreshes; Close cancels it and waits for them.
+	bg       context.Context
+	bgCancel context.CancelFunc
+	bgMu     sync.Mutex // orders bgWait.Add before Close's Wait
+	bgClosed bool
+	bgWait   sync.WaitGroup
 }
 
 // Database breaker: three connection failures in a row open it for 250 ms, doubling up to 5 s
@@ -89,6 +96,7 @@ const (
 // New returns a resolver. store may be nil (no cache configured or cache disabled).
 func New(opts Options, store *Store, loader Loader, log zerolog.Logger, m *Metrics) *Resolver {
 	r := &Resolver{opts: opts, store: store, loader: loader, m: m, log: log}
+	r.bg, r.bgCancel = context.WithCancel(context.Background())
 	r.live.Store(!opts.Invalidation)
 	if opts.MaxLoads > 0 {
 		r.slots = make(chan struct{}, opts.MaxLoads)
@@ -103,6 +111,16 @@ func New(opts Options, store *Store, loader Loader, log zerolog.Logger, m *Metri
 			}
 		}}
 	return r
+}
+
+// Close stops background refreshes and waits for those running to end (each is bounded by the
+// query timeout, and cancelled here). Reads after Close do not refresh.
+func (r *Resolver) Close() {
+	r.bgMu.Lock()
+	r.bgClosed = true
+	r.bgMu.Unlock()
+	r.bgCancel()
+	r.bgWait.Wait()
 }
 
 // DatabaseCircuit returns the database breaker's state.
@@ -272,7 +290,7 @@ func (r *Resolver) GetFunc(ctx context.Context, p *Policy, vals []string, load L
 	ch := r.flight.DoChan(flightKey, func() (any, error) {
 		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.opts.QueryTimeout)
 		defer cancel()
-		return r.loadAndFill(lctx, p, key, vals, load, plan{mode: mode, refreshBelow: p.staleWindow()})
+		return r.loadAndFill(lctx, p, key, vals, load, plan{mode: mode, refreshBelow: p.staleWindow(), shed: cacheState == Bypass})
 	})
 	select {
 	case res := <-ch:
@@ -316,6 +334,8 @@ type plan struct {
 	// another sidecar, is refreshing), it does not load at all.
 	background bool
 	why        string // of a background refresh, for its metric: stale or ahead
+	// shed: the read bypasses the cache, so a full bulkhead refuses it at once (see runLoad).
+	shed bool
 }
 
 // loadAndFill is one load of key, run once per process for concurrent readers: lease, load,
@@ -339,7 +359,9 @@ func (r *Resolver) loadAndFill(ctx context.Context, p *Policy, key string, vals 
 	ttl := p.ttlFor(key) + p.staleWindow()
 	// The lease goes in before the database is read: an invalidation after this point deletes
 	// it, and the fill below is refused.
-	lease, lost := r.takeLease(ctx, key, tags, ttl, mode, pl.refreshBelow)
+	// Tag sets keep the key as long as it can live: as an entry, or as a cached "not found".
+	life := max(ttl, p.NegativeTTL)
+	lease, lost := r.takeLease(ctx, key, tags, life, mode, pl.refreshBelow)
 	if lost && mode == fillLease {
 		// Another reader (another sidecar: this process's readers share this load) took the
 		// lease between the lookup and now: wait for its fill rather than query too. Should its
@@ -349,7 +371,7 @@ func (r *Resolver) loadAndFill(ctx context.Context, p *Policy, key string, vals 
 			return deref(f), err
 		}
 		if next == fillLease {
-			lease, _ = r.takeLease(ctx, key, tags, ttl, fillLease, 0)
+			lease, _ = r.takeLease(ctx, key, tags, life, fillLease, 0)
 		}
 	}
 	if lease == "" && pl.background {
@@ -358,7 +380,7 @@ func (r *Resolver) loadAndFill(ctx context.Context, p *Policy, key string, vals 
 	if pl.background {
 		r.m.refreshes.WithLabelValues(p.Name, pl.why).Inc()
 	}
-	body, err := r.runLoad(ctx, p, load)
+	body, err := r.runLoad(ctx, p, load, pl.shed)
 	if lease == "" {
 		return flightResult{body: body, cache: Miss}, err
 	}
@@ -397,7 +419,7 @@ func deref(f *flightResult) any {
 
 // takeLease takes the fill or refresh lease of key for mode and returns it, or "" when this load
 // must not fill: no cache, a failed call, or (lost) another reader holds the lease.
-func (r *Resolver) takeLease(ctx context.Context, key string, tags []string, ttl time.Duration, mode fillMode, refreshBelow time.Duration) (lease string, lost bool) {
+func (r *Resolver) takeLease(ctx context.Context, key string, tags []string, life time.Duration, mode fillMode, refreshBelow time.Duration) (lease string, lost bool) {
 	if mode != fillLease && mode != fillRefresh {
 		return "", false
 	}
@@ -405,9 +427,9 @@ func (r *Resolver) takeLease(ctx context.Context, key string, tags []string, ttl
 	var got bool
 	var err error
 	if mode == fillLease {
-		got, err = r.store.Lease(ctx, key, l, tags, r.leaseTTL(), ttl)
+		got, err = r.store.Lease(ctx, key, l, tags, r.leaseTTL(), life)
 	} else {
-		got, err = r.store.RefreshLease(ctx, key, l, tags, r.leaseTTL(), ttl, refreshBelow)
+		got, err = r.store.RefreshLease(ctx, key, l, tags, r.leaseTTL(), life, refreshBelow)
 	}
 	if err != nil {
 		// A timed-out call may still have set the lease: take it back (by value, so nobody
@@ -469,16 +491,28 @@ func (r *Resolver) awaitFill(ctx context.Context, key string) (*flightResult, fi
 	}
 }
 
-// runLoad runs one database load through the bulkhead and the database breaker.
-func (r *Resolver) runLoad(ctx context.Context, p *Policy, load LoadFunc) ([]byte, error) {
+// runLoad runs one database load through the bulkhead and the database breaker. A read that
+// bypasses the cache (Valkey's breaker open, Valkey unreachable, invalidation not live: every
+// read of this kind falls through at once) is shed at once when the bulkhead is full (503 with
+// Retry-After); a miss while the cache works waits for a slot, within its query timeout, as it
+// would for a pooled connection.
+func (r *Resolver) runLoad(ctx context.Context, p *Policy, load LoadFunc, shed bool) ([]byte, error) {
 	if r.slots != nil {
 		select {
 		case r.slots <- struct{}{}:
-			defer func() { <-r.slots }()
 		default:
-			r.m.shed.WithLabelValues(p.Name).Inc()
-			return nil, ErrOverloaded
+			if shed {
+				r.m.shed.WithLabelValues(p.Name).Inc()
+				return nil, ErrOverloaded
+			}
+			select {
+			case r.slots <- struct{}{}:
+			case <-ctx.Done():
+				r.m.shed.WithLabelValues(p.Name).Inc()
+				return nil, fmt.Errorf("%w: no load slot within the query timeout", ErrTimeout)
+			}
 		}
+		defer func() { <-r.slots }()
 	}
 	if p.SQL == "" { // not a database load (a parsed file): no breaker, no query metrics
 		return load(ctx)
@@ -490,7 +524,9 @@ func (r *Resolver) runLoad(ctx context.Context, p *Policy, load LoadFunc) ([]byt
 	start := time.Now()
 	body, err := load(ctx)
 	r.observe(p, start, err)
-	if errors.Is(err, ErrUnavailable) {
+	if errors.Is(err, ErrUnavailable) || errors.Is(err, ErrTimeout) {
+		// A timeout counts too: a database that no longer answers (a partition, a frozen
+		// server) times out rather than refusing.
 		r.db.Failure()
 	} else {
 		r.db.Success()
@@ -504,7 +540,15 @@ func (r *Resolver) runLoad(ctx context.Context, p *Policy, load LoadFunc) ([]byt
 func (r *Resolver) refresh(p *Policy, key string, vals []string, load LoadFunc, why string, below time.Duration) {
 	fk := "refresh\x00" + strconv.FormatUint(r.epoch.Load(), 36) + "\x00" + key
 	r.flight.DoChan(fk, func() (any, error) {
-		ctx, cancel := context.WithTimeout(context.Background(), r.opts.QueryTimeout)
+		r.bgMu.Lock()
+		if r.bgClosed {
+			r.bgMu.Unlock()
+			return nil, nil
+		}
+		r.bgWait.Add(1)
+		r.bgMu.Unlock()
+		defer r.bgWait.Done()
+		ctx, cancel := context.WithTimeout(r.bg, r.opts.QueryTimeout)
 		defer cancel()
 		_, err := r.loadAndFill(ctx, p, key, vals, load, plan{mode: fillRefresh, refreshBelow: below, background: true, why: why})
 		if err != nil && !errors.Is(err, ErrNotFound) {
@@ -525,13 +569,14 @@ type Item struct {
 }
 
 // GetMany answers a batch of single-row reads of p by id with one MGET and, for the misses, one
-// query of p.BatchSQL. The result is in the order of ids. The cache result is Hit only when every
-// id was cached and fresh, Stale when some entry was served stale. p's key must have one
+// query of p.BatchSQL. The result is in the order of ids. The cache result (Result.Cache and
+// StaleReason; no Body) is Hit only when every id was cached and fresh, Stale when some entry
+// was served stale. p's key must have one
 // placeholder (so p has no tags).
-func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item, string, error) {
+func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item, Result, error) {
 	if len(p.Tags) > 0 {
 		// Batch leases register no tags: a tagged key filled here would escape invalidation.
-		return nil, "", fmt.Errorf("policy %s: batch reads of a tagged policy are not supported", p.Name)
+		return nil, Result{}, fmt.Errorf("policy %s: batch reads of a tagged policy are not supported", p.Name)
 	}
 	keys := make([]string, len(ids))
 	for i, id := range ids {
@@ -609,10 +654,7 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 		r.m.lookups.WithLabelValues(p.Name, "bypass").Add(float64(len(ids)))
 	}
 	if len(missing) == 0 {
-		if anyStale {
-			state = Stale
-		}
-		return items, state, nil
+		return items, manyResult(state, anyStale), nil
 	}
 	lctx, cancel := context.WithTimeout(ctx, r.opts.QueryTimeout)
 	defer cancel()
@@ -643,7 +685,7 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 		var err error
 		found, err = r.loader.LoadMany(ctx, p.BatchSQL, missIDs)
 		return nil, err
-	})
+	}, state == Bypass)
 	// Valkey calls after the load get their own time: a load that used most of the query
 	// timeout must not leave its leases behind by timing out the fill.
 	vctx := context.WithoutCancel(lctx)
@@ -661,9 +703,9 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 				items[i].Body = e.body
 			}
 			r.m.staleServed.WithLabelValues(p.Name, StaleIfError).Add(float64(len(stale)))
-			return items, Stale, nil
+			return items, Result{Cache: Stale, StaleReason: StaleIfError}, nil
 		}
-		return nil, "", err
+		return nil, Result{}, err
 	}
 	var fillKeys, fillLeases []string
 	var fillVals [][]byte
@@ -698,10 +740,17 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 	} else if refused := len(fillKeys) - stored; refused > 0 {
 		r.m.fillsRefused.WithLabelValues(p.Name).Add(float64(refused))
 	}
+	return items, manyResult(state, anyStale), nil
+}
+
+// manyResult is a batch's cache result: Stale (with stale-while-revalidate, the only way a batch
+// serves an entry stale without an error) when some entry was, else the lookup's state.
+func manyResult(state string, anyStale bool) Result {
 	if anyStale {
-		state = Stale
+		return Result{Cache: Stale, StaleReason: StaleWhileRevalidate}
 	}
-	return items, state, nil
+	return Result{Cache: state}
+
 }
 
 // oneLoad loads one id of p with p.SQL, for a background refresh of one entry of a batch.

@@ -22,8 +22,9 @@ import (
 // revokes. Keys of tag sets are registered in their sets in the same script that takes the lease,
 // so an invalidation of the tag also revokes leases of keys not yet filled.
 //
-// A reader that finds another's lease (a fill in flight) loads from PostgreSQL and answers
-// without filling.
+// A reader that finds another's lease (a fill in flight, maybe in another sidecar) waits a
+// moment (cache.lease_wait) for that fill, and loads by itself without filling only if it does
+// not come. Batch reads load the ids leased by others without waiting.
 
 // leasePrefix starts every lease value. Cached values are JSON (or a manifest verdict) and never
 // start with a NUL byte.
@@ -325,6 +326,7 @@ func (s *Store) Invalidate(ctx context.Context, keys, tags []string) (int, error
 	if err != nil {
 		return 0, err
 	}
+	start := time.Now()
 	defer s.tier.drop(keys) // after the deletes: see tierStats.drop
 	keys = withRefreshKeys(keys)
 	if len(tags) == 0 {
@@ -332,7 +334,7 @@ func (s *Store) Invalidate(ctx context.Context, keys, tags []string) (int, error
 		if err != nil {
 			return 0, s.fail("invalidate", err)
 		}
-		s.ok()
+		s.okAlways(start)
 		return int(n), nil
 	}
 	suffix := ":detached:" + newLease()[len(leasePrefix):]
@@ -374,7 +376,7 @@ func (s *Store) Invalidate(ctx context.Context, keys, tags []string) (int, error
 			deleted += int(n)
 		}
 	}
-	s.ok()
+	s.okAlways(start)
 	return deleted, nil
 }
 
@@ -399,6 +401,7 @@ func (s *Store) ServerID(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	start := time.Now()
 	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout*20)
 	defer cancel()
 	info, err := c.Do(ctx, c.B().Info().Section("server", "replication").Build()).ToString()
@@ -418,7 +421,7 @@ func (s *Store) ServerID(ctx context.Context) (string, error) {
 	if runID == "" {
 		return "", fmt.Errorf("valkey info: no run_id")
 	}
-	s.ok()
+	s.okAlways(start)
 	return runID + "/" + replID, nil
 }
 
@@ -433,6 +436,7 @@ func (s *Store) DeletePrefixed(ctx context.Context, match string, prefixes []str
 	if err != nil {
 		return 0, err
 	}
+	start := time.Now()
 	deleted := 0
 	var cursor uint64
 	for {
@@ -462,7 +466,7 @@ func (s *Store) DeletePrefixed(ctx context.Context, match string, prefixes []str
 			break
 		}
 	}
-	s.ok()
+	s.okAlways(start)
 	return deleted, nil
 }
 

@@ -126,8 +126,8 @@ func TestForeignLeaseMeansNoFill(t *testing.T) {
 	}
 	// A batch read treats the leased key as a miss and leaves it alone too.
 	items, state, err := f.res.GetMany(ctx, p, []int64{1, 2})
-	if err != nil || state != Miss || items[1].Body == nil {
-		t.Fatalf("GetMany: %v %s %v", items, state, err)
+	if err != nil || state.Cache != Miss || items[1].Body == nil {
+		t.Fatalf("GetMany: %v %s %v", items, state.Cache, err)
 	}
 	if b, _ := f.rawGet(t, "item:2"); string(b) != lease {
 		t.Fatalf("GetMany overwrote the lease with %q", b)
@@ -174,8 +174,8 @@ func TestNotLiveBypassesInvalidatedPolicies(t *testing.T) {
 	if _, ok := f.rawGet(t, "item:2"); ok {
 		t.Fatal("filled while not live")
 	}
-	if items, state, err := f.res.GetMany(ctx, p, []int64{1}); err != nil || state != Bypass || string(items[0].Body) == `{"stale":true}` {
-		t.Fatalf("batch not live: %q %s %v", items[0].Body, state, err)
+	if items, state, err := f.res.GetMany(ctx, p, []int64{1}); err != nil || state.Cache != Bypass || string(items[0].Body) == `{"stale":true}` {
+		t.Fatalf("batch not live: %q %s %v", items[0].Body, state.Cache, err)
 	}
 	// A policy no table invalidates is served as usual.
 	q := itemPolicy(t, "")

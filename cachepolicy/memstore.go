@@ -25,7 +25,11 @@ type memStore struct {
 	mu     sync.Mutex
 	leases map[string]memLease         // fill leases by key, refresh leases by refreshKey(key)
 	tags   map[string]map[string]int64 // tag set -> member key -> expiry (Unix ms)
+	// registrations counts tag registrations, for the sweep in register.
+	registrations int
 }
+
+const sweepEvery = 1024
 
 type memLease struct {
 	value string
@@ -128,9 +132,23 @@ func (m *memStore) MGet(keys []string) ([][]byte, []time.Duration) {
 	return out, pttls
 }
 
-// register adds key to tags until life from now, pruning members that have expired.
+// register adds key to tags until life from now, pruning members that have expired. Every
+// sweepEvery registrations it also sweeps every set, so that the sets of keys nobody reads again
+// (old pages of a list) do not stay in memory.
 func (m *memStore) register(key string, tags []string, life time.Duration) {
 	now := nowMs()
+	if m.registrations++; m.registrations%sweepEvery == 0 {
+		for t, set := range m.tags {
+			for k, exp := range set {
+				if exp <= now {
+					delete(set, k)
+				}
+			}
+			if len(set) == 0 {
+				delete(m.tags, t)
+			}
+		}
+	}
 	for _, t := range tags {
 		set := m.tags[t]
 		if set == nil {

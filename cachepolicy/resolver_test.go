@@ -243,8 +243,8 @@ func TestGetManyOneMGetOneQuery(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if state != Miss {
-		t.Fatalf("state %s, want MISS (2, 3 and 404 were not cached)", state)
+	if state.Cache != Miss {
+		t.Fatalf("state %s, want MISS (2, 3 and 404 were not cached)", state.Cache)
 	}
 	if f.loader.many.Load() != 1 {
 		t.Fatalf("%d batch queries, want 1", f.loader.many.Load())
@@ -261,8 +261,8 @@ func TestGetManyOneMGetOneQuery(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if state != Hit || f.loader.many.Load() != 1 {
-		t.Fatalf("second batch: state %s after %d queries, want HIT with no new query", state, f.loader.many.Load())
+	if state.Cache != Hit || f.loader.many.Load() != 1 {
+		t.Fatalf("second batch: state %s after %d queries, want HIT with no new query", state.Cache, f.loader.many.Load())
 	}
 	if !bytes.Equal(items2[0].Body, items[2].Body) {
 		t.Fatalf("cached batch entry differs: %q vs %q", items2[0].Body, items[2].Body)
@@ -290,8 +290,8 @@ func TestValkeyKilledReadsGoToPostgres(t *testing.T) {
 		}
 	}
 	items, state, err := f.res.GetMany(ctx, p, []int64{1, 2})
-	if err != nil || state != Bypass || items[1].Body == nil {
-		t.Fatalf("batch with Valkey down: %v %v %+v", state, err, items)
+	if err != nil || state.Cache != Bypass || items[1].Body == nil {
+		t.Fatalf("batch with Valkey down: %v %v %+v", state.Cache, err, items)
 	}
 	if f.store.Up() {
 		t.Fatal("store reports up while Valkey is down")

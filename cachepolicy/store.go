@@ -256,6 +256,19 @@ func (s *Store) fail(op string, err error) error {
 	return fmt.Errorf("valkey %s: %w", op, err)
 }
 
+// okAlways records a listener call (see getAlways) that worked: it closes an open breaker only
+// if it was as fast as a read's call must be, so that a slow Valkey answering the listener's few
+// calls does not flap the breaker that keeps reads off it.
+func (s *Store) okAlways(start time.Time) {
+	if time.Since(start) <= s.opts.Timeout || s.cb.State() == CircuitClosed {
+		s.ok()
+		return
+	}
+	if !s.up.Load() {
+		s.setUp(true)
+	}
+}
+
 func (s *Store) ok() {
 	s.cb.Success()
 	if !s.up.Load() {

@@ -97,8 +97,10 @@ func (t *tierStats) peek(key string) (body []byte, pttl time.Duration, ok bool) 
 }
 
 // drop deletes the local copies of keys from every store. Valkey's invalidation message does the
-// same a moment later; dropping them as soon as this process's own delete is acknowledged means
-// a read that starts after an invalidation returns never sees the old copy, here or elsewhere.
+// same a moment later; dropping them as soon as this process's own delete is acknowledged closes
+// most of the gap between the delete and that message for reads in this process. (A reply read
+// before the delete but processed after the drop can still land; the invalidation message that
+// follows it on the same connection removes it microseconds later.)
 func (t *tierStats) drop(keys []string) {
 	for _, s := range t.list() {
 		for _, k := range keys {
@@ -209,7 +211,8 @@ func (s *localStore) Update(key, cmd string, val valkey.ValkeyMessage) int64 {
 		return 0
 	}
 	delete(s.flights, k)
-	xat := val.CachePXAT()
+	sxat := val.CachePXAT() // the key's expiry on the server, read with the value
+	xat := sxat
 	if xat <= 0 || f.xat < xat {
 		xat = f.xat
 	}
@@ -219,6 +222,11 @@ func (s *localStore) Update(key, cmd string, val valkey.ValkeyMessage) int64 {
 	s.c.Set([]byte(k), buf) // silently skipped past fastcache's 64 KiB entry limit
 	f.val = val
 	close(f.ch)
+	if sxat > 0 {
+		// The caller reads the entry's age and freshness from this: it must be the server's
+		// expiry, as a later hit from memory reports it, not the local copy's shorter life.
+		return sxat
+	}
 	return xat
 }
 

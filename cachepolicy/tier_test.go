@@ -586,20 +586,20 @@ func TestStaleIfErrorGetMany(t *testing.T) {
 			p := shortPolicy(t, 300*time.Millisecond, 0, tc.sie)
 			ctx := context.Background()
 			first, state, err := f.res.GetMany(ctx, p, []int64{1, 2})
-			if err != nil || state != Miss {
-				t.Fatalf("fill: %s %v", state, err)
+			if err != nil || state.Cache != Miss {
+				t.Fatalf("fill: %s %v", state.Cache, err)
 			}
 			f.awaitStale(t, p, "item:1", "item:2")
 			f.ctl.fail.Store(true)
 			items, state, err := f.res.GetMany(ctx, p, []int64{1, 2})
 			if tc.sie == 0 {
 				if !errors.Is(err, ErrUnavailable) {
-					t.Fatalf("no stale-if-error window: %v %s %v; want ErrUnavailable", items, state, err)
+					t.Fatalf("no stale-if-error window: %v %s %v; want ErrUnavailable", items, state.Cache, err)
 				}
 				return
 			}
-			if err != nil || state != Stale {
-				t.Fatalf("database down past TTL: state %s %v; want STALE", state, err)
+			if err != nil || state.Cache != Stale {
+				t.Fatalf("database down past TTL: state %s %v; want STALE", state.Cache, err)
 			}
 			for i := range items {
 				if items[i].ID != first[i].ID || !bytes.Equal(items[i].Body, first[i].Body) || items[i].Body == nil {
@@ -653,16 +653,16 @@ func TestNegativeCaching(t *testing.T) {
 
 	// Batch reads store and honour the same marker.
 	items, state, err := f.res.GetMany(ctx, p, []int64{98})
-	if err != nil || state != Miss || items[0].Body != nil {
-		t.Fatalf("batch of an absent row: %+v %s %v", items, state, err)
+	if err != nil || state.Cache != Miss || items[0].Body != nil {
+		t.Fatalf("batch of an absent row: %+v %s %v", items, state.Cache, err)
 	}
 	if b, _ := f.rawGet(t, "item:98"); !isNegative(b) {
 		t.Fatalf("item:98 holds %q after a batch not-found, want the negative marker", b)
 	}
 	items, state, err = f.res.GetMany(ctx, p, []int64{98})
-	if err != nil || state != Hit || items[0].Body != nil || f.loader.many.Load() != 1 {
+	if err != nil || state.Cache != Hit || items[0].Body != nil || f.loader.many.Load() != 1 {
 		t.Fatalf("second batch: %+v %s %v after %d batch queries; want a HIT from the negative entry",
-			items, state, err, f.loader.many.Load())
+			items, state.Cache, err, f.loader.many.Load())
 	}
 	if r, err := f.res.Get(ctx, p, []string{"98"}, int64(98)); !errors.Is(err, ErrNotFound) || r.Cache != Hit {
 		t.Fatalf("single read of a batch-cached not-found: %s %v", r.Cache, err)
@@ -824,8 +824,11 @@ func TestBulkheadShedsLoadsPastMaxLoads(t *testing.T) {
 	t.Parallel()
 	pool := itemsDB(t)
 	addr, prefix := testenv.Valkey(t)
-	f := newCtlFixture(t, pool, addr, prefix, 0, Options{MaxLoads: 1})
+	// Invalidation never live: every read bypasses the cache, as when Valkey's breaker is open
+	// and all reads fall through to PostgreSQL at once. Those are shed when the bulkhead is full.
+	f := newCtlFixture(t, pool, addr, prefix, 0, Options{MaxLoads: 1, Invalidation: true})
 	p := itemPolicy(t, "")
+	p.Invalidated = true
 	ctx := context.Background()
 	entered, release := f.ctl.holdLoads(t)
 	done1 := make(chan Result, 1)
@@ -840,30 +843,52 @@ func TestBulkheadShedsLoadsPastMaxLoads(t *testing.T) {
 	start := time.Now()
 	r, err := f.res.Get(ctx, p, []string{"2"}, int64(2))
 	if !errors.Is(err, ErrOverloaded) || r.Body != nil {
-		t.Fatalf("second load with MaxLoads 1 busy: %s %q %v; want ErrOverloaded", r.Cache, r.Body, err)
+		t.Fatalf("second bypassed load with MaxLoads 1 busy: %s %q %v; want ErrOverloaded", r.Cache, r.Body, err)
 	}
 	if d := time.Since(start); d > time.Second {
 		t.Fatalf("the shed read took %v: it waited instead of failing at once", d)
 	}
 	if _, _, err := f.res.GetMany(ctx, p, []int64{3}); !errors.Is(err, ErrOverloaded) {
-		t.Fatalf("batch load with MaxLoads 1 busy: %v, want ErrOverloaded", err)
+		t.Fatalf("bypassed batch load with MaxLoads 1 busy: %v, want ErrOverloaded", err)
 	}
 	if n := f.loader.one.Load() + f.loader.many.Load(); n != 1 {
 		t.Fatalf("%d loads reached the loader, want 1 (the shed ones must not)", n)
-	}
-	for _, k := range []string{"item:2", "item:3"} {
-		if v, ok := f.rawGet(t, k); ok {
-			t.Fatalf("%s holds %q after a shed load: its lease was not given back", k, v)
-		}
 	}
 	release()
 	if r := <-done1; string(r.Body) != body1 {
 		t.Fatalf("held load: %q", r.Body)
 	}
-	for _, id := range []int64{1, 2} {
-		r, err := f.res.Get(ctx, p, []string{fmt.Sprint(id)}, id)
-		if err != nil || r.Body == nil {
-			t.Fatalf("item %d after the release: %s %v", id, r.Cache, err)
+
+	// With the cache in use, a miss is not shed: it waits for the slot, as for a pooled
+	// connection, and is answered when the slot frees.
+	f.res.SetLive(true)
+	entered, release = f.ctl.holdLoads(t)
+	go func() {
+		r, err := f.res.Get(ctx, p, []string{"1"}, int64(1))
+		if err != nil {
+			t.Error(err)
+		}
+		done1 <- r
+	}()
+	<-entered
+	done2 := make(chan error, 1)
+	go func() {
+		_, err := f.res.Get(ctx, p, []string{"2"}, int64(2))
+		done2 <- err
+	}()
+	select {
+	case err := <-done2:
+		t.Fatalf("a miss with the bulkhead full ended at once (%v); want it to wait for the slot", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	release()
+	<-done1
+	if err := <-done2; err != nil {
+		t.Fatalf("the waiting miss: %v", err)
+	}
+	for _, k := range []string{"item:1", "item:2"} {
+		if _, ok := f.rawGet(t, k); !ok {
+			t.Fatalf("%s not filled after the bulkhead freed", k)
 		}
 	}
 }
@@ -1092,7 +1117,7 @@ func TestNotLiveServesCachedOnlyForStaleIfError(t *testing.T) {
 				}
 				if !errors.Is(berr, ErrUnavailable) {
 					t.Errorf("batch, not live, database down, no stale-if-error window: %s %v %v; want ErrUnavailable",
-						state, items, berr)
+						state.Cache, items, berr)
 				}
 				return
 			}
@@ -1100,12 +1125,98 @@ func TestNotLiveServesCachedOnlyForStaleIfError(t *testing.T) {
 				t.Fatalf("not live, database down: %s %q %q %v; want the cached entry as STALE stale-if-error",
 					r.Cache, r.StaleReason, r.Body, err)
 			}
-			if berr != nil || state != Stale || string(items[0].Body) != cached {
-				t.Fatalf("batch, not live, database down: %s %+v %v; want the cached entry as STALE", state, items, berr)
+			if berr != nil || state.Cache != Stale || string(items[0].Body) != cached {
+				t.Fatalf("batch, not live, database down: %s %+v %v; want the cached entry as STALE", state.Cache, items, berr)
 			}
 			if n := f.loader.one.Load(); n != 2 {
 				t.Fatalf("%d queries, want 2", n)
 			}
 		})
+	}
+}
+
+// TestTierFirstReadOfLongEntryIsFresh: an entry whose TTL plus stale window exceeds the tier's
+// own bound on a local copy (tierTTL) must still read as fresh, with its real age, on the read
+// that brings it into the tier.
+func TestTierFirstReadOfLongEntryIsFresh(t *testing.T) {
+	t.Parallel()
+	pool := itemsDB(t)
+	addr, prefix := testenv.Valkey(t)
+	f := newCtlFixture(t, pool, addr, prefix, 32<<20, Options{Invalidation: false})
+	p := itemPolicy(t, "")
+	p.TTL, p.StaleWhileRevalidate, p.StaleIfError = time.Hour, 5*time.Minute, time.Hour
+	ctx := context.Background()
+	if r, err := f.res.Get(ctx, p, []string{"4"}, int64(4)); err != nil || r.Cache != Miss {
+		t.Fatalf("fill: %s %v", r.Cache, err)
+	}
+	for i := 0; i < 3; i++ {
+		r, err := f.res.Get(ctx, p, []string{"4"}, int64(4))
+		if err != nil || r.Cache != Hit || r.Age > 5*time.Second {
+			t.Fatalf("read %d after the fill: %s (%s) age %s %v; want a fresh HIT", i+1, r.Cache, r.StaleReason, r.Age, err)
+		}
+	}
+}
+
+// TestNegativeEntryLeavesWithItsTag: a cached "not found" of a tagged policy lives longer than
+// the policy's TTL; its tag set must keep it as long, or invalidating the tag leaves it behind.
+func TestNegativeEntryLeavesWithItsTag(t *testing.T) {
+	t.Parallel()
+	pool := itemsDB(t)
+	for _, mem := range []bool{false, true} {
+		addr, prefix := testenv.Valkey(t)
+		f := newCtlFixture(t, pool, addr, prefix, 0, Options{QueryTimeout: 100 * time.Millisecond})
+		if mem {
+			m := NewMetrics(prometheus.NewRegistry())
+			f.res = New(Options{QueryTimeout: 100 * time.Millisecond, Invalidation: true}, NewMemoryStore(MinTierSize, zerolog.Nop(), m), f.loader, zerolog.Nop(), m)
+			f.res.SetLive(true)
+			prefix = ""
+		}
+		f.res.SetLive(true)
+		p, err := NewPolicy("list", "list:{group}:{page}", []string{"group", "page"}, 100*time.Millisecond, `^[1-9][0-9]{0,18}$`,
+			"SELECT NULL::text WHERE $1::bigint > 0 AND $2::bigint > 0", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		tag, _ := NewTag("list", []string{"group", "page"}, []string{"group"})
+		p.Tags, p.Invalidated, p.NegativeTTL = []*Tag{tag}, true, 5*time.Second
+		ctx := context.Background()
+		if _, err := f.res.Get(ctx, p, []string{"1", "1"}, int64(1), int64(1)); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("mem=%v: absent list: %v", mem, err)
+		}
+		// Past the lease (query timeout + 1 s) plus the TTL: a member registered for the TTL
+		// alone is gone from its set by now.
+		time.Sleep(1300 * time.Millisecond)
+		if r, err := f.res.Get(ctx, p, []string{"1", "1"}, int64(1), int64(1)); !errors.Is(err, ErrNotFound) || r.Cache != Hit {
+			t.Fatalf("mem=%v: the cached 404: %s %v", mem, r.Cache, err)
+		}
+		if _, err := f.res.Invalidate(ctx, nil, []string{prefix + "cachecar:tag:list:1"}); err != nil {
+			t.Fatal(err)
+		}
+		if r, err := f.res.Get(ctx, p, []string{"1", "1"}, int64(1), int64(1)); r.Cache == Hit {
+			t.Fatalf("mem=%v: the cached 404 survived its tag's invalidation (%v)", mem, err)
+		}
+	}
+}
+
+// TestDBCircuitOpensOnTimeouts: a database that stops answering times out rather than refusing;
+// that must open the breaker too.
+func TestDBCircuitOpensOnTimeouts(t *testing.T) {
+	t.Parallel()
+	pool := itemsDB(t)
+	addr, prefix := testenv.Valkey(t)
+	f := newCtlFixture(t, pool, addr, prefix, 0, Options{QueryTimeout: 200 * time.Millisecond})
+	p := itemPolicy(t, "SELECT body FROM items, pg_sleep(1) WHERE id = $1")
+	ctx := context.Background()
+	for i := 0; i < dbBreakerThreshold; i++ {
+		if _, err := f.res.Get(ctx, p, []string{"1"}, int64(1)); !errors.Is(err, ErrTimeout) {
+			t.Fatalf("load %d: %v, want ErrTimeout", i+1, err)
+		}
+	}
+	if f.res.DatabaseCircuit() != CircuitOpen {
+		t.Fatalf("after %d timeouts the database circuit is %s, want open", dbBreakerThreshold, CircuitName(f.res.DatabaseCircuit()))
+	}
+	n := f.loader.one.Load()
+	if _, err := f.res.Get(ctx, p, []string{"1"}, int64(1)); !errors.Is(err, ErrUnavailable) || f.loader.one.Load() != n {
+		t.Fatalf("with the circuit open: %v after %d loads (was %d); want ErrUnavailable without a load", err, f.loader.one.Load(), n)
 	}
 }

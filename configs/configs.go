@@ -587,8 +587,9 @@ func (c *Config) validate() []string {
 	} else if lim, src := MemoryLimit(); c.Cache.TierMaxBytes > 0 && lim > 0 && c.Cache.TierMaxBytes+64<<20 > lim {
 		p = append(p, fmt.Sprintf("cache.tier_max_bytes (%d) does not fit the memory limit of %d bytes (%s) with 64 MiB for everything else", c.Cache.TierMaxBytes, lim, src))
 	}
-	if c.Cache.LeaseWait < 0 || (c.Database.QueryTimeout > 0 && c.Cache.LeaseWait > c.Database.QueryTimeout) {
-		p = append(p, fmt.Sprintf("cache.lease_wait: must be from 0 to database.query_timeout (%s), got %s", c.Database.QueryTimeout, c.Cache.LeaseWait))
+	if c.Cache.LeaseWait < 0 || (c.Database.QueryTimeout > 0 && 2*c.Cache.LeaseWait > c.Database.QueryTimeout) {
+		// The wait comes out of the load's time: the load that may follow needs the rest.
+		p = append(p, fmt.Sprintf("cache.lease_wait: must be from 0 to half of database.query_timeout (%s), got %s", c.Database.QueryTimeout, c.Cache.LeaseWait))
 	}
 	if c.Database.MaxConns < 1 {
 		p = append(p, fmt.Sprintf("database.max_conns: must be at least 1, got %d", c.Database.MaxConns))

@@ -123,7 +123,7 @@ func (s *Server) courseBatch() http.Handler {
 			body = strconv.AppendInt(body, it.ID, 10)
 		}
 		body = append(body, "]}"...)
-		writeResult(w, r, body, cachepolicy.Result{Cache: state}, false)
+		writeResult(w, r, body, state, false)
 	})
 }
 

@@ -13,7 +13,7 @@ import (
 // Reader answers reads through the cache; *cachepolicy.Resolver is the real one.
 type Reader interface {
 	Get(ctx context.Context, p *cachepolicy.Policy, vals []string, args ...any) (cachepolicy.Result, error)
-	GetMany(ctx context.Context, p *cachepolicy.Policy, ids []int64) ([]cachepolicy.Item, string, error)
+	GetMany(ctx context.Context, p *cachepolicy.Policy, ids []int64) ([]cachepolicy.Item, cachepolicy.Result, error)
 }
 
 // Policies are the compiled policies of the routes.

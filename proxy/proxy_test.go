@@ -75,7 +75,7 @@ func (f *fakeReader) Get(ctx context.Context, p *cachepolicy.Policy, vals []stri
 	return f.result, nil
 }
 
-func (f *fakeReader) GetMany(ctx context.Context, p *cachepolicy.Policy, ids []int64) ([]cachepolicy.Item, string, error) {
+func (f *fakeReader) GetMany(ctx context.Context, p *cachepolicy.Policy, ids []int64) ([]cachepolicy.Item, cachepolicy.Result, error) {
 	f.mu.Lock()
 	f.calls = append(f.calls, call{Method: "GetMany", Policy: p.Name, IDs: append([]int64(nil), ids...)})
 	f.mu.Unlock()
@@ -86,20 +86,20 @@ func (f *fakeReader) GetMany(ctx context.Context, p *cachepolicy.Policy, ids []i
 	}
 	if f.hook != nil {
 		if err := f.hook(ctx); err != nil {
-			return nil, "", err
+			return nil, cachepolicy.Result{}, err
 		}
 	}
 	if f.err != nil {
-		return nil, "", f.err
+		return nil, cachepolicy.Result{}, f.err
 	}
 	if f.items != nil {
-		return f.items(ids), f.state, nil
+		return f.items(ids), cachepolicy.Result{Cache: f.state}, nil
 	}
 	out := make([]cachepolicy.Item, len(ids))
 	for i, id := range ids {
 		out[i] = cachepolicy.Item{ID: id, Body: []byte(fmt.Sprintf(`{"id":%d}`, id))}
 	}
-	return out, f.state, nil
+	return out, cachepolicy.Result{Cache: f.state}, nil
 }
 
 func (f *fakeReader) Calls() []call {

@@ -43,12 +43,12 @@ func newLogWriter(out io.Writer) *logWriter {
 
 func (w *logWriter) Write(p []byte) (int, error) {
 	w.mu.Lock()
-	full := len(w.buf) >= logFlushAt
 	if len(w.buf)+len(p) <= logMaxBuffer {
 		w.buf = append(w.buf, p...)
 	} else {
 		w.dropped.Add(1)
 	}
+	full := len(w.buf) >= logFlushAt
 	w.mu.Unlock()
 	if full {
 		select {
@@ -89,6 +89,9 @@ func (w *logWriter) flush(spare *[]byte) {
 	}
 	if len(b) > 0 {
 		w.out.Write(b)
+	}
+	if cap(b) > 4*logFlushAt {
+		b = nil // after a burst, do not keep a big buffer for good
 	}
 	*spare = b
 }

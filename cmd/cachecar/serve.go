@@ -124,6 +124,7 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 		MaxLoads:     max(cfg.Database.MaxLoads, int(cfg.Database.MaxConns)),
 		LeaseWait:    cfg.Cache.LeaseWait,
 	}, store, loader, log, cm)
+	defer res.Close() // before the pool and the log writer close (defers run last first)
 	var listener *invalidation.Listener
 	if useListener {
 		listener = invalidation.New(invalidation.Options{
