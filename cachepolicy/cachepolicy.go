@@ -6,13 +6,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"hash/fnv"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 	"golang.org/x/sync/singleflight"
 )
@@ -83,6 +83,7 @@ type Resolver struct {
 	bgMu     sync.Mutex // orders bgWait.Add before Close's Wait
 	bgClosed bool
 	bgWait   sync.WaitGroup
+	hits     sync.Map // *Policy -> *hitCounters
 }
 
 // Database breaker: three connection failures in a row open it for 250 ms, doubling up to 5 s
@@ -123,6 +124,19 @@ func (r *Resolver) Close() {
 	r.bgWait.Wait()
 }
 
+// hitCounters are the series a hit increments, resolved once per policy: the hit path then
+// skips the label lookup (a hash and a map under a lock) of WithLabelValues.
+type hitCounters struct{ hit, local prometheus.Counter }
+
+func (r *Resolver) counters(p *Policy) *hitCounters {
+	if c, ok := r.hits.Load(p); ok {
+		return c.(*hitCounters)
+	}
+	c := &hitCounters{hit: r.m.lookups.WithLabelValues(p.Name, "hit"), local: r.m.localHits.WithLabelValues(p.Name)}
+	r.hits.Store(p, c)
+	return c
+}
+
 // DatabaseCircuit returns the database breaker's state.
 func (r *Resolver) DatabaseCircuit() int { return r.db.State() }
 
@@ -155,11 +169,13 @@ type Result struct {
 
 // ETag returns a strong entity tag of body.
 func ETag(body []byte) string {
-	h := fnv.New64a()
-	h.Write(body)
+	h := uint64(14695981039346656037) // FNV-1a, inline: no hasher to allocate
+	for _, c := range body {
+		h = (h ^ uint64(c)) * 1099511628211
+	}
 	var buf [18]byte
 	buf[0] = '"'
-	b := strconv.AppendUint(buf[:1], h.Sum64(), 36)
+	b := strconv.AppendUint(buf[:1], h, 36)
 	return string(append(b, '"'))
 }
 
@@ -247,9 +263,10 @@ func (r *Resolver) GetFunc(ctx context.Context, p *Policy, vals []string, load L
 			e := p.classifyEntry(key, body, pttl)
 			switch {
 			case e.fresh:
-				r.m.lookups.WithLabelValues(p.Name, "hit").Inc()
+				c := r.counters(p)
+				c.hit.Inc()
 				if local {
-					r.m.localHits.WithLabelValues(p.Name).Inc()
+					c.local.Inc()
 				}
 				if ttl := p.ttlFor(key); p.RefreshAhead > 0 && e.age >= time.Duration(p.RefreshAhead*float64(ttl)) {
 					// Lease only while the entry is still this far into its TTL: a refresh done

@@ -141,16 +141,13 @@ func (s *Store) Connect() error {
 	var err error
 	tier := false
 	if s.opts.TierSize > 0 {
-		// Every pipelined connection gets its own store; keep each at fastcache's minimum or
-		// more (one connection for the smallest tiers).
+		// Every pipelined connection gets its own store. One connection (auto-pipelined, so
+		// concurrent calls still share writes) keeps one store: a hit is one lookup, and the
+		// whole tier size is one bound.
 		cached := opt
 		cached.DisableCache = false
-		conns := 2
-		cached.PipelineMultiplex = 1
-		if s.opts.TierSize < 2*MinTierSize {
-			conns, cached.PipelineMultiplex = 1, -1
-		}
-		cached.CacheSizeEachConn = s.opts.TierSize / conns
+		cached.PipelineMultiplex = -1
+		cached.CacheSizeEachConn = s.opts.TierSize
 		cached.NewCacheStoreFn = func(o valkey.CacheStoreOption) valkey.CacheStore {
 			return newLocalStore(o.CacheSizeEachConn, &s.tier)
 		}

@@ -4,6 +4,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -12,6 +13,41 @@ import (
 type metrics struct {
 	requests *prometheus.CounterVec   // route, code, cache
 	duration *prometheus.HistogramVec // route
+
+	// series caches the two series of each (route, status, cache) seen, so that a request
+	// skips WithLabelValues' hashing and locked lookups. The set is small: route templates,
+	// the statuses handlers write, and the X-Cache values.
+	mu     sync.RWMutex
+	series map[seriesKey]series
+}
+
+type seriesKey struct {
+	route  string
+	status int
+	cache  string
+}
+
+type series struct {
+	count prometheus.Counter
+	dur   prometheus.Observer
+}
+
+func (m *metrics) get(route string, status int, cache string) series {
+	k := seriesKey{route, status, cache}
+	m.mu.RLock()
+	s, ok := m.series[k]
+	m.mu.RUnlock()
+	if ok {
+		return s
+	}
+	s = series{m.requests.WithLabelValues(route, strconv.Itoa(status), cache), m.duration.WithLabelValues(route)}
+	m.mu.Lock()
+	if m.series == nil {
+		m.series = make(map[seriesKey]series)
+	}
+	m.series[k] = s
+	m.mu.Unlock()
+	return s
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -85,9 +121,9 @@ func (s *Server) finish(rec *recorder, r *http.Request, rid string, start time.T
 		route = "unmatched"
 	}
 	cache := rec.Header().Get("X-Cache")
-	code := strconv.Itoa(rec.status)
-	s.m.requests.WithLabelValues(route, code, cache).Inc()
-	s.m.duration.WithLabelValues(route).Observe(d.Seconds())
+	ser := s.m.get(route, rec.status, cache)
+	ser.count.Inc()
+	ser.dur.Observe(d.Seconds())
 	if rec.status < 500 && (s.opts.AccessSample <= 0 || (s.opts.AccessSample < 1 && rand.Float64() >= s.opts.AccessSample)) {
 		return
 	}

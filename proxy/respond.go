@@ -17,23 +17,38 @@ import (
 func writeResult(w http.ResponseWriter, r *http.Request, body []byte, res cachepolicy.Result, withAge bool) {
 	etag := cachepolicy.ETag(body)
 	h := w.Header()
-	h.Set("Content-Type", "application/json")
+	// Header values are set as slices directly (the names are canonical already): the constant
+	// ones shared, the others in one array, instead of one allocation per Header.Set. Nothing
+	// in net/http writes to a header's value slice.
+	h["Content-Type"] = jsonContentType
 	setCacheHeaders(h, res)
-	h.Set("ETag", etag)
+	vals := new([3]string)
+	vals[0] = etag
+	h["Etag"] = vals[0:1:1]
 	if withAge {
 		// Age is a non-negative number of seconds (RFC 9111 5.1), whatever the Reader says.
-		h.Set("Age", strconv.FormatInt(max(int64(res.Age/time.Second), 0), 10))
+		vals[1] = strconv.FormatInt(max(int64(res.Age/time.Second), 0), 10)
+		h["Age"] = vals[1:2:2]
 	}
 	if inm := r.Header.Get("If-None-Match"); inm != "" && etagMatch(inm, etag) {
 		w.WriteHeader(http.StatusNotModified)
 		return
 	}
-	h.Set("Content-Length", strconv.Itoa(len(body)))
+	vals[2] = strconv.Itoa(len(body))
+	h["Content-Length"] = vals[2:3:3]
 	w.WriteHeader(http.StatusOK)
 	if r.Method != http.MethodHead {
 		w.Write(body)
 	}
 }
+
+var (
+	jsonContentType = []string{"application/json"}
+	xCacheValues    = map[string][]string{
+		cachepolicy.Hit: {cachepolicy.Hit}, cachepolicy.Miss: {cachepolicy.Miss},
+		cachepolicy.Stale: {cachepolicy.Stale}, cachepolicy.Bypass: {cachepolicy.Bypass},
+	}
+)
 
 // setCacheHeaders sets X-Cache and, on a stale answer, the Warning (RFC 7234 5.5) and
 // Cache-Status (RFC 9211) headers that say why it was served.
@@ -41,7 +56,11 @@ func setCacheHeaders(h http.Header, res cachepolicy.Result) {
 	if res.Cache == "" {
 		return
 	}
-	h.Set("X-Cache", res.Cache)
+	if v, ok := xCacheValues[res.Cache]; ok {
+		h["X-Cache"] = v
+	} else {
+		h.Set("X-Cache", res.Cache)
+	}
 	switch res.StaleReason {
 	case cachepolicy.StaleWhileRevalidate:
 		h.Set("Warning", `110 cachecar "Response is Stale"`)
