@@ -115,6 +115,19 @@ func (b *Breaker) Failure() {
 	}
 }
 
+// Trip opens the breaker at once, whatever the count: for replies that say the server refuses
+// the work outright (out of memory, read-only replica), which the next call would get too.
+func (b *Breaker) Trip() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	switch b.state.Load() {
+	case CircuitClosed:
+		b.open(b.MinOpen)
+	case CircuitHalfOpen:
+		b.open(min(max(b.backoff*2, b.MinOpen), b.MaxOpen))
+	}
+}
+
 // open opens the breaker for about d (±20%), under b.mu.
 func (b *Breaker) open(d time.Duration) {
 	b.backoff = d

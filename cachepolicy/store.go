@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -249,8 +250,25 @@ func (s *Store) fail(op string, err error) error {
 	}
 	s.m.valkeyErrs.WithLabelValues(op).Inc()
 	s.setUp(false)
-	s.cb.Failure()
+	if refused(err) {
+		s.cb.Trip()
+	} else {
+		s.cb.Failure()
+	}
 	return fmt.Errorf("valkey %s: %w", op, err)
+}
+
+// refused reports a reply by which the server refuses writes for now: OOM (maxmemory reached
+// under noeviction) or READONLY (a replica, or a primary demoted by a failover). Reads between
+// them would succeed and keep resetting a failure count, so these open the breaker at once:
+// reads go to PostgreSQL until a probe finds the server writable again.
+func refused(err error) bool {
+	ve, ok := valkey.IsValkeyErr(err)
+	if !ok {
+		return false
+	}
+	msg := ve.Error()
+	return strings.HasPrefix(msg, "OOM") || strings.HasPrefix(msg, "READONLY")
 }
 
 // okAlways records a listener call (see getAlways) that worked: it closes an open breaker only

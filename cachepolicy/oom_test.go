@@ -1,0 +1,61 @@
+package cachepolicy
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/cachecar/cachecar/internal/testenv"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rs/zerolog"
+	"github.com/valkey-io/valkey-go"
+)
+
+// TestValkeyOOMDegradesToPostgres fills a throwaway server to its maxmemory (noeviction): every
+// write then fails with OOM. Reads must keep answering from the loader, and the repeated OOM
+// replies must open the breaker, as a dead server would.
+func TestValkeyOOMDegradesToPostgres(t *testing.T) {
+	srv := testenv.StartRedis(t)
+	ctx := context.Background()
+	admin, err := valkey.NewClient(valkey.ClientOption{InitAddress: []string{srv.Addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	for _, kv := range [][2]string{{"maxmemory-policy", "noeviction"}, {"maxmemory", "1"}} {
+		if err := admin.Do(ctx, admin.B().ConfigSet().ParameterValue().ParameterValue(kv[0], kv[1]).Build()).Error(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := admin.Do(ctx, admin.B().Set().Key("probe").Value("x").Build()).Error(); err == nil {
+		t.Fatal("the server still accepts writes: it is not out of memory")
+	}
+
+	m := NewMetrics(prometheus.NewRegistry())
+	s := NewStore(StoreOptions{Addrs: []string{srv.Addr}, Timeout: time.Second, DialTimeout: time.Second, ReconnectMax: time.Second,
+		BreakerThreshold: 3, BreakerMinOpen: time.Minute, BreakerMaxOpen: time.Minute}, zerolog.Nop(), m)
+	if err := s.Connect(); err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	r := New(Options{QueryTimeout: time.Second, LeaseWait: 100 * time.Millisecond}, s, nil, zerolog.Nop(), m)
+	p := itemPolicy(t, "")
+	loads := 0
+	for i := 1; i <= 10; i++ {
+		id := fmt.Sprint(i)
+		res, err := r.GetFunc(ctx, p, []string{id}, func(context.Context) ([]byte, error) {
+			loads++
+			return []byte(`{"id":` + id + `}`), nil
+		})
+		if err != nil || string(res.Body) != `{"id":`+id+`}` {
+			t.Fatalf("read %d with Valkey out of memory: %q %v", i, res.Body, err)
+		}
+	}
+	if loads != 10 {
+		t.Fatalf("%d loads for 10 reads", loads)
+	}
+	if s.Circuit() != CircuitOpen {
+		t.Fatalf("after 10 OOM replies the breaker is %s, want open", CircuitName(s.Circuit()))
+	}
+}
