@@ -24,6 +24,10 @@ import (
 	"github.com/valkey-io/valkey-go"
 )
 
+// newRegistry makes serve's metrics registry. Tests replace it to see every metric the binary
+// registers, vectors without samples included (which /metrics does not list).
+var newRegistry = prometheus.NewRegistry
+
 // serve runs the sidecar until ctx ends, then drains and returns nil.
 func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 	level, _ := zerolog.ParseLevel(cfg.Log.Level)
@@ -31,7 +35,7 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 	defer lw.Close()
 	log := zerolog.New(lw).Level(level).With().Timestamp().Logger()
 
-	reg := prometheus.NewRegistry()
+	reg := newRegistry()
 	reg.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
