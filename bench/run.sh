@@ -7,6 +7,10 @@
 #   e  cachecar hits    as c, with CACHECAR_INVALIDATION_ENABLED=false: what invalidation costs a hit
 #   (c and e run with the in-process tier on, cachecar's default; c's note gives the fraction of
 #   its hits the tier answered, from /metrics before and after the run)
+#   a and c are also measured at a fixed rate first (bench/rate: open loop, BENCH_HIT_RATE GETs/s
+#   of random ids over BENCH_CONNECTIONS keep-alive connections, latency from each request's
+#   scheduled send time): c's p99 target reads that run, next to a's at the same rate; wrk's
+#   closed loop saturates the 2 shared cores, so its p99 is queueing (bare server included)
 # and two that are not throughput:
 #   f  invalidation lag bench/invalidation: UPDATEs at a fixed rate, each timed to its key's deletion
 #                       (targets: from the COMMIT's pg_xact_commit_timestamp; from the trigger's
@@ -40,10 +44,11 @@
 # CACHECAR_INVALIDATION_CHANNEL (cachecar_invalidation: the triggers' channel, f listens on it),
 # BENCH_SESSION_COUNT (2000: sessions written and then read or rewritten in h, i and j),
 # BENCH_SESSION_GET_RATE (2000/s: h's and j's fixed rate), BENCH_SESSION_PUT_RATE (500/s: i's),
-# BENCH_SESSION_LOAD_DURATION (BENCH_DURATION: how long each fixed-rate run lasts),
+# BENCH_SESSION_LOAD_DURATION (BENCH_DURATION: how long each fixed-rate run of h, i, j lasts),
+# BENCH_HIT_RATE (10000/s: a's and c's fixed rate, for BENCH_DURATION),
 # BENCH_MEM_DISPATCHES (200000: dispatch ids 1..N m reads), BENCH_MEM_TENANTS (50: tenant ids m reads),
 # BENCH_ZIPF_S (1.1), BENCH_ZIPF_WRITES (0.01: n's fraction of operations that are UPDATEs),
-# BENCH_ZIPF_DURATION (BENCH_DURATION: n's run),
+# BENCH_ZIPF_DURATION (30s: n's run),
 # CACHECAR_TEST_DATABASE_URL, CACHECAR_TEST_VALKEY_ADDR, CACHECAR_TEST_REDIS_SERVER (for g; the
 # Makefile's test defaults).
 #
@@ -72,6 +77,10 @@ SESSION_COUNT=${BENCH_SESSION_COUNT:-2000}
 SESSION_GET_RATE=${BENCH_SESSION_GET_RATE:-2000}
 SESSION_PUT_RATE=${BENCH_SESSION_PUT_RATE:-500}
 SESSION_LOAD_DURATION=${BENCH_SESSION_LOAD_DURATION:-$DURATION}
+# a and c at a fixed rate (GETs per second over CONNECTIONS connections, for DURATION): about a
+# third of what c's closed loop reaches on a 2-core machine, so that c's p99 target reads the
+# latency of a hit at a stated load, not queueing at saturation (see bench/README.md).
+HIT_RATE=${BENCH_HIT_RATE:-10000}
 # Sessions read back (random ones) before h, i and j to check status and store.
 SESSION_VERIFY=200
 # m: the ids read before its load (dispatches 1..200000 of the demo data take more than the
@@ -81,8 +90,10 @@ MEM_TENANTS=${BENCH_MEM_TENANTS:-50}
 # n: the Zipf exponent of the course ids and the fraction of operations that are writes.
 ZIPF_S=${BENCH_ZIPF_S:-1.1}
 ZIPF_WRITES=${BENCH_ZIPF_WRITES:-0.01}
-# n's run; longer runs dilute the cold start in the hit rate (the note also gives the second half's).
-ZIPF_DURATION=${BENCH_ZIPF_DURATION:-$DURATION}
+# n's run. Every one of the ID_LAST ids misses once from the cold start, and the rare ones keep
+# missing for a while: in a 10 s run those misses weigh on the hit rate more than the steady
+# state does, so n runs longer by default (the note also gives the second half's hit rate).
+ZIPF_DURATION=${BENCH_ZIPF_DURATION:-30s}
 # cachecar's default cache.tier_max_bytes, for when /health/detailed does not say.
 DEFAULT_TIER_BYTES=67108864
 CACHECAR_BIN=${CACHECAR_BIN:-bin/cachecar}
@@ -167,9 +178,11 @@ random_hex() { od -An -N6 -tx1 /dev/urandom | tr -d ' \n'; }
 declare -A RPS P50 P99 ERRS FAILED NOTE CMD BUSY
 # h, i, j: the fraction of answers from the store the scenario is about.
 declare -A SESS_FRAC
-# h, i, j at a fixed rate (bench/sessions -load): its LOAD_RESULT fields, by letter; FR_FAILED
-# when that run failed (the closed-loop row can still stand).
-declare -A FR_RATE FR_TARGET FR_CONNS FR_P50 FR_P90 FR_P99 FR_MAX FR_ERRS FR_CMD FR_FAILED
+# a, c, h, i, j at a fixed rate (bench/rate; bench/sessions -load): their LOAD_RESULT fields, by
+# letter; FR_FAILED when that run failed (the closed-loop row can still stand). LR: the fields
+# of the last LOAD_RESULT line read (load_result). FR_LOCAL_FRAC: c's in-process fraction of
+# the hits during its fixed-rate run.
+declare -A FR_RATE FR_TARGET FR_CONNS FR_P50 FR_P90 FR_P99 FR_MAX FR_ERRS FR_CMD FR_FAILED FR_LOCAL_FRAC LR
 SESS_OUT=""
 DESC_a="fixedjson: fixed 1 KB JSON, Go net/http"
 DESC_b="directpg: pgxpool (16), one SELECT per request"
@@ -475,8 +488,11 @@ tier_note() {
 # ---------------------------------------------------------------------------------------------
 # Scenarios
 
+# a: fixedjson, first at c's fixed rate (the bare server's p99 at the same load, next to c's in
+# c's target), then with wrk.
 scenario_a() {
 	start_helper a fixedjson || return 1
+	hit_fixed_rate a "$HELPER_URL" || true
 	run_wrk a "$HELPER_URL" bench/random.lua 1 "$ID_LAST" || true
 	stop_helper a fixedjson "$HELPER_PID"
 	[[ -z ${FAILED[a]:-} ]]
@@ -493,8 +509,9 @@ scenario_b() {
 	[[ -z ${FAILED[b]:-} ]]
 }
 
-# hit_scenario LETTER LISTENER [NAME=VALUE...]: c, e and k. Starts cachecar with the environment
-# given, waits for its listener to report LISTENER, warms every id, then runs wrk on random ids.
+# hit_scenario LETTER LISTENER [NAME=VALUE...]: e and k (c adds a fixed-rate run in between).
+# Starts cachecar with the environment given, waits for its listener to report LISTENER, warms
+# every id, then runs wrk on random ids.
 hit_scenario() {
 	local s=$1 listener=$2
 	shift 2
@@ -548,9 +565,75 @@ hit_measure() {
 	[[ -z ${FAILED[$s]:-} ]]
 }
 
-# c runs with cachecar's default tier (on): its targets are those of in-process hits.
+# hit_fixed_rate LETTER URL: bench/rate against URL (a: fixedjson, c: cachecar), GET
+# /v1/courses/{id} on random ids 1..ID_LAST at HIT_RATE requests/s over CONNECTIONS keep-alive
+# connections for DURATION, open loop, each latency from the request's scheduled send time.
+# Fills FR_* from its LOAD_RESULT line and adds the details to the scenario's note; on failure
+# sets FR_FAILED.
+hit_fixed_rate() {
+	local s=$1 url=$2 status=0 line
+	local cmd=(-base "$url" -path '/v1/courses/{id}' -first 1 -last "$ID_LAST" -rate "$HIT_RATE"
+		-conns "$CONNECTIONS" -duration "$DURATION" -header X-Cache -timeout 1m)
+	FR_CMD[$s]="bench/rate ${cmd[*]}"
+	log "scenario $s: fixed rate: ${FR_CMD[$s]}"
+	run_tracked "$OUT/rate-$s.txt" "$BIN/rate" "${cmd[@]}" || status=$?
+	sed 's/^/    /' "$OUT/rate-$s.txt" >&2
+	if ((status != 0)); then
+		FR_FAILED[$s]="bench/rate exited with status $status: $(tail -n 1 "$OUT/rate-$s.txt" | sed 's/^rate: //')"
+		log "scenario $s: fixed-rate run FAILED: ${FR_FAILED[$s]}"
+		return 1
+	fi
+	line=$(sed -n 's/^rate: LOAD_RESULT //p' "$OUT/rate-$s.txt" | tail -n 1)
+	load_result "$s" bench/rate "$line" header values self_cpu_pct ncpu || return 1
+	NOTE[$s]+=" Fixed rate (GET random course ids 1..$ID_LAST, ${LR[target_rate]}/s over ${LR[conns]} connections for ${LR[duration]}, open loop, bench/rate):"
+	NOTE[$s]+=" ${LR[requests]} requests scheduled, achieved ${LR[rate]}/s, answers ${LR[answers]}, errors ${LR[errors]},"
+	NOTE[$s]+=" not sent ${LR[not_sent]}, non-2xx ${LR[non2xx]}, connections opened during the run ${LR[new_conns]};"
+	NOTE[$s]+=" ${LR[header]} ${LR[values]//,/ }, status ${LR[statuses]//,/ };"
+	NOTE[$s]+=" latency from the scheduled send p50 / p90 / p99 / max ${LR[p50_ms]} / ${LR[p90_ms]} / ${LR[p99_ms]} / ${LR[max_ms]} ms,"
+	NOTE[$s]+=" from the actual send p50 / p99 ${LR[send_p50_ms]} / ${LR[send_p99_ms]} ms,"
+	NOTE[$s]+=" sends behind schedule p50 / p99 / max ${LR[behind_p50_ms]} / ${LR[behind_p99_ms]} / ${LR[behind_max_ms]} ms,"
+	NOTE[$s]+=" requests whose connection was still busy at their scheduled time: ${LR[queued]};"
+	NOTE[$s]+=" CPU busy during the run ${LR[cpu_busy]}% of all ${LR[ncpu]} cores, of which bench/rate ${LR[self_cpu_pct]}% of one core."
+	if awk -v a="${LR[rate]}" -v t="${LR[target_rate]}" 'BEGIN { exit !(a < 0.95 * t) }'; then
+		NOTE[$s]+=" The fixed-rate run achieved less than 95% of its target rate: it measured a different load than stated."
+	fi
+	# On a quiet machine bench/rate sends within a few tenths of a millisecond of schedule; much
+	# later means it waited for a CPU, and so did the server.
+	if awk -v b="${LR[behind_p99_ms]}" 'BEGIN { exit !(b > 1) }'; then
+		NOTE[$s]+=" bench/rate's sends were more than 1 ms behind schedule at p99 (${LR[behind_p99_ms]} ms): it waited for a CPU, the machine was saturated (other work, or the server under test), and the tail is the machine's as much as the server's."
+	fi
+}
+
+# fr_tier_note LETTER: after scrape_into SC_BEFORE and SC_AFTER around a fixed-rate run of
+# cachecar, sets FR_LOCAL_FRAC and adds to the note the fraction of the run's hits the in-process
+# tier answered, and whether every answer was a HIT.
+fr_tier_note() {
+	local s=$1 hit local_hits
+	[[ -n ${FR_P99[$s]:-} ]] || return 0
+	if [[ ${LR[values]} != "HIT:${LR[answers]}" ]]; then
+		NOTE[$s]+=" Not every fixed-rate answer was a HIT (X-Cache ${LR[values]//,/ }): that run did not measure hits alone."
+		log "scenario $s: WARNING not every fixed-rate answer was a HIT (X-Cache ${LR[values]})"
+	fi
+	if [[ -z ${SC_BEFORE[lookups_hit]:-} || -z ${SC_AFTER[lookups_hit]:-} ]]; then
+		NOTE[$s]+=" cachecar's /metrics could not be read around the fixed-rate run: its in-process fraction of hits is unknown."
+		return 0
+	fi
+	hit=$(delta lookups_hit) local_hits=$(delta local_hits)
+	FR_LOCAL_FRAC[$s]=$(awk -v l="$local_hits" -v h="$hit" 'BEGIN { if (h > 0) printf "%.4f", l / h; else print "n/a" }')
+	NOTE[$s]+=" During the fixed-rate run (and the untimed request on each connection before it), from /metrics: lookups hit $hit, of which in-process $local_hits (in-process fraction ${FR_LOCAL_FRAC[$s]}), miss $(delta lookups_miss), stale $(delta lookups_stale), bypass $(delta lookups_bypass)."
+}
+
+# c runs with cachecar's default tier (on): its targets are those of in-process hits. First the
+# fixed-rate run (the p99 target reads it; before wrk, so that it is not measured in the wake
+# of the saturating run), then wrk as in e and k.
 scenario_c() {
-	hit_scenario c up || return 1
+	hit_start c up || return 1
+	scrape_into SC_BEFORE || true
+	hit_fixed_rate c "$CC_URL" || true
+	scrape_into SC_AFTER || true
+	fr_tier_note c
+	NOTE[c]+=" Closed loop (wrk):"
+	hit_measure c WRK_OPTS || return 1
 	if [[ ${TIER_ON[c]:-} != 1 ]]; then
 		NOTE[c]+=" The in-process tier was not on: c did not measure in-process hits (is CACHECAR_CACHE_TIER_MAX_BYTES set to 0 in the environment?)."
 		log "scenario c: WARNING the in-process tier was not on"
@@ -806,6 +889,39 @@ session_counts() {
 	fi
 }
 
+# load_result LETTER TOOL LINE [KEY...]: reads the fields of a LOAD_RESULT line (without its
+# prefix) of bench/sessions -load or bench/rate into LR, checks that the common ones and KEYs
+# are there, and fills the scenario's FR_* from them. On failure sets FR_FAILED.
+load_result() {
+	local s=$1 tool=$2 line=$3 f
+	shift 3
+	LR=()
+	if [[ -z $line ]]; then
+		FR_FAILED[$s]="$tool printed no LOAD_RESULT line"
+		log "scenario $s: fixed-rate run FAILED: ${FR_FAILED[$s]}"
+		return 1
+	fi
+	for f in $line; do
+		LR[${f%%=*}]=${f#*=}
+	done
+	for f in target_rate rate conns duration requests answers errors not_sent non2xx new_conns queued statuses \
+		p50_ms p90_ms p99_ms max_ms send_p50_ms send_p99_ms behind_p50_ms behind_p99_ms behind_max_ms cpu_busy "$@"; do
+		if [[ -z ${LR[$f]:-} ]]; then
+			FR_FAILED[$s]="$tool: no $f in its LOAD_RESULT line"
+			log "scenario $s: fixed-rate run FAILED: ${FR_FAILED[$s]}"
+			return 1
+		fi
+	done
+	FR_TARGET[$s]=${LR[target_rate]}
+	FR_RATE[$s]=${LR[rate]}
+	FR_CONNS[$s]=${LR[conns]}
+	FR_P50[$s]=${LR[p50_ms]}
+	FR_P90[$s]=${LR[p90_ms]}
+	FR_P99[$s]=${LR[p99_ms]}
+	FR_MAX[$s]=${LR[max_ms]}
+	FR_ERRS[$s]=$((LR[errors] + LR[not_sent] + LR[non2xx]))
+}
+
 # session_fixed_rate LETTER MODE RATE STORE PREFIX: bench/sessions -load MODE (get or put) at
 # RATE requests/s over CONNECTIONS keep-alive connections for SESSION_LOAD_DURATION, open loop,
 # each latency from the request's scheduled send time. Fills FR_* from its LOAD_RESULT line and
@@ -822,31 +938,7 @@ session_fixed_rate() {
 		return 1
 	fi
 	line=$(printf '%s\n' "$SESS_OUT" | sed -n 's/^sessions: LOAD_RESULT //p' | tail -n 1)
-	if [[ -z $line ]]; then
-		FR_FAILED[$s]="bench/sessions -load printed no LOAD_RESULT line"
-		log "scenario $s: fixed-rate run FAILED: ${FR_FAILED[$s]}"
-		return 1
-	fi
-	declare -A LR=()
-	for f in $line; do
-		LR[${f%%=*}]=${f#*=}
-	done
-	for f in target_rate rate conns duration requests answers errors not_sent non2xx new_conns queued stores statuses \
-		p50_ms p90_ms p99_ms max_ms send_p50_ms send_p99_ms behind_p50_ms behind_p99_ms behind_max_ms cpu_busy; do
-		if [[ -z ${LR[$f]:-} ]]; then
-			FR_FAILED[$s]="bench/sessions -load: no $f in its LOAD_RESULT line"
-			log "scenario $s: fixed-rate run FAILED: ${FR_FAILED[$s]}"
-			return 1
-		fi
-	done
-	FR_TARGET[$s]=${LR[target_rate]}
-	FR_RATE[$s]=${LR[rate]}
-	FR_CONNS[$s]=${LR[conns]}
-	FR_P50[$s]=${LR[p50_ms]}
-	FR_P90[$s]=${LR[p90_ms]}
-	FR_P99[$s]=${LR[p99_ms]}
-	FR_MAX[$s]=${LR[max_ms]}
-	FR_ERRS[$s]=$((LR[errors] + LR[not_sent] + LR[non2xx]))
+	load_result "$s" "bench/sessions -load" "$line" stores || return 1
 	NOTE[$s]+=" Fixed rate ($mode, ${LR[target_rate]}/s over ${LR[conns]} connections for ${LR[duration]}, open loop):"
 	NOTE[$s]+=" ${LR[requests]} requests scheduled, achieved ${LR[rate]}/s, answers ${LR[answers]}, errors ${LR[errors]},"
 	NOTE[$s]+=" not sent ${LR[not_sent]}, non-2xx ${LR[non2xx]}, connections opened during the run ${LR[new_conns]};"
@@ -1081,10 +1173,12 @@ verdict() {
 		ok = (op == ">=") ? (v >= l) : (v <= l); print ok ? "PASS" : "MISS" }'
 }
 
-# fr_rate LETTER: the fixed rate of h, i or j (what it ran at, else what it would run at).
+# fr_rate LETTER: the fixed rate of a, c, h, i or j (what it ran at, else what it would run at).
 fr_rate() {
 	if [[ -n ${FR_TARGET[$1]:-} ]]; then
 		echo "${FR_TARGET[$1]}"
+	elif [[ $1 == [ac] ]]; then
+		echo "$HIT_RATE"
 	elif [[ $1 == i ]]; then
 		echo "$SESSION_PUT_RATE"
 	else
@@ -1093,7 +1187,7 @@ fr_rate() {
 }
 
 report() {
-	local s row status ca cb dbp c99 ce v desc failed busy="" noisy=""
+	local s row status ca cb dbp ce v desc failed busy="" noisy=""
 	echo "## Benchmark run $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 	echo
 	echo "- machine: nproc $(nproc), $(uname -sr) $(uname -m); every process on loopback, wrk on the same cores"
@@ -1108,6 +1202,7 @@ report() {
 	[[ -n $busy ]] && echo "- CPU busy in the second before each scenario: $busy$([[ -n $noisy ]] && printf ' (other work was running before %s: those numbers are not representative)' "$noisy")"
 	echo "- load: \`wrk ${WRK_OPTS[*]}\` in scenarios a to e, h to k and m (closed loop), \`wrk ${WRK_ONE_OPTS[*]}\` in l; course ids 1..$ID_LAST; $SESSION_COUNT sessions in each of h, i and j; m reads dispatch ids 1..$MEM_DISPATCHES and tenant ids 1..$MEM_TENANTS too"
 	echo "- n: \`bench/zipf\` with $CONNECTIONS workers for $ZIPF_DURATION, Zipf(s=$ZIPF_S, v=1) course ids 1..$ID_LAST, $(awk -v w="$ZIPF_WRITES" 'BEGIN { printf "%g", 100 * w }')% of operations UPDATEs sent to PostgreSQL, from a cold cache"
+	echo "- a, c also at a fixed rate (\`bench/rate\`, open loop, latency from each request's scheduled send time, run before wrk): GET random course ids at ${HIT_RATE}/s over $CONNECTIONS keep-alive connections for $DURATION"
 	echo "- h, i, j also at a fixed rate (\`bench/sessions -load\`, open loop, latency from each request's scheduled send time, run before wrk): GET ${SESSION_GET_RATE}/s (h, j), PUT ${SESSION_PUT_RATE}/s (i), over $CONNECTIONS keep-alive connections for $SESSION_LOAD_DURATION"
 	for s in a b c d e f g h i j k l0 l m n; do
 		[[ -n ${CMD[$s]:-} ]] && echo "- ${s%0}$([[ $s == l0 ]] && printf ', fixedjson'): \`${CMD[$s]}\`"
@@ -1119,8 +1214,8 @@ report() {
 	for s in a b c d e h i j k l0 l m n; do
 		v="DESC_$s"
 		desc=${!v}
-		# h, i, j: the wrk row is closed loop at saturation; the fixed-rate row follows it.
-		[[ $s == [hij] ]] && desc+=": closed loop, saturating (wrk, $CONNECTIONS connections)"
+		# a, c, h, i, j: the wrk row is closed loop at saturation; the fixed-rate row follows it.
+		[[ $s == [achij] ]] && desc+=": closed loop, saturating (wrk, $CONNECTIONS connections)"
 		# l0 is the first half of l (against fixedjson): l's failure before it ran is its own.
 		failed=${FAILED[$s]:-}
 		[[ $s == l0 && -z ${RPS[l0]:-} ]] && failed=${FAILED[l]:-}
@@ -1131,7 +1226,7 @@ report() {
 		else
 			echo "| ${s%0} | $desc | not run | | | |"
 		fi
-		[[ $s == [hij] ]] || continue
+		[[ $s == [achij] ]] || continue
 		desc="${!v}: fixed rate $(fr_rate "$s")/s, $CONNECTIONS connections (open loop)"
 		if [[ -n ${FR_P99[$s]:-} && -z ${FAILED[$s]:-} && -z ${FR_FAILED[$s]:-} ]]; then
 			echo "| $s | $desc | $(awk -v r="${FR_RATE[$s]}" 'BEGIN { printf "%.0f", r }') | ${FR_P50[$s]} | ${FR_P99[$s]} | ${FR_ERRS[$s]} |"
@@ -1145,7 +1240,6 @@ report() {
 	ca=$(ratio "${RPS[c]:-}" "${RPS[a]:-}")
 	cb=$(ratio "${RPS[c]:-}" "${RPS[b]:-}")
 	dbp=$(ratio "${P50[d]:-}" "${P50[b]:-}")
-	c99=${P99[c]:-}
 	ce=""
 	if ((${#E_ON[@]} > 0 && ${#E_OFF[@]} > 0)); then
 		# on-runs sit between off-runs: compare the mean of the on-runs with the mean of the
@@ -1187,7 +1281,14 @@ report() {
 	local cfrac="in-process fraction of c's hits ${LOCAL_FRAC[c]:-n/a}"
 	echo "| c/a throughput (in-process-tier hit vs HTTP ceiling; $cfrac) | ${ca:-n/a} | >= 0.85 | $(verdict "$ca" ">=" 0.85) |"
 	echo "| c/b throughput (in-process-tier hit vs no cache) | ${cb:-n/a} | >= 4.5 | $(verdict "$cb" ">=" 4.5) |"
-	echo "| c p99 latency ms (in-process-tier hit, $CONNECTIONS connections) | ${c99:-n/a} | <= 3 | $(verdict "$c99" "<=" 3) |"
+	# c p99: the fixed-rate run's (the latency of a hit at a stated load). With wrk's closed loop
+	# the 2 shared cores are saturated and even the bare server's p99 (a) is queueing, so the
+	# closed-loop p99 is in the label for comparison, with the bare server's at the same fixed rate.
+	local c99="" csat="" abare=""
+	[[ -z ${FAILED[c]:-} && -z ${FR_FAILED[c]:-} ]] && c99=${FR_P99[c]:-}
+	[[ -z ${FAILED[c]:-} ]] && csat=${P99[c]:-}
+	[[ -z ${FAILED[a]:-} && -z ${FR_FAILED[a]:-} ]] && abare=${FR_P99[a]:-}
+	echo "| c p99 ms, in-process-tier hits at a fixed $(fr_rate c)/s over $CONNECTIONS connections (closed loop, saturating: ${csat:-n/a}; bare server at the same rate: ${abare:-n/a}; in-process fraction of its hits ${FR_LOCAL_FRAC[c]:-n/a}) | ${c99:-n/a} | <= 3 | $(verdict "$c99" "<=" 3) |"
 	local ka kb k99
 	ka=$(ratio "${RPS[k]:-}" "${RPS[a]:-}")
 	kb=$(ratio "${RPS[k]:-}" "${RPS[b]:-}")
@@ -1258,6 +1359,7 @@ report() {
 		elif [[ -n ${NOTE[$s]:-} ]]; then
 			echo "- $s:${NOTE[$s]}"
 		fi
+		[[ -n ${FR_FAILED[$s]:-} ]] && echo "- $s, fixed rate: FAILED: ${FR_FAILED[$s]}"
 	done
 	if [[ -n ${FAILED[g]:-} ]]; then
 		echo "- g: FAILED: ${FAILED[g]}${CONSISTENCY:+ (\`$CONSISTENCY\`)}"
@@ -1313,7 +1415,7 @@ CPU_BUSY=$(cpu_busy)
 mkdir -p "$BIN"
 log "building helpers into $BIN"
 go build -o "$BIN/" ./bench/fixedjson ./bench/directpg ./bench/warm ./bench/invalidation ./bench/sessions \
-	./bench/scrape ./bench/fill ./bench/zipf
+	./bench/scrape ./bench/fill ./bench/zipf ./bench/rate
 
 if [[ " $SCENARIOS " == *[cdefhijklmn]* ]] && [[ -x $CACHECAR_BIN ]]; then
 	CACHECAR_VERSION=$(timeout 5 "$CACHECAR_BIN" version 2>&1 | head -n 1 || true)
