@@ -45,6 +45,8 @@ type HealthOptions struct {
 	Cache CacheStatus
 	// MemoryCache is set when the cache is the process's memory alone (no Valkey configured).
 	MemoryCache bool
+	// AdminAddr is where the admin port listens; "" when it is closed (no token configured).
+	AdminAddr string
 }
 
 // CacheStatus reports the read path's breakers and in-process tier; *cachepolicy.Resolver is
@@ -143,6 +145,8 @@ type ServiceStatus struct {
 	Circuit string `json:"circuit,omitempty"`
 	// Tier is the cache's in-process tier.
 	Tier *TierStatus `json:"tier,omitempty"`
+	// Listen is the admin port's address.
+	Listen string `json:"listen,omitempty"`
 }
 
 // listenerStatus maps the listener's state onto a service status: up while live; down while
@@ -246,8 +250,18 @@ func (h *Health) detailed(w http.ResponseWriter, r *http.Request) {
 		"status":    status,
 		"timestamp": h.now().UTC().Format(time.RFC3339),
 		"uptime":    h.uptime(),
-		"services":  map[string]ServiceStatus{"database": db, "redis": redis, "cache": cache, "listener": listener, "sessions": sessions},
+		"services": map[string]ServiceStatus{"database": db, "redis": redis, "cache": cache, "listener": listener, "sessions": sessions,
+			"admin": h.adminStatus()},
 	})
+}
+
+// adminStatus says whether the admin port listens: up, or disabled (no token configured, so it
+// is not listening at all).
+func (h *Health) adminStatus() ServiceStatus {
+	if h.opts.AdminAddr == "" {
+		return ServiceStatus{Status: "disabled", Error: "no admin token configured: the admin port is not listening"}
+	}
+	return ServiceStatus{Status: "up", Listen: h.opts.AdminAddr}
 }
 
 // ready is readiness: 503 while starting, while draining, and while PostgreSQL is unreachable.

@@ -83,7 +83,7 @@ type Resolver struct {
 	bgMu     sync.Mutex // orders bgWait.Add before Close's Wait
 	bgClosed bool
 	bgWait   sync.WaitGroup
-	hits     sync.Map // *Policy -> *hitCounters
+	hits     sync.Map // policy name -> *policyCounters
 }
 
 // Database breaker: three connection failures in a row open it for 250 ms, doubling up to 5 s
@@ -124,17 +124,77 @@ func (r *Resolver) Close() {
 	r.bgWait.Wait()
 }
 
-// hitCounters are the series a hit increments, resolved once per policy: the hit path then
-// skips the label lookup (a hash and a map under a lock) of WithLabelValues.
-type hitCounters struct{ hit, local prometheus.Counter }
+// policyCounters count one policy's lookups: the Prometheus series, resolved once (the hit path
+// then skips WithLabelValues' hashing and locked lookup), and plain counts since start for the
+// admin port's stats.
+type policyCounters struct {
+	name                      string
+	hit, miss, stale, bypass  prometheus.Counter
+	local                     prometheus.Counter
+	nHit, nMiss, nStale, nByp atomic.Int64
+}
 
-func (r *Resolver) counters(p *Policy) *hitCounters {
-	if c, ok := r.hits.Load(p); ok {
-		return c.(*hitCounters)
+func (r *Resolver) counters(p *Policy) *policyCounters {
+	if c, ok := r.hits.Load(p.Name); ok {
+		return c.(*policyCounters)
 	}
-	c := &hitCounters{hit: r.m.lookups.WithLabelValues(p.Name, "hit"), local: r.m.localHits.WithLabelValues(p.Name)}
-	r.hits.Store(p, c)
-	return c
+	c := &policyCounters{name: p.Name,
+		hit: r.m.lookups.WithLabelValues(p.Name, "hit"), miss: r.m.lookups.WithLabelValues(p.Name, "miss"),
+		stale: r.m.lookups.WithLabelValues(p.Name, "stale"), bypass: r.m.lookups.WithLabelValues(p.Name, "bypass"),
+		local: r.m.localHits.WithLabelValues(p.Name)}
+	got, _ := r.hits.LoadOrStore(p.Name, c)
+	return got.(*policyCounters)
+}
+
+// count records n lookups of p with result hit, miss, stale or bypass.
+func (r *Resolver) count(p *Policy, result string, n int) {
+	if n == 0 {
+		return
+	}
+	c := r.counters(p)
+	switch result {
+	case "hit":
+		c.hit.Add(float64(n))
+		c.nHit.Add(int64(n))
+	case "miss":
+		c.miss.Add(float64(n))
+		c.nMiss.Add(int64(n))
+	case "stale":
+		c.stale.Add(float64(n))
+		c.nStale.Add(int64(n))
+	default:
+		c.bypass.Add(float64(n))
+		c.nByp.Add(int64(n))
+	}
+}
+
+// PolicyStats are one policy's lookups since the process started.
+type PolicyStats struct {
+	Hits, Misses, Stale, Bypass int64
+}
+
+// HitRate is hits over all lookups (0 without lookups).
+func (s PolicyStats) HitRate() float64 {
+	n := s.Hits + s.Misses + s.Stale + s.Bypass
+	if n == 0 {
+		return 0
+	}
+	return float64(s.Hits) / float64(n)
+}
+
+// Stats returns every policy's lookups since start, by name: the configured policies (zero
+// until read) and any other policy read through this resolver (the manifests').
+func (r *Resolver) Stats() map[string]PolicyStats {
+	out := make(map[string]PolicyStats)
+	for _, p := range r.opts.Policies {
+		out[p.Name] = PolicyStats{}
+	}
+	r.hits.Range(func(_, v any) bool {
+		c := v.(*policyCounters)
+		out[c.name] = PolicyStats{Hits: c.nHit.Load(), Misses: c.nMiss.Load(), Stale: c.nStale.Load(), Bypass: c.nByp.Load()}
+		return true
+	})
+	return out
 }
 
 // DatabaseCircuit returns the database breaker's state.
@@ -257,7 +317,7 @@ func (r *Resolver) GetFunc(ctx context.Context, p *Policy, vals []string, load L
 		body, pttl, local, err := r.store.Get(ctx, key)
 		switch {
 		case err == nil && isNegative(body):
-			r.m.lookups.WithLabelValues(p.Name, "hit").Inc()
+			r.count(p, "hit", 1)
 			return Result{Cache: Hit, Local: local}, ErrNotFound
 		case err == nil:
 			e := p.classifyEntry(key, body, pttl)
@@ -265,6 +325,7 @@ func (r *Resolver) GetFunc(ctx context.Context, p *Policy, vals []string, load L
 			case e.fresh:
 				c := r.counters(p)
 				c.hit.Inc()
+				c.nHit.Add(1)
 				if local {
 					c.local.Inc()
 				}
@@ -275,7 +336,7 @@ func (r *Resolver) GetFunc(ctx context.Context, p *Policy, vals []string, load L
 				}
 				return Result{Body: body, Cache: Hit, Age: e.age, Local: local}, nil
 			case e.swr:
-				r.m.lookups.WithLabelValues(p.Name, "stale").Inc()
+				r.count(p, "stale", 1)
 				r.m.staleServed.WithLabelValues(p.Name, StaleWhileRevalidate).Inc()
 				r.refresh(p, key, vals, load, "stale", p.staleWindow())
 				return Result{Body: body, Cache: Stale, Age: e.age, StaleReason: StaleWhileRevalidate, Local: local}, nil
@@ -294,9 +355,9 @@ func (r *Resolver) GetFunc(ctx context.Context, p *Policy, vals []string, load L
 		}
 	}
 	if cacheState == Miss {
-		r.m.lookups.WithLabelValues(p.Name, "miss").Inc()
+		r.count(p, "miss", 1)
 	} else {
-		r.m.lookups.WithLabelValues(p.Name, "bypass").Inc()
+		r.count(p, "bypass", 1)
 	}
 
 	// One load per key per process: concurrent misses wait for the first one's query. The
@@ -641,7 +702,7 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 				case e.swr:
 					anyStale = true
 					items[i].Body = v
-					r.m.lookups.WithLabelValues(p.Name, "stale").Inc()
+					r.count(p, "stale", 1)
 					r.m.staleServed.WithLabelValues(p.Name, StaleWhileRevalidate).Inc()
 					r.refresh(p, keys[i], []string{strconv.FormatInt(ids[i], 10)}, r.oneLoad(p, ids[i]), "stale", p.staleWindow())
 				default:
@@ -654,8 +715,8 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 					r.refresh(p, keys[i], []string{strconv.FormatInt(ids[i], 10)}, r.oneLoad(p, ids[i]), "stale", p.staleWindow())
 				}
 			}
-			r.m.lookups.WithLabelValues(p.Name, "hit").Add(float64(hits))
-			r.m.lookups.WithLabelValues(p.Name, "miss").Add(float64(len(missing)))
+			r.count(p, "hit", hits)
+			r.count(p, "miss", len(missing))
 			if len(missing) > 0 {
 				state = Miss
 			}
@@ -668,7 +729,7 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 		for i := range ids {
 			missing[i] = i
 		}
-		r.m.lookups.WithLabelValues(p.Name, "bypass").Add(float64(len(ids)))
+		r.count(p, "bypass", len(ids))
 	}
 	if len(missing) == 0 {
 		return items, manyResult(state, anyStale), nil

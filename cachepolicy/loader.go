@@ -62,6 +62,27 @@ func (l *PG) Ping(ctx context.Context) error {
 	return nil
 }
 
+// IDs runs sql (a warm query: one bigint column of ids) and returns at most limit of them.
+func (l *PG) IDs(ctx context.Context, sql string, limit int) ([]int64, error) {
+	rows, err := l.pool.Query(ctx, sql)
+	if err != nil {
+		return nil, classify(ctx, err)
+	}
+	defer rows.Close()
+	var ids []int64
+	for rows.Next() && len(ids) < limit {
+		var id int64
+		if err := rows.Scan(&id); err != nil {
+			return nil, fmt.Errorf("warm query: %w", err)
+		}
+		ids = append(ids, id)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, classify(ctx, err)
+	}
+	return ids, nil
+}
+
 // classify maps a pgx error onto ErrTimeout or ErrUnavailable where it is one, keeping the
 // original for the log; other errors (bad SQL in a policy, say) are returned wrapped as they are.
 func classify(ctx context.Context, err error) error {

@@ -128,10 +128,32 @@ type HealthConfig struct {
 	Pprof        bool          `mapstructure:"pprof"`
 }
 
-// AdminConfig is the admin port; it is closed while Token is empty.
+// AdminConfig is the admin port; it is closed while no token is configured.
 type AdminConfig struct {
 	Listen string `mapstructure:"listen"`
 	Token  string `mapstructure:"token"`
+	// TokenFile names a file holding the token (a mounted Kubernetes Secret).
+	TokenFile string `mapstructure:"token_file"`
+	// ClearRate and ClearBurst limit pattern clears.
+	ClearRate  float64 `mapstructure:"clear_rate"`
+	ClearBurst int     `mapstructure:"clear_burst"`
+	// WarmMaxIDs bounds one warm request (and a warm query's ids).
+	WarmMaxIDs int `mapstructure:"warm_max_ids"`
+	// WarmOnStart warms every policy with a warm_sql at start-up.
+	WarmOnStart bool `mapstructure:"warm_on_start"`
+}
+
+// AdminToken returns the admin token: admin.token, or the trimmed contents of admin.token_file.
+// "" means the admin port stays closed.
+func (c AdminConfig) AdminToken() (string, error) {
+	if c.TokenFile == "" {
+		return c.Token, nil
+	}
+	b, err := os.ReadFile(c.TokenFile)
+	if err != nil {
+		return "", fmt.Errorf("admin.token_file: %w", err)
+	}
+	return strings.TrimSpace(string(b)), nil
 }
 
 // DatabaseConfig is the PostgreSQL connection.
@@ -208,6 +230,9 @@ type Policy struct {
 	// RefreshAhead is the fraction of the TTL after which a read refreshes the entry in the
 	// background; 0 is off.
 	RefreshAhead float64 `mapstructure:"refresh_ahead"`
+	// WarmSQL returns the ids (one bigint column) to warm: the admin port's warm requests that
+	// name no ids, and admin.warm_on_start.
+	WarmSQL string `mapstructure:"warm_sql"`
 }
 
 // Dependency says that a change to a row of Table makes stale the keys whose placeholders equal
@@ -568,6 +593,24 @@ func (c *Config) validate() []string {
 		p = append(p, "database.url: must be set (DATABASE_URL)")
 	} else if _, err := pgxpool.ParseConfig(c.Database.URL); err != nil {
 		p = append(p, "database.url: not a valid PostgreSQL URL or DSN")
+	}
+	if c.Admin.Token != "" && c.Admin.TokenFile != "" {
+		p = append(p, "admin.token and admin.token_file: set one of them, not both")
+	} else if c.Admin.TokenFile != "" {
+		if tok, err := c.Admin.AdminToken(); err != nil {
+			p = append(p, err.Error())
+		} else if tok == "" {
+			p = append(p, "admin.token_file: the file is empty")
+		}
+	}
+	if c.Admin.ClearRate <= 0 {
+		p = append(p, fmt.Sprintf("admin.clear_rate: must be positive (clears per second), got %v", c.Admin.ClearRate))
+	}
+	if c.Admin.ClearBurst < 1 {
+		p = append(p, fmt.Sprintf("admin.clear_burst: must be at least 1, got %d", c.Admin.ClearBurst))
+	}
+	if c.Admin.WarmMaxIDs < 1 || c.Admin.WarmMaxIDs > 1000000 {
+		p = append(p, fmt.Sprintf("admin.warm_max_ids: must be from 1 to 1000000, got %d", c.Admin.WarmMaxIDs))
 	}
 	if c.Database.MinConns < 0 {
 		p = append(p, fmt.Sprintf("database.min_conns: must not be negative, got %d", c.Database.MinConns))

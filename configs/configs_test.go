@@ -367,6 +367,11 @@ func TestEnvOnlyConfig(t *testing.T) {
 		"CACHECAR_SESSIONS_DELETE_UNKNOWN":                "false",
 		"CACHECAR_SESSIONS_MIGRATION":                     "connect-redis",
 		"CACHECAR_DATABASE_MAX_LOADS":                     "40",
+		"CACHECAR_ADMIN_CLEAR_RATE":                       "2",
+		"CACHECAR_ADMIN_CLEAR_BURST":                      "5",
+		"CACHECAR_ADMIN_WARM_MAX_IDS":                     "500",
+		"CACHECAR_ADMIN_WARM_ON_START":                    "true",
+		"CACHECAR_POLICIES_COURSE_WARM_SQL":               "SELECT 1",
 		"CACHECAR_DATABASE_MIN_CONNS":                     "2",
 		"CACHECAR_VALKEY_BREAKER_THRESHOLD":               "3",
 		"CACHECAR_VALKEY_BREAKER_OPEN":                    "100ms",
@@ -384,7 +389,7 @@ func TestEnvOnlyConfig(t *testing.T) {
 		Server: ServerConfig{Listen: "127.0.0.1:18080", ReadHeaderTimeout: 3 * time.Second, WriteTimeout: 20 * time.Second,
 			IdleTimeout: time.Minute, DrainDelay: 5 * time.Second, ShutdownTimeout: 25 * time.Second},
 		Health:   HealthConfig{Listen: "0.0.0.0:18081", CheckTimeout: 2 * time.Second, Pprof: true},
-		Admin:    AdminConfig{Listen: "127.0.0.1:18082", Token: "admintoken"},
+		Admin:    AdminConfig{Listen: "127.0.0.1:18082", Token: "admintoken", ClearRate: 2, ClearBurst: 5, WarmMaxIDs: 500, WarmOnStart: true},
 		Database: DatabaseConfig{URL: e["DATABASE_URL"], MaxConns: 32, MinConns: 2, MaxLoads: 40, ConnectTimeout: 3 * time.Second, QueryTimeout: 4 * time.Second},
 		Valkey: ValkeyConfig{Addrs: []string{"redis.internal:6380"}, Username: "cachecar", Password: "redispw", DB: 2,
 			Timeout: 80 * time.Millisecond, DialTimeout: 2 * time.Second, ReconnectMax: 10 * time.Second,
@@ -403,7 +408,7 @@ func TestEnvOnlyConfig(t *testing.T) {
 	want.Policies.Tenant.TTL = 2 * time.Hour
 	want.Policies.Course = Policy{Key: "c:{id}", TTL: 15 * time.Minute, IDPattern: "^[1-9][0-9]{0,9}$", SQL: "SELECT 'x'", BatchSQL: "SELECT 1, 'x'",
 		InvalidateOn:         []Dependency{{Table: "courses", Columns: map[string]string{"id": "id"}}, {Table: "course_versions", Columns: map[string]string{"id": "course_id"}}},
-		StaleWhileRevalidate: 20 * time.Second, StaleIfError: time.Hour, NegativeTTL: 5 * time.Second, RefreshAhead: 0.5}
+		StaleWhileRevalidate: 20 * time.Second, StaleIfError: time.Hour, NegativeTTL: 5 * time.Second, RefreshAhead: 0.5, WarmSQL: "SELECT 1"}
 	want.Policies.Tenant.InvalidateOn = []Dependency{}
 	want.Policies.Dispatch.TTL = 7 * time.Minute
 	want.Policies.DispatchList.TTL = 8 * time.Minute
@@ -512,6 +517,12 @@ func TestProblems(t *testing.T) {
 			want: [][]string{{"valkey.breaker_open_max", "valkey.breaker_open"}}},
 		{name: "breaker threshold 0", sets: []string{"valkey.breaker_threshold=0"},
 			want: [][]string{{"valkey.breaker_threshold", "at least 1"}}},
+		{name: "admin token twice", sets: []string{"admin.token=a", "admin.token_file=/etc/hostname"},
+			want: [][]string{{"admin.token and admin.token_file", "not both"}}},
+		{name: "admin token file missing", sets: []string{"admin.token_file=/nonexistent/token"},
+			want: [][]string{{"admin.token_file", "no such file"}}},
+		{name: "admin clear limits", sets: []string{"admin.clear_rate=0", "admin.clear_burst=0", "admin.warm_max_ids=0"},
+			want: [][]string{{"admin.clear_rate", "positive"}, {"admin.clear_burst", "at least 1"}, {"admin.warm_max_ids", "from 1"}}},
 		{name: "empty listen", sets: []string{"server.listen="},
 			want: [][]string{{"server.listen", "host:port"}}},
 		{name: "not YAML", file: "server: [unclosed\n\tlisten: ::: {\n",

@@ -98,9 +98,6 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 				func() float64 { _, st := store.Tier(); return float64(st.Bytes) }),
 		)
 	}
-	if cfg.Admin.Token != "" {
-		log.Warn().Msg("admin.token is set, but this version has no admin port yet; it is ignored")
-	}
 
 	// Invalidation runs when there is a shared cache to keep fresh and policies that ask for it.
 	useListener := store != nil && len(spec.Rules) > 0
@@ -193,6 +190,60 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 	if sess != nil {
 		healthOpts.Sessions = sess
 	}
+	adminToken, err := cfg.Admin.AdminToken()
+	if err != nil {
+		return &exitError{code: 2, err: err}
+	}
+	var adminLn net.Listener
+	var adminSrv *http.Server
+	if adminToken != "" {
+		if adminLn, err = net.Listen("tcp", cfg.Admin.Listen); err != nil {
+			return fmt.Errorf("admin.listen: %w", err)
+		}
+		if host, _, _ := net.SplitHostPort(cfg.Admin.Listen); !isLoopback(host) {
+			log.Warn().Str("admin", cfg.Admin.Listen).Msg("the admin port listens beyond loopback: anyone who can reach it and has the token can clear the cache")
+		}
+		healthOpts.AdminAddr = adminLn.Addr().String()
+		adminPolicies := map[string]*cachepolicy.Policy{"tenant": pol.Tenant, "course": pol.Course, "dispatch": pol.Dispatch,
+			"dispatch_list": pol.DispatchList, "tenant_stats": pol.TenantStats, "manifest": manifestPolicy}
+		warmSQL := map[string]string{}
+		for name, pc := range cfg.Policies.Named() {
+			warmSQL[name] = pc.WarmSQL
+		}
+		backend := "none"
+		switch {
+		case store != nil && store.Memory():
+			backend = "memory"
+		case store != nil:
+			backend = "valkey"
+			if on, _ := store.Tier(); on || cfg.Cache.TierMaxBytes > 0 {
+				backend = "valkey+tier"
+			}
+		}
+		var vinfo admin.ValkeyInfo
+		if store != nil && !store.Memory() {
+			vinfo = store
+		}
+		sessionPrefix := ""
+		if cfg.Sessions.Enabled && len(cfg.Valkey.Addrs) > 0 {
+			sessionPrefix = cfg.Sessions.Prefix
+		}
+		var ls admin.ListenerStatus
+		if listener != nil {
+			ls = listener
+		}
+		adm := admin.NewAdmin(admin.AdminOptions{
+			Token: adminToken, ClearRate: cfg.Admin.ClearRate, ClearBurst: cfg.Admin.ClearBurst, WarmMaxIDs: cfg.Admin.WarmMaxIDs,
+			Namespace: cfg.Namespace, SessionPrefix: sessionPrefix, SessionSentinel: cfg.Namespace + "cachecar:sessions:epoch",
+			Policies: adminPolicies, WarmSQL: warmSQL, Listener: ls, Backend: backend,
+		}, res, vinfo, log.With().Str("component", "admin").Logger())
+		adminSrv = &http.Server{
+			Handler:           adm.Handler(),
+			ReadHeaderTimeout: 5 * time.Second,
+			WriteTimeout:      10 * time.Minute, // a clear of millions of keys, a long warm-up
+			IdleTimeout:       cfg.Server.IdleTimeout,
+		}
+	}
 	health := admin.NewHealth(healthOpts, loader, valkeyPinger, reg)
 
 	apiLn, err := net.Listen("tcp", cfg.Server.Listen)
@@ -233,11 +284,28 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 		bg.Add(1)
 		go func() { defer bg.Done(); sess.Run(bgCtx) }()
 	}
-	serveErr := make(chan error, 2)
+	if store != nil && !store.Memory() {
+		bg.Add(1)
+		go func() {
+			defer bg.Done()
+			checkValkeyMemory(bgCtx, store, cfg.Sessions.Enabled, log)
+		}()
+	}
+	if cfg.Admin.WarmOnStart {
+		bg.Add(1)
+		go func() {
+			defer bg.Done()
+			warmOnStart(bgCtx, cfg, res, pol, log)
+		}()
+	}
+	serveErr := make(chan error, 3)
 	for _, s := range []struct {
 		srv *http.Server
 		ln  net.Listener
-	}{{apiSrv, apiLn}, {healthSrv, healthLn}} {
+	}{{apiSrv, apiLn}, {healthSrv, healthLn}, {adminSrv, adminLn}} {
+		if s.srv == nil {
+			continue
+		}
 		go func() {
 			if err := s.srv.Serve(s.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				serveErr <- err
@@ -249,6 +317,7 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 		Str("version", buildVersion()).
 		Str("api", apiLn.Addr().String()).
 		Str("health", healthLn.Addr().String()).
+		Str("admin", healthOpts.AdminAddr).
 		Bool("cache", store != nil).
 		Msg("listening")
 
@@ -269,6 +338,9 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 		log.Warn().Err(err).Msg("read API did not drain in time")
 	}
 	healthSrv.Shutdown(sdCtx)
+	if adminSrv != nil {
+		adminSrv.Shutdown(sdCtx)
+	}
 	stopBg()
 	bg.Wait()
 	log.Info().Msg("stopped")
@@ -303,4 +375,51 @@ func verifyTriggers(ctx context.Context, pool *pgxpool.Pool, spec invalidation.S
 	}
 	defer conn.Release()
 	return invalidation.Verify(ctx, conn, spec)
+}
+
+// isLoopback reports whether host (of a listen address) is a loopback name or address.
+func isLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// checkValkeyMemory logs Valkey's memory limit and eviction policy once it answers, with a
+// warning for a setting that lets Valkey grow without bound or evict sessions.
+func checkValkeyMemory(ctx context.Context, store *cachepolicy.Store, sessions bool, log zerolog.Logger) {
+	for wait := 100 * time.Millisecond; ; wait = min(wait*2, 10*time.Second) {
+		mi, err := store.MemoryInfo(ctx)
+		if err == nil {
+			log.Info().Int64("maxmemory", mi.MaxMemory).Str("maxmemory_policy", mi.MaxMemoryPolicy).
+				Int64("used_memory", mi.UsedMemory).Int64("evicted_keys", mi.EvictedKeys).Msg("valkey memory")
+			for _, w := range cachepolicy.MemoryWarnings(mi, sessions) {
+				log.Warn().Msg(w)
+			}
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+	}
+}
+
+// warmOnStart reads, in the background, the ids of every policy's warm_sql through the cache.
+func warmOnStart(ctx context.Context, cfg *configs.Config, res *cachepolicy.Resolver, pol proxy.Policies, log zerolog.Logger) {
+	byName := map[string]*cachepolicy.Policy{"tenant": pol.Tenant, "course": pol.Course, "dispatch": pol.Dispatch, "tenant_stats": pol.TenantStats}
+	for name, pc := range cfg.Policies.Named() {
+		p, ok := byName[name]
+		if !ok || pc.WarmSQL == "" {
+			continue
+		}
+		ids, err := res.WarmIDs(ctx, pc.WarmSQL, cfg.Admin.WarmMaxIDs)
+		if err != nil {
+			log.Warn().Err(err).Str("policy", name).Msg("warm query failed; no warm-up for this policy")
+			continue
+		}
+		admin.Warm(ctx, res, p, ids, log.With().Str("component", "warm").Logger())
+	}
 }
