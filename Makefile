@@ -24,7 +24,7 @@ GO_TEST_FLAGS ?= -race -count=1 -timeout 12m
 NODE_STORES := sessions/testdata/node
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: run test build services services-down migrate bench fuzz vet fmt check-go clean node-stores
+.PHONY: run test build services services-down migrate bench fuzz vet fmt check-go clean node-stores promtool
 
 run: check-go services build migrate
 	@echo
@@ -42,12 +42,24 @@ run: check-go services build migrate
 	@echo
 	$(RUN_ENV) ./bin/cachecar serve
 
-test: check-go services node-stores
+test: check-go services node-stores promtool
 	$(TEST_ENV) CACHECAR_TEST_NODE_STORES=$$([ -d $(NODE_STORES)/node_modules ] && echo '$(CURDIR)/$(NODE_STORES)') \
 		go test $(GO_TEST_FLAGS) ./...
 
 # node-stores installs the pinned Node session stores (npm ci) when Node.js 20+ is present;
 # without it the rolling-migration tests skip and say why.
+# promtool checks deploy/prometheus/alerts.yaml in the tests (TestDeployPromtool; with CI=true it
+# must be there). Only the one binary is taken from Debian's prometheus package: the package
+# itself pulls ~330 MB (mostly JavaScript for its web UI) and, where systemd runs, starts a
+# Prometheus server on :9090.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+		[ "$$(id -u)" = 0 ] || { echo "promtool missing and not root: apt-get install prometheus, or run as root"; exit 1; }; \
+		echo "installing promtool from Debian's prometheus package"; \
+		tmp=$$(mktemp -d) && cd "$$tmp" && apt-get update -qq && apt-get download -qq prometheus 2>/dev/null && \
+		dpkg-deb --fsys-tarfile prometheus_*.deb | tar -xO ./usr/bin/promtool > /usr/local/bin/promtool && \
+		chmod 755 /usr/local/bin/promtool && cd / && rm -rf "$$tmp"; }
+
 node-stores:
 	@if command -v node >/dev/null 2>&1 && [ "$$(node -p 'process.versions.node.split(".")[0]')" -ge 20 ]; then \
 		npm ci --prefix $(NODE_STORES) --no-audit --no-fund --loglevel=error >/dev/null || { echo "npm ci in $(NODE_STORES) failed"; exit 1; }; \

@@ -3,7 +3,9 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -240,4 +242,22 @@ func TestAdminPort(t *testing.T) {
 			t.Fatalf("no 429 with Retry-After past the burst: %v", limited)
 		}
 	})
+}
+
+// TestHealthcheckCommand: `cachecar healthcheck` exits 0 against a ready sidecar and 1 when
+// nothing answers, for images without a shell or curl.
+func TestHealthcheckCommand(t *testing.T) {
+	url := referenceDB(t)
+	addr, prefix := testenv.Valkey(t)
+	s := startSidecar(t, map[string]string{"DATABASE_URL": url, "CACHECAR_VALKEY_ADDRS": addr, "CACHECAR_NAMESPACE": prefix})
+	var out, errOut bytes.Buffer
+	env := envFunc(map[string]string{"DATABASE_URL": url})
+	if err := run(context.Background(), []string{"healthcheck", "--health-listen", strings.TrimPrefix(s.health, "http://")}, env, &out, &errOut); err != nil || !strings.Contains(out.String(), "ready") {
+		t.Fatalf("healthcheck of a ready sidecar: %v %q", err, out.String())
+	}
+	err := run(context.Background(), []string{"healthcheck", "--health-listen", testenv.ClosedAddr(t)}, env, &out, &errOut)
+	var ee *exitError
+	if !errors.As(err, &ee) || ee.code != 1 {
+		t.Fatalf("healthcheck with nothing listening: %v, want exit 1", err)
+	}
 }

@@ -6,8 +6,11 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"runtime/debug"
 	"strings"
+	"time"
 
 	"github.com/cachecar/cachecar/configs"
 	"go.yaml.in/yaml/v3"
@@ -49,6 +52,8 @@ commands:
                 --reference-schema and --demo-data for the demo; --print-sql prints the
                 trigger SQL for the configured policies instead of touching the database
   check-config  print the effective configuration (secrets redacted); exit 2 listing every problem
+  healthcheck   ask the running sidecar's /ready on health.listen (loopback); exit 0 when ready,
+                1 otherwise: a container healthcheck for images without a shell or curl
   version       print the version
 
 flags (every command):
@@ -97,7 +102,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		fmt.Fprintln(stdout, "cachecar", buildVersion())
 		return nil
 	}
-	if cmd != "serve" && cmd != "migrate" && cmd != "check-config" {
+	if cmd != "serve" && cmd != "migrate" && cmd != "check-config" && cmd != "healthcheck" {
 		return &exitError{code: 2, err: fmt.Errorf("unknown command %q\n%s", cmd, usage)}
 	}
 	for key, v := range named {
@@ -117,6 +122,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		}
 		_, err = stdout.Write(b)
 		return err
+	case "healthcheck":
+		return healthcheck(ctx, cfg.Health.Listen, cfg.Health.CheckTimeout, stdout)
 	case "migrate":
 		if *printSQL {
 			return printTriggerSQL(cfg, stdout)
@@ -160,4 +167,34 @@ func buildVersion() string {
 		}
 	}
 	return "dev"
+}
+
+// healthcheck asks /ready on the health port, through loopback when the port listens on every
+// address, and fails unless it answers 200.
+func healthcheck(ctx context.Context, listen string, timeout time.Duration, stdout io.Writer) error {
+	host, port, err := net.SplitHostPort(listen)
+	if err != nil {
+		return &exitError{code: 2, err: fmt.Errorf("health.listen: %w", err)}
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		host = "127.0.0.1"
+		if ip != nil && ip.To4() == nil {
+			host = "::1"
+		}
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout+time.Second)
+	defer cancel()
+	url := "http://" + net.JoinHostPort(host, port) + "/ready"
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return &exitError{code: 1, err: fmt.Errorf("healthcheck %s: %w", url, err)}
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	if resp.StatusCode != http.StatusOK {
+		return &exitError{code: 1, err: fmt.Errorf("healthcheck %s: %d %s", url, resp.StatusCode, strings.TrimSpace(string(body)))}
+	}
+	fmt.Fprintf(stdout, "%s\n", strings.TrimSpace(string(body)))
+	return nil
 }
