@@ -2,6 +2,7 @@ package cachepolicy
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -27,6 +28,8 @@ type StoreOptions struct {
 	Username string
 	Password string
 	DB       int
+	// TLS, when set, is the TLS configuration of every connection; nil connects in plain TCP.
+	TLS *tls.Config
 	// Timeout bounds every call; past it the read treats Valkey as unavailable.
 	Timeout time.Duration
 	// DialTimeout bounds one connection attempt.
@@ -134,6 +137,7 @@ func (s *Store) Connect() error {
 		SelectDB:         s.opts.DB,
 		DisableCache:     true,
 		Dialer:           net.Dialer{Timeout: s.opts.DialTimeout, KeepAlive: 30 * time.Second},
+		TLSConfig:        s.opts.TLS,
 		ConnWriteTimeout: s.opts.Timeout * 20,
 		ClientName:       "cachecar",
 		MaxFlushDelay:    s.opts.MaxFlushDelay,

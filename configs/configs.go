@@ -4,6 +4,8 @@ package configs
 
 import (
 	"bytes"
+	"crypto/tls"
+	"crypto/x509"
 	_ "embed"
 	"errors"
 	"fmt"
@@ -158,8 +160,12 @@ func (c AdminConfig) AdminToken() (string, error) {
 
 // DatabaseConfig is the PostgreSQL connection.
 type DatabaseConfig struct {
-	URL      string `mapstructure:"url"`
-	MaxConns int32  `mapstructure:"max_conns"`
+	URL string `mapstructure:"url"`
+	// PasswordFile names a file holding the password of every PostgreSQL connection (the pool,
+	// the invalidation listener, migrate): a mounted Kubernetes Secret. Empty: the URL's own
+	// password, or libpq's PGPASSWORD and passfile, as pgx reads them.
+	PasswordFile string `mapstructure:"password_file"`
+	MaxConns     int32  `mapstructure:"max_conns"`
 	// MinConns are kept open while idle, so that a sudden fall-through to PostgreSQL (Valkey
 	// gone) does not wait on new connections.
 	MinConns int32 `mapstructure:"min_conns"`
@@ -169,15 +175,29 @@ type DatabaseConfig struct {
 	QueryTimeout   time.Duration `mapstructure:"query_timeout"`
 }
 
+// FilePassword returns the trimmed contents of database.password_file, which replaces the
+// password of every PostgreSQL connection; "" when no file is set.
+func (c DatabaseConfig) FilePassword() (string, error) {
+	if c.PasswordFile == "" {
+		return "", nil
+	}
+	return readSecretFile("database.password_file", c.PasswordFile)
+}
+
 // ValkeyConfig is the shared cache. No Addrs means no shared cache.
 type ValkeyConfig struct {
-	Addrs        []string      `mapstructure:"addrs"`
-	Username     string        `mapstructure:"username"`
-	Password     string        `mapstructure:"password"`
-	DB           int           `mapstructure:"db"`
-	Timeout      time.Duration `mapstructure:"timeout"`
-	DialTimeout  time.Duration `mapstructure:"dial_timeout"`
-	ReconnectMax time.Duration `mapstructure:"reconnect_max"`
+	Addrs    []string `mapstructure:"addrs"`
+	Username string   `mapstructure:"username"`
+	Password string   `mapstructure:"password"`
+	// PasswordFile names a file holding the password instead (a mounted Kubernetes Secret).
+	// Set Password or PasswordFile, not both.
+	PasswordFile string `mapstructure:"password_file"`
+	// TLS is TLS for every connection to Valkey.
+	TLS          ValkeyTLSConfig `mapstructure:"tls"`
+	DB           int             `mapstructure:"db"`
+	Timeout      time.Duration   `mapstructure:"timeout"`
+	DialTimeout  time.Duration   `mapstructure:"dial_timeout"`
+	ReconnectMax time.Duration   `mapstructure:"reconnect_max"`
 	// MaxFlushDelay is valkey-go's MaxFlushDelay; 0 flushes at once.
 	MaxFlushDelay time.Duration `mapstructure:"max_flush_delay"`
 	// BreakerThreshold failed calls in a row open the circuit breaker for BreakerOpen, doubling
@@ -185,6 +205,97 @@ type ValkeyConfig struct {
 	BreakerThreshold int           `mapstructure:"breaker_threshold"`
 	BreakerOpen      time.Duration `mapstructure:"breaker_open"`
 	BreakerOpenMax   time.Duration `mapstructure:"breaker_open_max"`
+}
+
+// EffectivePassword returns valkey.password, or the trimmed contents of valkey.password_file.
+func (c ValkeyConfig) EffectivePassword() (string, error) {
+	if c.PasswordFile == "" {
+		return c.Password, nil
+	}
+	return readSecretFile("valkey.password_file", c.PasswordFile)
+}
+
+// readSecretFile returns the contents of a mounted secret without surrounding whitespace (the
+// newline editors and `kubectl create secret --from-file` leave). An empty file is an error:
+// running without the password it was meant to hold would only fail later, less clearly.
+func readSecretFile(key, path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", key, err)
+	}
+	s := strings.TrimSpace(string(b))
+	if s == "" {
+		return "", fmt.Errorf("%s: %s is empty", key, path)
+	}
+	return s, nil
+}
+
+// ValkeyTLSConfig is TLS for every connection to Valkey (the cache's and the sessions').
+type ValkeyTLSConfig struct {
+	// Enabled connects with TLS; false connects in plain TCP and the other keys must be empty.
+	Enabled bool `mapstructure:"enabled"`
+	// CAFile is a PEM bundle of the CAs that may sign the server's certificate; empty: the
+	// system's roots.
+	CAFile string `mapstructure:"ca_file"`
+	// CertFile and KeyFile are a PEM client certificate and its private key, for a server that
+	// asks for one (tls-auth-clients yes); both or neither.
+	CertFile string `mapstructure:"cert_file"`
+	KeyFile  string `mapstructure:"key_file"`
+	// ServerName is the name the server's certificate must be valid for; empty: the host of
+	// each address in valkey.addrs.
+	ServerName string `mapstructure:"server_name"`
+	// InsecureSkipVerify accepts any server certificate (the connection is encrypted but not
+	// authenticated); serve logs a warning at start-up.
+	InsecureSkipVerify bool `mapstructure:"insecure_skip_verify"`
+}
+
+// ClientConfig builds the TLS configuration of the Valkey clients from the files it names:
+// nil when TLS is off. The error joins every problem found, each naming its key.
+func (c ValkeyTLSConfig) ClientConfig() (*tls.Config, error) {
+	if !c.Enabled {
+		var set []string
+		for _, kv := range []struct{ key, val string }{{"ca_file", c.CAFile}, {"cert_file", c.CertFile},
+			{"key_file", c.KeyFile}, {"server_name", c.ServerName}} {
+			if kv.val != "" {
+				set = append(set, "valkey.tls."+kv.key)
+			}
+		}
+		if c.InsecureSkipVerify {
+			set = append(set, "valkey.tls.insecure_skip_verify")
+		}
+		if len(set) > 0 {
+			// Settings that look like TLS but leave the connection in plain text.
+			return nil, fmt.Errorf("%s: set, but valkey.tls.enabled is false, so Valkey would be reached without TLS; enable TLS or remove them", strings.Join(set, ", "))
+		}
+		return nil, nil
+	}
+	tc := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: c.ServerName, InsecureSkipVerify: c.InsecureSkipVerify}
+	var problems []error
+	if c.CAFile != "" {
+		pem, err := os.ReadFile(c.CAFile)
+		if err != nil {
+			problems = append(problems, fmt.Errorf("valkey.tls.ca_file: %w", err))
+		} else if pool := x509.NewCertPool(); !pool.AppendCertsFromPEM(pem) {
+			problems = append(problems, fmt.Errorf("valkey.tls.ca_file: no PEM certificate in %s", c.CAFile))
+		} else {
+			tc.RootCAs = pool
+		}
+	}
+	switch {
+	case (c.CertFile == "") != (c.KeyFile == ""):
+		problems = append(problems, errors.New("valkey.tls.cert_file and valkey.tls.key_file: set both (a client certificate and its private key) or neither"))
+	case c.CertFile != "":
+		cert, err := tls.LoadX509KeyPair(c.CertFile, c.KeyFile)
+		if err != nil {
+			problems = append(problems, fmt.Errorf("valkey.tls.cert_file and valkey.tls.key_file: %w", err))
+		} else {
+			tc.Certificates = []tls.Certificate{cert}
+		}
+	}
+	if len(problems) > 0 {
+		return nil, errors.Join(problems...)
+	}
+	return tc, nil
 }
 
 // CacheConfig switches caching and holds the default TTL.
@@ -603,6 +714,34 @@ func (c *Config) validate() []string {
 			p = append(p, "admin.token_file: the file is empty")
 		}
 	}
+	if c.Valkey.Password != "" && c.Valkey.PasswordFile != "" {
+		p = append(p, "valkey.password (REDIS_PASSWORD) and valkey.password_file: set one of them, not both")
+	} else if _, err := c.Valkey.EffectivePassword(); err != nil {
+		p = append(p, err.Error())
+	}
+	if _, err := c.Valkey.TLS.ClientConfig(); err != nil {
+		var joined interface{ Unwrap() []error }
+		if errors.As(err, &joined) {
+			for _, e := range joined.Unwrap() {
+				p = append(p, e.Error())
+			}
+		} else {
+			p = append(p, err.Error())
+		}
+	}
+	if c.Database.PasswordFile != "" {
+		if _, err := c.Database.FilePassword(); err != nil {
+			p = append(p, err.Error())
+		}
+		// The file replaces the password of every connection: a URL naming its own would be
+		// silently overridden, so one of the two is a mistake.
+		if urlHasPassword(c.Database.URL) {
+			p = append(p, "database.url (DATABASE_URL) and database.password_file: the URL has a password; set one of them, not both")
+		}
+		if c.Invalidation.ListenURL != "" && urlHasPassword(c.Invalidation.ListenURL) {
+			p = append(p, "invalidation.listen_url and database.password_file: the URL has a password; set one of them, not both (the file's applies to the listener too)")
+		}
+	}
 	if c.Admin.ClearRate <= 0 {
 		p = append(p, fmt.Sprintf("admin.clear_rate: must be positive (clears per second), got %v", c.Admin.ClearRate))
 	}
@@ -862,15 +1001,27 @@ const redactedMark = "<redacted>"
 // password, and in both forms the value of every password and sslpassword parameter. Where a
 // malformed string makes it impossible to tell where a password ends, it masks more, never less.
 func RedactURL(u string) string {
+	return maskURL(u, secretParam)
+}
+
+// urlHasPassword reports whether a PostgreSQL URL or DSN names a password itself (userinfo or
+// a password parameter), as opposed to leaving it to PGPASSWORD, a passfile or
+// database.password_file. Where masking cannot tell, it says yes.
+func urlHasPassword(u string) bool {
+	return maskURL(u, func(key string) bool { return strings.EqualFold(key, "password") }) != u
+}
+
+// maskURL masks the URL's userinfo password and the values of the parameters secret names.
+func maskURL(u string, secret func(key string) bool) string {
 	if i := strings.Index(u, "://"); i >= 0 {
-		return redactURLForm(u[:i+3], u[i+3:])
+		return redactURLForm(u[:i+3], u[i+3:], secret)
 	}
-	return redactDSN(u)
+	return redactDSN(u, secret)
 }
 
 // redactURLForm reads the URL as pgx and libpq do: the userinfo ends at the first '@' before any
 // '/', and the query is '&'-separated key=value pairs.
-func redactURLForm(scheme, p string) string {
+func redactURLForm(scheme, p string, secret func(string) bool) string {
 	var b strings.Builder
 	b.WriteString(scheme)
 	if i := strings.IndexAny(p, "@/"); i >= 0 && p[i] == '@' {
@@ -899,7 +1050,7 @@ func redactURLForm(scheme, p string) string {
 		}
 		rawKey, _, hasValue := strings.Cut(pair, "=")
 		key, err := url.PathUnescape(rawKey)
-		if hasValue && (err != nil || secretParam(key)) {
+		if hasValue && (err != nil || secret(key)) {
 			b.WriteString(rawKey + "=" + redactedMark)
 			continue
 		}
@@ -910,7 +1061,7 @@ func redactURLForm(scheme, p string) string {
 
 // redactDSN walks a libpq key=value string (values bare or single-quoted, with backslash
 // escapes) and masks the secret values, keeping everything else as written.
-func redactDSN(s string) string {
+func redactDSN(s string, secret func(string) bool) string {
 	const space = " \t\n\r\v\f"
 	var b strings.Builder
 	rest := s
@@ -951,7 +1102,7 @@ func redactDSN(s string) string {
 			}
 			end = min(end, len(rest))
 		}
-		if secretParam(key) {
+		if secret(key) {
 			b.WriteString(redactedMark)
 		} else {
 			b.WriteString(rest[:end])

@@ -1,6 +1,9 @@
 package configs
 
 import (
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"os"
 	"path/filepath"
@@ -8,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/cachecar/cachecar/internal/testenv"
 )
 
 // env is a getenv over a fixed map, so that no test reads the real environment.
@@ -89,6 +94,9 @@ func TestDefaults(t *testing.T) {
 		{"database.query_timeout", cfg.Database.QueryTimeout, 5 * time.Second},
 		{"valkey.addrs", cfg.Valkey.Addrs, []string{"127.0.0.1:6379"}},
 		{"valkey.password", cfg.Valkey.Password, ""},
+		{"valkey.password_file", cfg.Valkey.PasswordFile, ""},
+		{"valkey.tls", cfg.Valkey.TLS, ValkeyTLSConfig{}},
+		{"database.password_file", cfg.Database.PasswordFile, ""},
 		{"valkey.db", cfg.Valkey.DB, 0},
 		{"valkey.timeout", cfg.Valkey.Timeout, 50 * time.Millisecond},
 		{"valkey.dial_timeout", cfg.Valkey.DialTimeout, time.Second},
@@ -301,6 +309,7 @@ func TestPlatformEnv(t *testing.T) {
 }
 
 func TestEnvOnlyConfig(t *testing.T) {
+	certs := testenv.NewCerts(t)
 	e := map[string]string{
 		"DATABASE_URL":      "postgres://app:dbpw@db.internal:5432/app?sslmode=require",
 		"REDIS_HOST":        "redis.internal",
@@ -382,6 +391,12 @@ func TestEnvOnlyConfig(t *testing.T) {
 		"CACHECAR_POLICIES_COURSE_STALE_IF_ERROR":         "1h",
 		"CACHECAR_POLICIES_COURSE_NEGATIVE_TTL":           "5s",
 		"CACHECAR_POLICIES_COURSE_REFRESH_AHEAD":          "0.5",
+		"CACHECAR_VALKEY_TLS_ENABLED":                     "true",
+		"CACHECAR_VALKEY_TLS_CA_FILE":                     certs.CAFile,
+		"CACHECAR_VALKEY_TLS_CERT_FILE":                   certs.ClientCert,
+		"CACHECAR_VALKEY_TLS_KEY_FILE":                    certs.ClientKey,
+		"CACHECAR_VALKEY_TLS_SERVER_NAME":                 "redis.internal",
+		"CACHECAR_VALKEY_TLS_INSECURE_SKIP_VERIFY":        "true",
 	}
 	cfg := mustLoad(t, Source{Getenv: env(e)})
 	want := Config{
@@ -393,7 +408,9 @@ func TestEnvOnlyConfig(t *testing.T) {
 		Database: DatabaseConfig{URL: e["DATABASE_URL"], MaxConns: 32, MinConns: 2, MaxLoads: 40, ConnectTimeout: 3 * time.Second, QueryTimeout: 4 * time.Second},
 		Valkey: ValkeyConfig{Addrs: []string{"redis.internal:6380"}, Username: "cachecar", Password: "redispw", DB: 2,
 			Timeout: 80 * time.Millisecond, DialTimeout: 2 * time.Second, ReconnectMax: 10 * time.Second,
-			BreakerThreshold: 3, BreakerOpen: 100 * time.Millisecond, BreakerOpenMax: 2 * time.Second},
+			BreakerThreshold: 3, BreakerOpen: 100 * time.Millisecond, BreakerOpenMax: 2 * time.Second,
+			TLS: ValkeyTLSConfig{Enabled: true, CAFile: certs.CAFile, CertFile: certs.ClientCert, KeyFile: certs.ClientKey,
+				ServerName: "redis.internal", InsecureSkipVerify: true}},
 		Cache: CacheConfig{Enabled: true, TTLDefault: 10 * time.Minute, TierMaxBytes: 32 << 20, LeaseWait: 300 * time.Millisecond},
 		Log:   LogConfig{Level: "debug", AccessSample: 0.5},
 		Manifests: Manifests{Dir: "/srv/scorm", Key: "m:{mtime}:{filename}", TTL: 30 * time.Minute,
@@ -523,6 +540,26 @@ func TestProblems(t *testing.T) {
 			want: [][]string{{"admin.token_file", "no such file"}}},
 		{name: "admin clear limits", sets: []string{"admin.clear_rate=0", "admin.clear_burst=0", "admin.warm_max_ids=0"},
 			want: [][]string{{"admin.clear_rate", "positive"}, {"admin.clear_burst", "at least 1"}, {"admin.warm_max_ids", "from 1"}}},
+		{name: "valkey password twice", env: map[string]string{"REDIS_PASSWORD": "pw"}, sets: []string{"valkey.password_file=/etc/hostname"},
+			want: [][]string{{"valkey.password (REDIS_PASSWORD) and valkey.password_file", "not both"}}},
+		{name: "password files missing, and the URL's password", sets: []string{"valkey.password_file=/nonexistent/vk", "database.password_file=/nonexistent/db"},
+			want: [][]string{{"valkey.password_file", "/nonexistent/vk", "no such file"}, {"database.password_file", "/nonexistent/db", "no such file"},
+				{"database.url (DATABASE_URL) and database.password_file", "the URL has a password"}}},
+		{name: "listen url with a password and a password file", sets: []string{"database.url=postgres://app@db/app",
+			"database.password_file=/etc/hostname", "invalidation.listen_url=host=db user=app password=pw"},
+			want: [][]string{{"invalidation.listen_url and database.password_file", "the URL has a password"}}},
+		{name: "valkey tls: CA not PEM, certificate without key", sets: []string{"valkey.tls.enabled=true", "valkey.tls.ca_file=/etc/hostname",
+			"valkey.tls.cert_file=/nonexistent/client.pem"},
+			want: [][]string{{"valkey.tls.ca_file", "no PEM certificate", "/etc/hostname"}, {"valkey.tls.cert_file and valkey.tls.key_file", "set both"}}},
+		{name: "valkey tls: key without certificate", env: map[string]string{"CACHECAR_VALKEY_TLS_ENABLED": "true", "CACHECAR_VALKEY_TLS_KEY_FILE": "/etc/hostname"},
+			want: [][]string{{"valkey.tls.cert_file and valkey.tls.key_file", "or neither"}}},
+		{name: "valkey tls: files missing", sets: []string{"valkey.tls.enabled=true", "valkey.tls.ca_file=/nonexistent/ca.pem",
+			"valkey.tls.cert_file=/nonexistent/c.pem", "valkey.tls.key_file=/nonexistent/k.pem"},
+			want: [][]string{{"valkey.tls.ca_file", "/nonexistent/ca.pem", "no such file"}, {"valkey.tls.cert_file and valkey.tls.key_file", "/nonexistent/c.pem", "no such file"}}},
+		{name: "valkey tls settings while disabled", file: "valkey:\n  tls:\n    ca_file: /etc/hostname\n    insecure_skip_verify: true\n",
+			want: [][]string{{"valkey.tls.ca_file, valkey.tls.insecure_skip_verify", "valkey.tls.enabled is false"}}},
+		{name: "valkey tls enabled not a bool", env: map[string]string{"CACHECAR_VALKEY_TLS_ENABLED": "please"},
+			want: [][]string{{"valkey.tls.enabled"}}},
 		{name: "empty listen", sets: []string{"server.listen="},
 			want: [][]string{{"server.listen", "host:port"}}},
 		{name: "not YAML", file: "server: [unclosed\n\tlisten: ::: {\n",
@@ -890,5 +927,158 @@ func TestTierLargerThanMemoryLimit(t *testing.T) {
 	}
 	if _, err := Load(Source{Sets: []string{"cache.tier_max_bytes=33554432"}}); err != nil {
 		t.Fatalf("tier of 32 MiB in a 96 MiB limit: %v", err)
+	}
+}
+
+func TestValkeyTLSConfig(t *testing.T) {
+	certs := testenv.NewCerts(t)
+	other := testenv.NewCerts(t)
+	load := func(t *testing.T, sets ...string) (*Config, []string) {
+		t.Helper()
+		cfg, err := Load(Source{Sets: sets})
+		var pe *ProblemsError
+		if errors.As(err, &pe) {
+			return nil, pe.Problems
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cfg, nil
+	}
+
+	t.Run("off", func(t *testing.T) {
+		cfg, _ := load(t)
+		if tc, err := cfg.Valkey.TLS.ClientConfig(); tc != nil || err != nil {
+			t.Fatalf("TLS off: %v %v, want nil, nil", tc, err)
+		}
+	})
+	t.Run("system roots", func(t *testing.T) {
+		cfg, list := load(t, "valkey.tls.enabled=true")
+		if list != nil {
+			t.Fatal(list)
+		}
+		tc, err := cfg.Valkey.TLS.ClientConfig()
+		if err != nil || tc == nil || tc.RootCAs != nil || len(tc.Certificates) != 0 || tc.InsecureSkipVerify || tc.MinVersion != tls.VersionTLS12 {
+			t.Fatalf("%+v %v", tc, err)
+		}
+	})
+	t.Run("CA, client certificate, server name", func(t *testing.T) {
+		cfg, list := load(t, "valkey.tls.enabled=true", "valkey.tls.ca_file="+certs.CAFile, "valkey.tls.cert_file="+certs.ClientCert,
+			"valkey.tls.key_file="+certs.ClientKey, "valkey.tls.server_name=redis.internal")
+		if list != nil {
+			t.Fatal(list)
+		}
+		tc, err := cfg.Valkey.TLS.ClientConfig()
+		if err != nil || tc.RootCAs == nil || len(tc.Certificates) != 1 || tc.ServerName != "redis.internal" || tc.MinVersion != tls.VersionTLS12 {
+			t.Fatalf("%+v %v", tc, err)
+		}
+		// The pool holds the CA: the server certificate it signed verifies against it.
+		leaf, err := x509.ParseCertificate(mustPEM(t, certs.ServerCert))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := leaf.Verify(x509.VerifyOptions{Roots: tc.RootCAs, DNSName: "localhost"}); err != nil {
+			t.Fatalf("the server certificate does not verify against ca_file's pool: %v", err)
+		}
+	})
+	for _, c := range []struct {
+		name string
+		sets []string
+		want []string
+	}{
+		{"key of another certificate", []string{"valkey.tls.cert_file=" + certs.ClientCert, "valkey.tls.key_file=" + other.ClientKey},
+			[]string{"valkey.tls.cert_file and valkey.tls.key_file", "private key does not match"}},
+		{"certificate in the key file", []string{"valkey.tls.cert_file=" + certs.ClientCert, "valkey.tls.key_file=" + certs.ClientCert},
+			[]string{"valkey.tls.cert_file and valkey.tls.key_file"}},
+		{"key in the CA file", []string{"valkey.tls.ca_file=" + certs.ClientKey},
+			[]string{"valkey.tls.ca_file", "no PEM certificate"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			_, list := load(t, append([]string{"valkey.tls.enabled=true"}, c.sets...)...)
+			if len(list) != 1 || !hasProblem(list, c.want...) {
+				t.Fatalf("problems %q, want one containing %q", list, c.want)
+			}
+		})
+	}
+}
+
+func mustPEM(t *testing.T, file string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	block, _ := pem.Decode(b)
+	if block == nil {
+		t.Fatalf("no PEM in %s", file)
+	}
+	return block.Bytes
+}
+
+func TestPasswordFiles(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, content string) string {
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	vk, db := write("vk", "  vk-pw\n"), write("db", "db-pw\r\n")
+
+	// Env only, as a pod with mounted Secrets sets it: the URL carries no password.
+	cfg := mustLoad(t, Source{Getenv: env(map[string]string{"DATABASE_URL": "postgres://app@db:5432/app?sslmode=verify-full",
+		"CACHECAR_DATABASE_PASSWORD_FILE": db, "CACHECAR_VALKEY_PASSWORD_FILE": vk})})
+	if cfg.Valkey.PasswordFile != vk || cfg.Database.PasswordFile != db || cfg.Valkey.Password != "" {
+		t.Fatalf("valkey %q %q, database %q", cfg.Valkey.PasswordFile, cfg.Valkey.Password, cfg.Database.PasswordFile)
+	}
+	if pw, err := cfg.Valkey.EffectivePassword(); pw != "vk-pw" || err != nil {
+		t.Fatalf("valkey password %q %v, want the file's, trimmed", pw, err)
+	}
+	if pw, err := cfg.Database.FilePassword(); pw != "db-pw" || err != nil {
+		t.Fatalf("database password %q %v, want the file's, trimmed", pw, err)
+	}
+	// Redacted output names the files; it has no passwords to hide.
+	if r := cfg.Redacted(); r.Valkey.PasswordFile != vk || r.Database.PasswordFile != db || strings.Contains(stringify(r), "-pw") {
+		t.Fatalf("redacted: %+v", r.Valkey)
+	}
+	// Without a file, the plain value.
+	if pw, err := mustLoad(t, Source{Getenv: env(map[string]string{"REDIS_PASSWORD": "plain"})}).Valkey.EffectivePassword(); pw != "plain" || err != nil {
+		t.Fatalf("valkey.password: %q %v", pw, err)
+	}
+	if pw, err := mustLoad(t, Source{}).Database.FilePassword(); pw != "" || err != nil {
+		t.Fatalf("no database.password_file: %q %v, want \"\"", pw, err)
+	}
+
+	blank := write("blank", " \n")
+	for _, c := range []struct {
+		name string
+		env  map[string]string
+		want []string // "" for no problem
+	}{
+		{"empty valkey file", map[string]string{"CACHECAR_VALKEY_PASSWORD_FILE": blank}, []string{"valkey.password_file", "is empty"}},
+		{"empty database file", map[string]string{"DATABASE_URL": "postgres://app@db/app", "CACHECAR_DATABASE_PASSWORD_FILE": blank},
+			[]string{"database.password_file", "is empty"}},
+		{"URL with a password parameter", map[string]string{"DATABASE_URL": "postgres://app@db/app?password=x", "CACHECAR_DATABASE_PASSWORD_FILE": db},
+			[]string{"database.url (DATABASE_URL) and database.password_file"}},
+		{"DSN with a password", map[string]string{"DATABASE_URL": "host=db user=app password='a b'", "CACHECAR_DATABASE_PASSWORD_FILE": db},
+			[]string{"database.url (DATABASE_URL) and database.password_file"}},
+		{"DSN with only an sslpassword", map[string]string{"DATABASE_URL": "host=db user=app sslpassword=k", "CACHECAR_DATABASE_PASSWORD_FILE": db}, nil},
+		{"listen URL without a password", map[string]string{"DATABASE_URL": "postgres://app@db/app", "CACHECAR_DATABASE_PASSWORD_FILE": db,
+			"CACHECAR_INVALIDATION_LISTEN_URL": "postgres://app@db-direct/app"}, nil},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := Load(Source{Getenv: env(c.env)})
+			if c.want == nil {
+				if err != nil {
+					t.Fatalf("problems: %v", err)
+				}
+				return
+			}
+			var pe *ProblemsError
+			if !errors.As(err, &pe) || len(pe.Problems) != 1 || !hasProblem(pe.Problems, c.want...) {
+				t.Fatalf("%v, want one problem containing %q", err, c.want)
+			}
+		})
 	}
 }

@@ -80,6 +80,8 @@ type Options struct {
 	// URL is the PostgreSQL connection the listener LISTENs on. It must be a direct session (or
 	// a session-pooling PgBouncer): LISTEN does not survive transaction pooling.
 	URL string
+	// Password, when set, replaces the password URL gives (database.password_file).
+	Password string
 	// ConnectTimeout bounds one connection attempt, and each setup step after it (LISTEN, the
 	// trigger check).
 	ConnectTimeout time.Duration
@@ -229,6 +231,9 @@ func (l *Listener) session(ctx context.Context) (wasLive bool, err error) {
 		return false, &SchemaError{Problems: []string{"invalidation.listen_url is not a valid PostgreSQL URL"}}
 	}
 	cfg.ConnectTimeout = l.opts.ConnectTimeout
+	if l.opts.Password != "" {
+		cfg.Password = l.opts.Password
+	}
 	if cfg.RuntimeParams["application_name"] == "" {
 		cfg.RuntimeParams["application_name"] = "cachecar-listener"
 	}

@@ -94,6 +94,13 @@ func newPool(ctx context.Context, cfg *configs.Config) (*pgxpool.Pool, error) {
 	pc.MaxConns = cfg.Database.MaxConns
 	pc.MinConns = min(cfg.Database.MinConns, cfg.Database.MaxConns)
 	pc.ConnConfig.ConnectTimeout = cfg.Database.ConnectTimeout
+	password, err := cfg.Database.FilePassword()
+	if err != nil {
+		return nil, &exitError{code: 2, err: err}
+	}
+	if password != "" {
+		pc.ConnConfig.Password = password
+	}
 	if pc.ConnConfig.RuntimeParams["application_name"] == "" {
 		pc.ConnConfig.RuntimeParams["application_name"] = "cachecar"
 	}

@@ -62,6 +62,24 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 		return &exitError{code: 2, err: err}
 	}
 
+	// One password and one TLS configuration for both Valkey clients, the cache's and the
+	// sessions'.
+	valkeyPassword, err := cfg.Valkey.EffectivePassword()
+	if err != nil {
+		return &exitError{code: 2, err: err}
+	}
+	valkeyTLS, err := cfg.Valkey.TLS.ClientConfig()
+	if err != nil {
+		return &exitError{code: 2, err: err}
+	}
+	if valkeyTLS != nil && valkeyTLS.InsecureSkipVerify && len(cfg.Valkey.Addrs) > 0 {
+		log.Warn().Msg("valkey.tls.insecure_skip_verify is true: Valkey's certificate is not verified, so anyone on the network path can pose as the server and read or change the cache and the sessions")
+	}
+	dbPassword, err := cfg.Database.FilePassword()
+	if err != nil {
+		return &exitError{code: 2, err: err}
+	}
+
 	cm := cachepolicy.NewMetrics(reg)
 	var store *cachepolicy.Store
 	var valkeyPinger admin.Pinger
@@ -75,7 +93,7 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 		log.Warn().Msg("valkey.addrs is empty and cache.tier_max_bytes is 0: no cache, every read goes to PostgreSQL")
 	default:
 		store = cachepolicy.NewStore(cachepolicy.StoreOptions{
-			Addrs: cfg.Valkey.Addrs, Username: cfg.Valkey.Username, Password: cfg.Valkey.Password,
+			Addrs: cfg.Valkey.Addrs, Username: cfg.Valkey.Username, Password: valkeyPassword, TLS: valkeyTLS,
 			DB: cfg.Valkey.DB, Timeout: cfg.Valkey.Timeout, DialTimeout: cfg.Valkey.DialTimeout,
 			ReconnectMax: cfg.Valkey.ReconnectMax, MaxFlushDelay: cfg.Valkey.MaxFlushDelay,
 			TierSize:         int(cfg.Cache.TierMaxBytes),
@@ -85,7 +103,7 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 		if err := store.Connect(); err != nil {
 			log.Warn().Err(err).Msg("valkey unreachable at start-up; serving from PostgreSQL and retrying")
 		} else {
-			log.Info().Strs("addrs", cfg.Valkey.Addrs).Msg("valkey connected")
+			log.Info().Strs("addrs", cfg.Valkey.Addrs).Bool("tls", valkeyTLS != nil).Msg("valkey connected")
 		}
 		valkeyPinger = store
 	}
@@ -112,6 +130,11 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 		if invalidation.IsSchemaError(err) {
 			return &exitError{code: 2, err: err}
 		}
+		if err != nil {
+			// The reason (refused, timed out, a certificate that does not match sslmode) is
+			// said once here; health and the listener's retries only say "unreachable".
+			log.Warn().Err(err).Msg("postgresql unreachable at start-up; not ready until it answers")
+		}
 	case store != nil && !cfg.Invalidation.Enabled:
 		log.Warn().Msg("invalidation.enabled is false: cached entries are served until their TTL ends, whatever PostgreSQL changes")
 	case store != nil:
@@ -130,6 +153,7 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 	if useListener {
 		listener = invalidation.New(invalidation.Options{
 			URL:            cfg.Invalidation.EffectiveListenURL(cfg.Database.URL),
+			Password:       dbPassword,
 			ConnectTimeout: cfg.Database.ConnectTimeout,
 			ReconnectMax:   cfg.Invalidation.ReconnectMax,
 			PingInterval:   cfg.Invalidation.PingInterval,
@@ -147,7 +171,7 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 		if len(cfg.Valkey.Addrs) > 0 {
 			dial = func() (valkey.Client, error) {
 				return valkey.NewClient(valkey.ClientOption{
-					InitAddress: cfg.Valkey.Addrs, Username: cfg.Valkey.Username, Password: cfg.Valkey.Password,
+					InitAddress: cfg.Valkey.Addrs, Username: cfg.Valkey.Username, Password: valkeyPassword, TLSConfig: valkeyTLS,
 					SelectDB: cfg.Valkey.DB, DisableCache: true, ClientName: "cachecar-sessions",
 					Dialer:           net.Dialer{Timeout: cfg.Valkey.DialTimeout, KeepAlive: 30 * time.Second},
 					ConnWriteTimeout: cfg.Valkey.Timeout * 20,
