@@ -261,3 +261,33 @@ func TestHealthcheckCommand(t *testing.T) {
 		t.Fatalf("healthcheck with nothing listening: %v, want exit 1", err)
 	}
 }
+
+// TestWarmOnStartAndMemoryWarning: admin.warm_on_start warms the course policy's warm_sql ids in
+// the background at start-up, and the start-up log reports Valkey's memory settings with a
+// warning for a server without maxmemory (the test server has none).
+func TestWarmOnStartAndMemoryWarning(t *testing.T) {
+	url := referenceDB(t)
+	addr, prefix := testenv.Valkey(t)
+	s := startSidecar(t, map[string]string{"DATABASE_URL": url, "CACHECAR_VALKEY_ADDRS": addr, "CACHECAR_NAMESPACE": prefix,
+		"CACHECAR_ADMIN_WARM_ON_START": "true", "CACHECAR_POLICIES_COURSE_WARM_SQL": "SELECT id FROM courses WHERE id IN (2, 3)"})
+	for deadline := time.Now().Add(5 * time.Second); !strings.Contains(s.out.String(), `"message":"warm-up finished"`); {
+		if time.Now().After(deadline) {
+			t.Fatalf("no warm-up within 5s:\n%s", s.out)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	for _, id := range []string{"2", "3"} {
+		if r, _ := get(t, s.api+"/v1/courses/"+id); r.Header.Get("X-Cache") != "HIT" {
+			t.Errorf("course %s after the start-up warm-up: X-Cache %s, want HIT on the first read", id, r.Header.Get("X-Cache"))
+		}
+	}
+	if r, _ := get(t, s.api+"/v1/courses/4"); r.Header.Get("X-Cache") != "MISS" {
+		t.Errorf("course 4 (not in the warm query): %s, want MISS", r.Header.Get("X-Cache"))
+	}
+	for deadline := time.Now().Add(5 * time.Second); !strings.Contains(s.out.String(), "valkey has no maxmemory"); {
+		if time.Now().After(deadline) {
+			t.Fatalf("no maxmemory warning:\n%s", s.out)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

@@ -433,6 +433,14 @@ func checkValkeyMemory(ctx context.Context, store *cachepolicy.Store, sessions b
 
 // warmOnStart reads, in the background, the ids of every policy's warm_sql through the cache.
 func warmOnStart(ctx context.Context, cfg *configs.Config, res *cachepolicy.Resolver, pol proxy.Policies, log zerolog.Logger) {
+	// Until invalidation is live, reads of invalidated policies do not fill: wait for it.
+	for !res.Live() {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 	byName := map[string]*cachepolicy.Policy{"tenant": pol.Tenant, "course": pol.Course, "dispatch": pol.Dispatch, "tenant_stats": pol.TenantStats}
 	for name, pc := range cfg.Policies.Named() {
 		p, ok := byName[name]
