@@ -33,11 +33,18 @@
 #                       of its PID after the load against 2 x the tier size + 64 MiB
 #   n  Zipf mix         bench/zipf from a cold cache: Zipf(1.1) course reads with 1% UPDATEs
 #                       sent to PostgreSQL: hit rate, and PostgreSQL queries against one per read
+# and one about the admin port:
+#   o  clear under load cachecar with its admin port on (token file, clear rate limit raised),
+#                       warmed as c; bench/clear puts BENCH_CLEAR_KEYS keys <ns>dispatch:<n>
+#                       straight into Redis; bench/rate reads random courses (hits) at
+#                       BENCH_CLEAR_READ_RATE, once idle, once while bench/clear clears
+#                       "dispatch:*" through the admin port (fill, clear, again while it fits):
+#                       the p99 of the reads due during a clear over the idle run's p99
 # Prints a Markdown report (also written to var/bench/last.md). See bench/README.md.
 #
-# Environment: DATABASE_URL (required for b to f and h to n), REDIS_HOST (127.0.0.1), REDIS_PORT (6379),
+# Environment: DATABASE_URL (required for b to f and h to o), REDIS_HOST (127.0.0.1), REDIS_PORT (6379),
 # CACHECAR_BIN (bin/cachecar), BENCH_DURATION (10s), BENCH_CONNECTIONS (50), BENCH_THREADS (2),
-# BENCH_SCENARIOS ("a b c d e f g h i j k l m n"), BENCH_ID_LAST (5000: ids 1..BENCH_ID_LAST exist in courses),
+# BENCH_SCENARIOS ("a b c d e f g h i j k l m n o"), BENCH_ID_LAST (5000: ids 1..BENCH_ID_LAST exist in courses),
 # BENCH_MISS_WARM (200: ids requested untimed before d so that cachecar's pools are open),
 # BENCH_INVALIDATION_RATE (1000 updates/s), BENCH_INVALIDATION_DURATION (5s),
 # BENCH_INVALIDATION_WORKERS (8 connections), BENCH_CONSISTENCY_DURATION (30s),
@@ -48,7 +55,8 @@
 # BENCH_HIT_RATE (10000/s: a's and c's fixed rate, for BENCH_DURATION),
 # BENCH_MEM_DISPATCHES (200000: dispatch ids 1..N m reads), BENCH_MEM_TENANTS (50: tenant ids m reads),
 # BENCH_ZIPF_S (1.1), BENCH_ZIPF_WRITES (0.01: n's fraction of operations that are UPDATEs),
-# BENCH_ZIPF_DURATION (30s: n's run),
+# BENCH_ZIPF_DURATION (30s: n's run), BENCH_CLEAR_KEYS (100000: the keys o clears),
+# BENCH_CLEAR_READ_RATE (5000/s: o's fixed rate of reads, for BENCH_DURATION, twice),
 # CACHECAR_TEST_DATABASE_URL, CACHECAR_TEST_VALKEY_ADDR, CACHECAR_TEST_REDIS_SERVER (for g; the
 # Makefile's test defaults).
 #
@@ -61,7 +69,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DURATION=${BENCH_DURATION:-10s}
 CONNECTIONS=${BENCH_CONNECTIONS:-50}
 THREADS=${BENCH_THREADS:-2}
-ALL_SCENARIOS="a b c d e f g h i j k l m n"
+ALL_SCENARIOS="a b c d e f g h i j k l m n o"
 SCENARIOS=${BENCH_SCENARIOS:-$ALL_SCENARIOS}
 ID_LAST=${BENCH_ID_LAST:-5000}
 MISS_WARM=${BENCH_MISS_WARM:-200}
@@ -94,6 +102,12 @@ ZIPF_WRITES=${BENCH_ZIPF_WRITES:-0.01}
 # missing for a while: in a 10 s run those misses weigh on the hit rate more than the steady
 # state does, so n runs longer by default (the note also gives the second half's hit rate).
 ZIPF_DURATION=${BENCH_ZIPF_DURATION:-30s}
+# o: the keys put into the dispatch key space and cleared, and the fixed rate of the reads that
+# run meanwhile (and in the idle run before). Half of c's rate: at c's 10000/s, bench/rate and
+# cachecar already keep the 2 shared cores about 70% busy and a clear adds about 0.6 of a core
+# while it runs, so the p99 would be the machine running out of CPU (see bench/README.md).
+CLEAR_KEYS=${BENCH_CLEAR_KEYS:-100000}
+CLEAR_READ_RATE=${BENCH_CLEAR_READ_RATE:-5000}
 # cachecar's default cache.tier_max_bytes, for when /health/detailed does not say.
 DEFAULT_TIER_BYTES=67108864
 CACHECAR_BIN=${CACHECAR_BIN:-bin/cachecar}
@@ -149,6 +163,8 @@ cleanup() {
 		stop_pid "$pid"
 	done
 	STARTED=()
+	# o's admin token, when the run was interrupted before o deleted it.
+	rm -f var/bench/admin-token-o
 }
 trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT
@@ -203,6 +219,10 @@ DESC_n="cachecar, Zipf course reads + UPDATEs, cold start (reads/s)"
 declare -A LOCAL_FRAC TIER_ON RSS_KB HWM_KB TIER_MAX
 # n: bench/zipf's ZIPF_RESULT fields.
 declare -A ZIPF
+# o: bench/clear's FILL_RESULT (fill_*), CLEAR_RESULT and WINDOW_RESULT (win_*) fields.
+declare -A CLR
+# o: CPU used during each of its two runs (o0 idle, o1 during the clears), in words.
+declare -A CLR_CPU
 # f's INVALIDATION_RESULT fields and g's "consistency:" line.
 declare -A INV
 CONSISTENCY=""
@@ -343,9 +363,10 @@ start_cachecar() {
 	CC_LOG="$OUT/cachecar-$s.log"
 	CC_URL="http://127.0.0.1:$port"
 	CC_HEALTH="http://127.0.0.1:$hport"
-	# ADMIN_TOKEN is dropped so that the admin port stays off: it is not benchmarked and its
-	# default port could be taken by a cachecar the developer runs.
-	env -u ADMIN_TOKEN -u CACHECAR_ADMIN_TOKEN \
+	# ADMIN_TOKEN is dropped so that the admin port stays off: it is benchmarked only in o, which
+	# passes its own token file and port, and its default port could be taken by a cachecar the
+	# developer runs.
+	env -u ADMIN_TOKEN -u CACHECAR_ADMIN_TOKEN -u CACHECAR_ADMIN_TOKEN_FILE \
 		DATABASE_URL="$DATABASE_URL" REDIS_HOST="$REDIS_HOST" REDIS_PORT="$REDIS_PORT" \
 		CACHECAR_SERVER_LISTEN="127.0.0.1:$port" CACHECAR_HEALTH_LISTEN="127.0.0.1:$hport" \
 		CACHECAR_NAMESPACE="$CC_NS" "$@" \
@@ -1139,7 +1160,190 @@ scenario_n() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# o: the read path while a big clear runs (issue 7).
+
+# cpu_snapshot: CPU seconds used so far by cachecar (CC_PID, from /proc) and by Redis (INFO cpu
+# with redis-cli, when it is installed and Redis is on loopback: on this machine's cores), and the
+# wall clock, into CPU_SNAP ("cc redis wall", "-" for unknown).
+cpu_snapshot() {
+	local cc redis="-" tck
+	tck=$(getconf CLK_TCK 2>/dev/null || echo 100)
+	cc=$(awk -v t="$tck" '{ sub(/^.*\) /, ""); printf "%.2f", ($12 + $13) / t }' "/proc/$CC_PID/stat" 2>/dev/null || true)
+	if command -v redis-cli >/dev/null && [[ $REDIS_HOST == 127.* || $REDIS_HOST == localhost || $REDIS_HOST == ::1 ]]; then
+		[[ -n ${REDIS_PASSWORD:-} ]] && export REDISCLI_AUTH=$REDIS_PASSWORD
+		redis=$(redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" info cpu 2>/dev/null |
+			awk -F: '/^used_cpu_(sys|user):/ { s += $2; n++ } END { if (n == 2) printf "%.2f", s; else print "-" }' || true)
+	fi
+	CPU_SNAP="${cc:--} ${redis:--} $(date +%s.%N)"
+}
+
+# cpu_share BEFORE AFTER: "cachecar X%, Redis Y%" of one core between two cpu_snapshot values.
+cpu_share() {
+	awk -v a="$1" -v b="$2" 'BEGIN {
+		split(a, x, " "); split(b, y, " "); w = y[3] - x[3]
+		for (i = 1; i <= 2; i++) v[i] = (x[i] == "-" || y[i] == "-" || w <= 0) ? "n/a" : sprintf("%.0f%%", 100 * (y[i] - x[i]) / w)
+		printf "cachecar %s, Redis %s", v[1], v[2] }'
+}
+
+# clear_rate_run NAME OUTFILE [ARGS...]: bench/rate as in c (GET random course ids 1..ID_LAST
+# over CONNECTIONS keep-alive connections for DURATION, open loop) at CLEAR_READ_RATE, in the
+# background (so that the traps can stop it); sets RATE_PID.
+clear_rate_run() {
+	local name=$1 out=$2
+	shift 2
+	local cmd=(-base "$CC_URL" -path '/v1/courses/{id}' -first 1 -last "$ID_LAST" -rate "$CLEAR_READ_RATE"
+		-conns "$CONNECTIONS" -duration "$DURATION" -header X-Cache -timeout 1m "$@")
+	FR_CMD[$name]="bench/rate ${cmd[*]}"
+	log "scenario o: $name: ${FR_CMD[$name]}"
+	cpu_snapshot
+	RATE_CPU0=$CPU_SNAP
+	"$BIN/rate" "${cmd[@]}" >"$out" 2>&1 &
+	RATE_PID=$!
+	STARTED+=("$RATE_PID")
+}
+
+# clear_rate_wait NAME OUTFILE: waits for clear_rate_run's bench/rate and reads its LOAD_RESULT
+# into LR (and FR_* under NAME); on failure sets FAILED[o].
+clear_rate_wait() {
+	local name=$1 out=$2 status=0 line
+	wait "$RATE_PID" || status=$?
+	forget "$RATE_PID"
+	cpu_snapshot
+	CLR_CPU[$name]=$(cpu_share "$RATE_CPU0" "$CPU_SNAP")
+	sed 's/^/    /' "$out" >&2
+	if ((status != 0)); then
+		fail o "the $name run: bench/rate exited with status $status: $(tail -n 1 "$out" | sed 's/^rate: //')"
+		return 1
+	fi
+	line=$(sed -n 's/^rate: LOAD_RESULT //p' "$out" | tail -n 1)
+	if ! load_result "$name" bench/rate "$line" header values self_cpu_pct ncpu; then
+		fail o "$name: ${FR_FAILED[$name]}"
+		return 1
+	fi
+	local what=idle
+	[[ $name == o1 ]] && what=clear
+	NOTE[o]+=" The $what run: ${LR[requests]} requests scheduled, achieved ${LR[rate]}/s, answers ${LR[answers]}, errors ${LR[errors]},"
+	NOTE[o]+=" not sent ${LR[not_sent]}, non-2xx ${LR[non2xx]}, connections opened during the run ${LR[new_conns]}; ${LR[header]} ${LR[values]//,/ };"
+	NOTE[o]+=" latency from the scheduled send p50 / p90 / p99 / max ${LR[p50_ms]} / ${LR[p90_ms]} / ${LR[p99_ms]} / ${LR[max_ms]} ms,"
+	NOTE[o]+=" sends behind schedule p99 / max ${LR[behind_p99_ms]} / ${LR[behind_max_ms]} ms;"
+	NOTE[o]+=" CPU busy during the run ${LR[cpu_busy]}% of all ${LR[ncpu]} cores; of one core, bench/rate used ${LR[self_cpu_pct]}%, ${CLR_CPU[$name]}$([[ $name == o1 ]] && printf ' (the fills included)')."
+	CLR_CPU[$name]+=", bench/rate ${LR[self_cpu_pct]}% (the machine: ${LR[cpu_busy]}% of all ${LR[ncpu]} cores busy)"
+	if [[ ${LR[values]} != "HIT:${LR[answers]}" ]]; then
+		NOTE[o]+=" Not every answer of the $what run was a HIT (X-Cache ${LR[values]//,/ }): it did not measure hits alone."
+		log "scenario o: WARNING not every answer of the $what run was a HIT (X-Cache ${LR[values]})"
+	fi
+	if awk -v a="${LR[rate]}" -v t="${LR[target_rate]}" 'BEGIN { exit !(a < 0.95 * t) }'; then
+		NOTE[o]+=" The $what run achieved less than 95% of its target rate (${LR[rate]}/s): it measured a different load than stated."
+	fi
+	if awk -v b="${LR[behind_p99_ms]}" 'BEGIN { exit !(b > 1) }'; then
+		NOTE[o]+=" bench/rate's sends in the $what run$([[ $name == o1 ]] && printf ' (the fills included)') were more than 1 ms behind schedule at p99 (${LR[behind_p99_ms]} ms): it waited for a CPU, and the tail is the machine's as much as cachecar's."
+	fi
+}
+
+# o: cachecar with its admin port on (a random token in a file only this user reads, the clear
+# rate limit raised), every course id warmed as in c. bench/clear puts CLEAR_KEYS keys
+# <namespace>dispatch:<n> straight into Redis (the dispatch policy's key space; nothing reads
+# them), then two bench/rate runs of random course reads (hits, a different key space) at
+# CLEAR_READ_RATE: an idle one, then one during which bench/clear clears "dispatch:*" through
+# the admin port, fills the keys again and clears again while another round fits. The p99 of
+# the second run's requests whose scheduled send time falls inside a clear (bench/clear
+# -analyze on bench/rate's -samples) over the idle run's p99 is the target's ratio.
+scenario_o() {
+	local aport tokfile status=0 cpid line kv
+	free_port || {
+		fail o "no free port"
+		return 1
+	}
+	aport=$FREE_PORT
+	tokfile=$OUT/admin-token-o
+	# The token goes to cachecar through admin.token_file and to bench/clear through -token-file:
+	# never on a command line or in a log.
+	(
+		umask 077
+		od -An -N24 -tx1 /dev/urandom | tr -d ' \n' >"$tokfile"
+	)
+	ADMIN_URL="http://127.0.0.1:$aport"
+	NOTE[o]+=" Admin port $ADMIN_URL (token from a file), CACHECAR_ADMIN_CLEAR_RATE=100."
+	if ! hit_start o up CACHECAR_ADMIN_TOKEN_FILE="$tokfile" CACHECAR_ADMIN_LISTEN="127.0.0.1:$aport" CACHECAR_ADMIN_CLEAR_RATE=100; then
+		rm -f "$tokfile"
+		return 1
+	fi
+	local keyargs=(-redis-addr "$REDIS_HOST:$REDIS_PORT" -namespace "$CC_NS" -prefix dispatch: -keys "$CLEAR_KEYS")
+	log "scenario o: bench/clear -fill ${keyargs[*]}"
+	if ! run_tracked "$OUT/clear-o-fill.txt" "$BIN/clear" -fill "${keyargs[@]}"; then
+		fail o "bench/clear -fill: $(tail -n 1 "$OUT/clear-o-fill.txt")"
+		stop_cachecar o
+		rm -f "$tokfile"
+		return 1
+	fi
+	sed 's/^/    /' "$OUT/clear-o-fill.txt" >&2
+	line=$(sed -n 's/^clear: FILL_RESULT //p' "$OUT/clear-o-fill.txt")
+	for kv in $line; do
+		CLR[fill_${kv%%=*}]=${kv#*=}
+	done
+	NOTE[o]+=" bench/clear -fill put ${CLR[fill_keys]:-?} keys ${CC_NS}dispatch:1..$CLEAR_KEYS into Redis in ${CLR[fill_fill_ms]:-?} ms; the database then held ${CLR[fill_dbsize]:-?} keys (a clear's SCAN walks them all, 500 at a time)."
+
+	# Idle: the keys are in Redis, nothing clears them.
+	clear_rate_run o0 "$OUT/rate-o-idle.txt"
+	clear_rate_wait o0 "$OUT/rate-o-idle.txt" || true
+	# During: bench/rate and the clears side by side; bench/clear waits 500 ms for the load's
+	# schedule to start and ends its last clear 250 ms before DURATION is over.
+	if [[ -z ${FAILED[o]:-} ]]; then
+		rm -f "$OUT/rate-o-samples.txt" "$OUT/clear-o-windows.txt"
+		clear_rate_run o1 "$OUT/rate-o-clear.txt" -samples "$OUT/rate-o-samples.txt"
+		CMD[o]="bench/clear -for $DURATION -pattern 'dispatch:*' -keys $CLEAR_KEYS -after 500ms -settle 500ms"
+		log "scenario o: ${CMD[o]}"
+		"$BIN/clear" -for "$DURATION" "${keyargs[@]}" -pattern 'dispatch:*' -after 500ms -settle 500ms -admin "$ADMIN_URL" -token-file "$tokfile" \
+			-windows "$OUT/clear-o-windows.txt" >"$OUT/clear-o.txt" 2>&1 &
+		cpid=$!
+		STARTED+=("$cpid")
+		wait "$cpid" || status=$?
+		forget "$cpid"
+		sed 's/^/    /' "$OUT/clear-o.txt" >&2
+		clear_rate_wait o1 "$OUT/rate-o-clear.txt" || true
+		if ((status != 0)); then
+			fail o "bench/clear -for exited with status $status: $(tail -n 1 "$OUT/clear-o.txt" | sed 's/^clear: //')"
+		fi
+	fi
+	stop_cachecar o
+	rm -f "$tokfile"
+	[[ -z ${FAILED[o]:-} ]] || return 1
+	line=$(sed -n 's/^clear: CLEAR_RESULT //p' "$OUT/clear-o.txt")
+	for kv in $line; do
+		CLR[${kv%%=*}]=${kv#*=}
+	done
+	if ! run_tracked "$OUT/clear-o-window.txt" "$BIN/clear" -analyze -samples "$OUT/rate-o-samples.txt" -windows "$OUT/clear-o-windows.txt"; then
+		fail o "bench/clear -analyze: $(tail -n 1 "$OUT/clear-o-window.txt")"
+		return 1
+	fi
+	sed 's/^/    /' "$OUT/clear-o-window.txt" >&2
+	line=$(sed -n 's/^clear: WINDOW_RESULT //p' "$OUT/clear-o-window.txt")
+	for kv in $line; do
+		CLR[win_${kv%%=*}]=${kv#*=}
+	done
+	for kv in clears deleted duration_ms client_ms win_samples win_p99_ms win_clears_in_run; do
+		if [[ -z ${CLR[$kv]:-} ]]; then
+			fail o "bench/clear printed no $kv ($OUT/clear-o.txt, $OUT/clear-o-window.txt)"
+			return 1
+		fi
+	done
+	if ((CLR[win_samples] == 0)); then
+		fail o "no request of the read load was due during a clear ($OUT/clear-o-window.txt)"
+		return 1
+	fi
+	if grep -q WARNING "$OUT/clear-o.txt"; then
+		NOTE[o]+=" $(grep WARNING "$OUT/clear-o.txt" | sed 's/^clear: //' | paste -sd ';' -)."
+	fi
+	if ((CLR[win_clears_in_run] < CLR[clears])); then
+		NOTE[o]+=" Only ${CLR[win_clears_in_run]} of the ${CLR[clears]} clears overlapped the read load's schedule (the others ran before or after it, with no request to measure)."
+	fi
+}
+
+# ---------------------------------------------------------------------------------------------
 # Report
+
+# thousands N: N with a comma every three digits (100000 -> 100,000)
+thousands() { printf '%s' "$1" | sed ':a; s/\B[0-9]\{3\}\>/,&/; ta'; }
 
 ratio() { # ratio NUM DEN: NUM/DEN with 3 decimals, or empty
 	[[ -n $1 && -n $2 ]] || return 0
@@ -1203,11 +1407,14 @@ report() {
 	echo "- load: \`wrk ${WRK_OPTS[*]}\` in scenarios a to e, h to k and m (closed loop), \`wrk ${WRK_ONE_OPTS[*]}\` in l; course ids 1..$ID_LAST; $SESSION_COUNT sessions in each of h, i and j; m reads dispatch ids 1..$MEM_DISPATCHES and tenant ids 1..$MEM_TENANTS too"
 	echo "- n: \`bench/zipf\` with $CONNECTIONS workers for $ZIPF_DURATION, Zipf(s=$ZIPF_S, v=1) course ids 1..$ID_LAST, $(awk -v w="$ZIPF_WRITES" 'BEGIN { printf "%g", 100 * w }')% of operations UPDATEs sent to PostgreSQL, from a cold cache"
 	echo "- a, c also at a fixed rate (\`bench/rate\`, open loop, latency from each request's scheduled send time, run before wrk): GET random course ids at ${HIT_RATE}/s over $CONNECTIONS keep-alive connections for $DURATION"
+	echo "- o: \`bench/rate\` (as in c) GET random course ids at ${CLEAR_READ_RATE}/s over $CONNECTIONS keep-alive connections for $DURATION, twice: idle, then while \`bench/clear\` clears $(thousands "$CLEAR_KEYS") keys \`dispatch:*\` through the admin port, refills them (straight into Redis) and clears again; the during-clear p99 counts the requests whose scheduled send fell inside a clear"
 	echo "- h, i, j also at a fixed rate (\`bench/sessions -load\`, open loop, latency from each request's scheduled send time, run before wrk): GET ${SESSION_GET_RATE}/s (h, j), PUT ${SESSION_PUT_RATE}/s (i), over $CONNECTIONS keep-alive connections for $SESSION_LOAD_DURATION"
-	for s in a b c d e f g h i j k l0 l m n; do
+	for s in a b c d e f g h i j k l0 l m n o; do
 		[[ -n ${CMD[$s]:-} ]] && echo "- ${s%0}$([[ $s == l0 ]] && printf ', fixedjson'): \`${CMD[$s]}\`"
 		[[ -n ${FR_CMD[$s]:-} ]] && echo "- $s, fixed rate: \`${FR_CMD[$s]}\`"
 	done
+	[[ -n ${FR_CMD[o0]:-} ]] && echo "- o, idle: \`${FR_CMD[o0]}\`"
+	[[ -n ${FR_CMD[o1]:-} ]] && echo "- o, during the clears: \`${FR_CMD[o1]}\`"
 	echo
 	echo "| scenario | what | requests/s | p50 ms | p99 ms | errors |"
 	echo "|---|---|---:|---:|---:|---:|"
@@ -1267,6 +1474,27 @@ report() {
 			echo "| cachecar_invalidation_lag_seconds observations (fraction <= 2 ms, <= 10 ms) | ${INV[sidecar_count]} (${INV[sidecar_le_2ms]}, ${INV[sidecar_le_10ms]}) |"
 			echo "| listener reconnects during the run | ${INV[reconnects]} |"
 		elif [[ -n ${FAILED[f]:-} ]]; then
+			echo "| result | failed |"
+		else
+			echo "| result | not run |"
+		fi
+		echo
+	fi
+	if [[ " $SCENARIOS " == *" o "* ]]; then
+		echo "| o: reads during a clear of $(thousands "$CLEAR_KEYS") keys | value |"
+		echo "|---|---:|"
+		if [[ -z ${FAILED[o]:-} && -n ${CLR[win_p99_ms]:-} ]]; then
+			echo "| reads: GET random course ids 1..$ID_LAST (hits), fixed rate over $CONNECTIONS connections, $DURATION per run | ${FR_TARGET[o1]}/s |"
+			echo "| idle run (the keys in Redis, no clear): achieved rate /s, p50 / p99 / max ms, errors | ${FR_RATE[o0]}, ${FR_P50[o0]} / ${FR_P99[o0]} / ${FR_MAX[o0]}, ${FR_ERRS[o0]} |"
+			echo "| clear run: clears of \`dispatch:*\` (each after a fill of the keys, straight into Redis, and a 500 ms pause; the first after the idle run) | ${CLR[clears]} |"
+			echo "| keys deleted by each clear (\`deleted\`) | ${CLR[deleted]//,/, } |"
+			echo "| each clear's duration, cachecar's \`durationMs\` (from request to answer) ms | ${CLR[duration_ms]//,/, } (${CLR[client_ms]//,/, }) |"
+			echo "| requests due during a clear: count, p50 / p90 / p99 / max ms, non-2xx | ${CLR[win_samples]}, ${CLR[win_p50_ms]} / ${CLR[win_p90_ms]} / ${CLR[win_p99_ms]} / ${CLR[win_max_ms]}, ${CLR[win_non2xx]} |"
+			echo "| requests due outside the clears in the same run (the fills included): count, p50 / p99 / max ms | ${CLR[win_out_samples]}, ${CLR[win_out_p50_ms]} / ${CLR[win_out_p99_ms]} / ${CLR[win_out_max_ms]} |"
+			echo "| clear run as a whole: achieved rate /s, p99 ms, errors | ${FR_RATE[o1]}, ${FR_P99[o1]}, ${FR_ERRS[o1]} |"
+			echo "| CPU, % of one core: idle run | ${CLR_CPU[o0]:-n/a} |"
+			echo "| CPU, % of one core: clear run (the fills included) | ${CLR_CPU[o1]:-n/a} |"
+		elif [[ -n ${FAILED[o]:-} ]]; then
 			echo "| result | failed |"
 		else
 			echo "| result | not run |"
@@ -1352,6 +1580,14 @@ report() {
 	fi
 	echo "| n hit rate, HIT / reads ($nlabel; ${ZIPF[hit]:-n/a} of ${ZIPF[reads]:-n/a}; in the run's second half ${ZIPF[late_hit_rate]:-n/a}) | ${nhit:-n/a} | >= 0.95 | $(verdict "$nhit" ">=" 0.95) |"
 	echo "| n PostgreSQL queries saved, 1 - queries / reads (the app without a cache: one per read; ${ZIPF[queries]:-n/a} queries) | ${nfewer:-n/a} | >= 0.90 | $(verdict "$nfewer" ">=" 0.90) |"
+	# o: the p99 of the reads due while a clear ran over the p99 of the idle run, both at the same
+	# fixed rate on the same cachecar.
+	local oratio="" oidle="" oclear=""
+	if [[ -z ${FAILED[o]:-} ]]; then
+		oidle=${FR_P99[o0]:-} oclear=${CLR[win_p99_ms]:-}
+		oratio=$(ratio "$oclear" "$oidle")
+	fi
+	echo "| o read p99 during a clear of $(thousands "$CLEAR_KEYS") keys / idle p99 (${oclear:-n/a} ms / ${oidle:-n/a} ms; hits at a fixed $CLEAR_READ_RATE/s over $CONNECTIONS connections; clears ${CLR[clears]:-n/a}, each ${CLR[duration_ms]//,/, } ms) | ${oratio:-n/a} | <= 2 | $(verdict "$oratio" "<=" 2) |"
 	echo
 	for s in a b c d e f; do
 		if [[ -n ${FAILED[$s]:-} ]]; then
@@ -1374,7 +1610,7 @@ report() {
 		fi
 		[[ -n ${FR_FAILED[$s]:-} ]] && echo "- $s, fixed rate: FAILED: ${FR_FAILED[$s]}"
 	done
-	for s in k l m n; do
+	for s in k l m n o; do
 		if [[ -n ${FAILED[$s]:-} ]]; then
 			echo "- $s: FAILED: ${FAILED[$s]}"
 		elif [[ -n ${NOTE[$s]:-} ]]; then
@@ -1415,16 +1651,16 @@ CPU_BUSY=$(cpu_busy)
 mkdir -p "$BIN"
 log "building helpers into $BIN"
 go build -o "$BIN/" ./bench/fixedjson ./bench/directpg ./bench/warm ./bench/invalidation ./bench/sessions \
-	./bench/scrape ./bench/fill ./bench/zipf ./bench/rate
+	./bench/scrape ./bench/fill ./bench/zipf ./bench/rate ./bench/clear
 
-if [[ " $SCENARIOS " == *[cdefhijklmn]* ]] && [[ -x $CACHECAR_BIN ]]; then
+if [[ " $SCENARIOS " == *[cdefhijklmno]* ]] && [[ -x $CACHECAR_BIN ]]; then
 	CACHECAR_VERSION=$(timeout 5 "$CACHECAR_BIN" version 2>&1 | head -n 1 || true)
 	CACHECAR_VERSION="$CACHECAR_BIN, ${CACHECAR_VERSION:-version unknown}"
 fi
 
 for s in $SCENARIOS; do
 	case $s in
-	a | b | c | d | e | f | g | h | i | j | k | l | m | n) ;;
+	a | b | c | d | e | f | g | h | i | j | k | l | m | n | o) ;;
 	*)
 		log "unknown scenario '$s' in BENCH_SCENARIOS (want a subset of: $ALL_SCENARIOS)"
 		exit 1

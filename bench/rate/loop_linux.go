@@ -342,7 +342,8 @@ func (l *loop) open(ctx context.Context) error {
 func (l *loop) run(ctx context.Context) error {
 	n := l.o.requests()
 	res := &result{requests: n, values: map[string]int{}, statuses: map[int]int{}, selfCPU: -1, cpuBusy: "n/a",
-		lat: make([]time.Duration, 0, n), svc: make([]time.Duration, 0, n), late: make([]time.Duration, 0, n)}
+		lat: make([]time.Duration, 0, n), svc: make([]time.Duration, 0, n), late: make([]time.Duration, 0, n),
+		due: make([]time.Time, 0, n), status: make([]int, 0, n)}
 	l.res = res
 	nc := len(l.conns)
 	start := time.Now().Add(20 * time.Millisecond)
@@ -370,6 +371,8 @@ func (l *loop) run(ctx context.Context) error {
 		now := time.Now()
 		res.lastDone = now
 		res.lat = append(res.lat, now.Sub(c.due))
+		res.due = append(res.due, c.due)
+		res.status = append(res.status, a.status)
 		res.svc = append(res.svc, now.Sub(c.sent))
 		res.late = append(res.late, c.sent.Sub(c.due))
 		v := a.value

@@ -3,12 +3,16 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // TestRun runs the whole program against a local server at 1000/s for 300 ms over 5
@@ -72,6 +76,46 @@ func TestRunRefusesWrongStatusOnOpen(t *testing.T) {
 		io.Discard, io.Discard)
 	if err == nil || !strings.Contains(err.Error(), "status 404") {
 		t.Fatalf("run: %v, want an error about status 404", err)
+	}
+}
+
+// TestRunSamples: -samples holds one line per answer, each due within the schedule and with a
+// positive latency, and the p99 of its latencies is the LOAD_RESULT's.
+func TestRunSamples(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, `{"id":1}`)
+	}))
+	t.Cleanup(srv.Close)
+	path := filepath.Join(t.TempDir(), "samples")
+	before := time.Now()
+	var out bytes.Buffer
+	if err := run(context.Background(), []string{"-base", srv.URL, "-rate", "1000", "-duration", "200ms", "-conns", "4",
+		"-samples", path}, &out, io.Discard); err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	after := time.Now()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lat []time.Duration
+	for line := range strings.Lines(string(b)) {
+		var due, ns int64
+		var status int
+		if _, err := fmt.Sscanf(line, "%d %d %d\n", &due, &ns, &status); err != nil {
+			t.Fatalf("line %q: %v", line, err)
+		}
+		if d := time.Unix(0, due); d.Before(before) || d.After(after) || ns <= 0 || status != 200 {
+			t.Errorf("line %q: due outside the run, latency not positive or status not 200", line)
+		}
+		lat = append(lat, time.Duration(ns))
+	}
+	got := loadResult(t, out.String())
+	if len(lat) != 200 || got["answers"] != "200" {
+		t.Fatalf("%d samples, answers %s; want 200", len(lat), got["answers"])
+	}
+	if q := quantiles(lat); q[2] != got["p99_ms"] {
+		t.Errorf("p99 of the samples %s ms, LOAD_RESULT p99_ms %s", q[2], got["p99_ms"])
 	}
 }
 

@@ -20,6 +20,11 @@
 // -path may hold "{id}": each request then picks an id uniformly from -first..-last. The
 // answers are counted by status and by the value of -header (X-Cache by default).
 //
+// -samples FILE writes, after the run, one line per answer: its scheduled send time (Unix
+// nanoseconds, wall clock), its latency from then (nanoseconds) and its status, in the order the
+// answers came, so that another program can take the quantiles of a part of the run (scenario o:
+// the requests due while a clear of the cache ran; see bench/clear).
+//
 // Every line it prints starts with "rate: "; the last is
 //
 //	rate: LOAD_RESULT target_rate=N rate=F ... p99_ms=F ... self_cpu_pct=F ncpu=N
@@ -28,6 +33,7 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"flag"
 	"fmt"
@@ -67,6 +73,7 @@ type options struct {
 	rate, conns, want  int
 	duration, grace    time.Duration
 	timeout            time.Duration
+	samples            string // -samples: where to write every answer's due time and latency ("": nowhere)
 }
 
 // requests is how many requests the schedule holds: rate x duration, rounded.
@@ -79,6 +86,8 @@ type result struct {
 	start    time.Time // the first scheduled send
 	requests int       // scheduled
 	lat      []time.Duration
+	due      []time.Time     // each answer's scheduled send time, in the order of lat
+	status   []int           // each answer's status, in the order of lat
 	svc      []time.Duration // from the actual send to the full answer
 	late     []time.Duration // actual send minus scheduled send
 	queued   int             // requests whose connection was still busy at their due time
@@ -112,6 +121,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&o.header, "header", "X-Cache", "answers are counted by this header's value (none when absent)")
 	fs.IntVar(&o.want, "want", http.StatusOK, "the status every answer should have (the first other one is printed; non-2xx count as errors in bench/run.sh)")
 	fs.DurationVar(&o.timeout, "timeout", time.Minute, "upper bound of the run besides -duration and -grace (opening the connections)")
+	fs.StringVar(&o.samples, "samples", "", `after the run, write one line per answer to this file: "<scheduled send, Unix ns> <latency from it, ns> <status>"`)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -157,7 +167,41 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	// Before report, which sorts the latencies in place.
+	if o.samples != "" {
+		if err := writeSamples(o.samples, res); err != nil {
+			return err
+		}
+	}
 	report(stdout, o, len(paths) > 1, res)
+	return nil
+}
+
+// writeSamples writes every answer's scheduled send time (Unix nanoseconds), latency from it
+// (nanoseconds) and status to path, one answer a line, in the order the answers came.
+func writeSamples(path string, r *result) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return fmt.Errorf("samples: %w", err)
+	}
+	w := bufio.NewWriterSize(f, 1<<16)
+	var line []byte
+	for i, d := range r.lat {
+		line = strconv.AppendInt(line[:0], r.due[i].UnixNano(), 10)
+		line = append(line, ' ')
+		line = strconv.AppendInt(line, int64(d), 10)
+		line = append(line, ' ')
+		line = strconv.AppendInt(line, int64(r.status[i]), 10)
+		line = append(line, '\n')
+		w.Write(line)
+	}
+	err = w.Flush()
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("samples: %w", err)
+	}
 	return nil
 }
 
