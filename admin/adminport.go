@@ -56,7 +56,9 @@ type AdminCache interface {
 	Stats() map[string]cachepolicy.PolicyStats
 	KeyInfo(ctx context.Context, key string, extra ...*cachepolicy.Policy) (cachepolicy.KeyInfo, error)
 	DeleteKey(ctx context.Context, key string) (bool, error)
-	ClearPrefix(ctx context.Context, prefix string, pause time.Duration) (int, error)
+	ClearPrefix(ctx context.Context, prefix string, exact bool, pause time.Duration, also ...string) (int, error)
+	PolicyOf(key string, extra ...*cachepolicy.Policy) (*cachepolicy.Policy, bool)
+	Live() bool
 	ClearAll(ctx context.Context, pause time.Duration, extra ...*cachepolicy.Policy) (int, error)
 	Warm(ctx context.Context, p *cachepolicy.Policy, ids []int64, concurrency int, interval time.Duration, progress func(cachepolicy.WarmProgress)) (cachepolicy.WarmProgress, error)
 	WarmIDs(ctx context.Context, sql string, limit int) ([]int64, error)
@@ -78,6 +80,7 @@ type Admin struct {
 	log     zerolog.Logger
 	token   [sha256.Size]byte
 	limiter *rate.Limiter
+	warming chan struct{} // one warm at a time: it shares database.max_loads with the app
 }
 
 // maxKeyBytes bounds a key named in a request.
@@ -91,7 +94,8 @@ const clearPause = time.Millisecond
 func NewAdmin(opts AdminOptions, cache AdminCache, valkey ValkeyInfo, log zerolog.Logger) *Admin {
 	a := &Admin{opts: opts, cache: cache, valkey: valkey, log: log,
 		token:   sha256.Sum256([]byte(opts.Token)),
-		limiter: rate.NewLimiter(rate.Limit(opts.ClearRate), max(opts.ClearBurst, 1))}
+		limiter: rate.NewLimiter(rate.Limit(opts.ClearRate), max(opts.ClearBurst, 1)),
+		warming: make(chan struct{}, 1)}
 	return a
 }
 
@@ -126,7 +130,11 @@ func (a *Admin) Handler() http.Handler {
 // anything about the configured token.
 func (a *Admin) auth(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		given, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		h := r.Header.Get("Authorization")
+		given, ok := "", len(h) > 7 && strings.EqualFold(h[:7], "bearer ")
+		if ok {
+			given = h[7:]
+		}
 		sum := sha256.Sum256([]byte(strings.TrimSpace(given)))
 		if !ok || subtle.ConstantTimeCompare(sum[:], a.token[:]) != 1 {
 			if ok {
@@ -223,10 +231,26 @@ type clearRequest struct {
 	IncludeSessions bool    `json:"include_sessions"`
 }
 
+// clearBody is clearRequest as sent: a "pattern" of null must not read as an absent one (a
+// script with an unset variable would clear everything).
+type clearBody struct {
+	Pattern         json.RawMessage `json:"pattern"`
+	IncludeSessions bool            `json:"include_sessions"`
+}
+
 func (a *Admin) clear(w http.ResponseWriter, r *http.Request) {
-	var req clearRequest
-	if !decodeJSON(w, r, &req) {
+	var body clearBody
+	if !decodeJSON(w, r, &body) {
 		return
+	}
+	req := clearRequest{IncludeSessions: body.IncludeSessions}
+	if body.Pattern != nil {
+		var p string
+		if err := json.Unmarshal(body.Pattern, &p); err != nil || string(body.Pattern) == "null" {
+			adminError(w, http.StatusBadRequest, "bad_pattern", `pattern must be a string (like "course:*"); to clear every policy's keys send {}`)
+			return
+		}
+		req.Pattern = &p
 	}
 	sc, err := a.scope(req)
 	if err != nil {
@@ -245,21 +269,19 @@ func (a *Admin) clear(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case sc.all:
 		n, err = a.cache.ClearAll(r.Context(), clearPause, a.extraPolicies()...)
+	case sc.sessions:
+		// Without its sentinel no sidecar trusts Valkey's sessions: reads go to PostgreSQL,
+		// which keeps every session, until a reconciliation copies them back. The sentinel is
+		// deleted in the same UNLINK as each batch of session keys, so a reconciliation that
+		// ran between two batches never leaves it vouching for keys deleted after it.
+		n, err = a.cache.ClearPrefix(r.Context(), a.opts.Namespace+sc.prefix, sc.exact, clearPause, a.opts.SessionSentinel)
 	case sc.exact:
 		var existed bool
 		if existed, err = a.cache.DeleteKey(r.Context(), a.opts.Namespace+sc.prefix); existed {
 			n = 1
 		}
 	default:
-		if sc.sessions && a.opts.SessionSentinel != "" {
-			// Without its sentinel, no sidecar trusts Valkey's sessions: reads go to
-			// PostgreSQL, which keeps every session, until a reconciliation copies them back.
-			// Deleted first, so no read trusts Valkey while its keys go.
-			if _, err = a.cache.DeleteKey(r.Context(), a.opts.SessionSentinel); err != nil {
-				break
-			}
-		}
-		n, err = a.cache.ClearPrefix(r.Context(), a.opts.Namespace+sc.prefix, clearPause)
+		n, err = a.cache.ClearPrefix(r.Context(), a.opts.Namespace+sc.prefix, false, clearPause)
 	}
 	took := time.Since(start)
 	pattern := "{}"
@@ -355,7 +377,19 @@ func (a *Admin) key(w http.ResponseWriter, r *http.Request) (string, bool) {
 		adminError(w, http.StatusBadRequest, "bad_key", fmt.Sprintf("the key is longer than %d bytes", maxKeyBytes))
 		return "", false
 	}
+	if _, ok := a.cache.PolicyOf(a.opts.Namespace+k, a.extraPolicies()...); !ok {
+		adminError(w, http.StatusBadRequest, "bad_key", fmt.Sprintf("key %q is outside every cache policy's key space (%s)", clipKey(k), a.keySpaces()))
+		return "", false
+	}
 	return a.opts.Namespace + k, true
+}
+
+// clipKey shortens a key for an error message.
+func clipKey(k string) string {
+	if len(k) > 64 {
+		return k[:64] + "..."
+	}
+	return k
 }
 
 func (a *Admin) getKey(w http.ResponseWriter, r *http.Request) {
@@ -382,10 +416,6 @@ func (a *Admin) deleteKey(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	rest := strings.TrimPrefix(key, a.opts.Namespace)
-	if a.opts.SessionPrefix != "" && strings.HasPrefix(rest, a.opts.SessionPrefix) {
-		adminError(w, http.StatusBadRequest, "session_key", "session keys are deleted through DELETE /v1/sessions/{sid} on the read port, which keeps PostgreSQL's copy in step")
-		return
-	}
 	existed, err := a.cache.DeleteKey(r.Context(), key)
 	if err != nil {
 		adminError(w, http.StatusServiceUnavailable, "cache_unavailable", "the cache did not answer")
@@ -438,6 +468,17 @@ func (a *Admin) warm(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	if !a.cache.Live() {
+		adminError(w, http.StatusServiceUnavailable, "not_live", "invalidation is not live yet: reads do not fill the cache until it is; retry shortly")
+		return
+	}
+	select {
+	case a.warming <- struct{}{}:
+		defer func() { <-a.warming }()
+	default:
+		adminError(w, http.StatusConflict, "warm_running", "a warm-up is running; one at a time, since it shares the database loads with the app")
+		return
+	}
 	res, err := Warm(r.Context(), a.cache, p, ids, a.log)
 	out := map[string]any{"policy": p.Name, "total": res.Total, "done": res.Done, "failed": res.Failed}
 	if err != nil {
@@ -482,8 +523,8 @@ func decodeJSON(w http.ResponseWriter, r *http.Request, v any) bool {
 		adminError(w, http.StatusBadRequest, "bad_json", "the body is not the expected JSON object: "+jsonProblem(err))
 		return false
 	}
-	if dec.More() {
-		adminError(w, http.StatusBadRequest, "bad_json", "the body has more than one JSON value")
+	if _, err := dec.Token(); err != io.EOF {
+		adminError(w, http.StatusBadRequest, "bad_json", "the body has something after its JSON object")
 		return false
 	}
 	return true

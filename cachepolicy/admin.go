@@ -94,8 +94,11 @@ const clearBatch = 500
 // ClearMatch deletes every key that SCAN finds under match (a glob) and keep accepts, with SCAN
 // and UNLINK in batches (never KEYS or FLUSHDB), and drops this process's local copies of them;
 // every other sidecar drops its copies on Valkey's invalidation messages. pause, if positive, is
-// slept between batches. Without Valkey it empties the memory store (it cannot list its keys).
-func (s *Store) ClearMatch(ctx context.Context, match string, keep func(string) bool, pause time.Duration) (int, error) {
+// slept between batches. The keys in also are deleted by every batch's UNLINK, in the same
+// command: a key whose presence vouches for the others (the sessions' sentinel) is then never
+// seen next to a batch's deletions, even if something set it again since the last batch. Without
+// Valkey it empties the memory store (it cannot list its keys).
+func (s *Store) ClearMatch(ctx context.Context, match string, keep func(string) bool, pause time.Duration, also ...string) (int, error) {
 	if s.mem != nil {
 		return s.mem.DeletePrefixed(nil), nil
 	}
@@ -117,15 +120,30 @@ func (s *Store) ClearMatch(ctx context.Context, match string, keep func(string) 
 			}
 		}
 		if len(batch) > 0 {
-			n, err := c.Do(ctx, c.B().Unlink().Key(batch...).Build()).AsInt64()
-			if err != nil {
-				return deleted, s.fail("unlink", err)
+			res := c.DoMulti(ctx, c.B().Exists().Key(also...).Build(), c.B().Unlink().Key(append(batch, also...)...).Build())
+			if len(also) == 0 {
+				res = res[1:]
+			}
+			counts := make([]int64, len(res))
+			for i, r := range res {
+				if counts[i], err = r.AsInt64(); err != nil {
+					return deleted, s.fail("unlink", err)
+				}
 			}
 			s.tier.drop(batch)
+			n := counts[len(counts)-1]
+			if len(also) > 0 {
+				n -= counts[0] // the also-keys are not counted as cleared
+			}
 			deleted += int(n)
 		}
 		cursor = e.Cursor
 		if cursor == 0 {
+			if len(also) > 0 {
+				if err := c.Do(ctx, c.B().Unlink().Key(also...).Build()).Error(); err != nil {
+					return deleted, s.fail("unlink", err)
+				}
+			}
 			return deleted, nil
 		}
 		if pause > 0 {
@@ -259,14 +277,19 @@ func (r *Resolver) DeleteKey(ctx context.Context, key string) (bool, error) {
 	return n > 0, err
 }
 
-// ClearPrefix deletes every key starting with prefix (namespace included). The admin port checks
-// that prefix is inside a policy's key space before it gets here.
-func (r *Resolver) ClearPrefix(ctx context.Context, prefix string, pause time.Duration) (int, error) {
+// ClearPrefix deletes every key starting with prefix (namespace included), or, with exact, the
+// key prefix itself; the keys in also go with every batch (see Store.ClearMatch). The admin port
+// checks that prefix is inside a policy's (or the sessions') key space before it gets here.
+func (r *Resolver) ClearPrefix(ctx context.Context, prefix string, exact bool, pause time.Duration, also ...string) (int, error) {
 	if r.store == nil {
 		return 0, errNoCache
 	}
 	r.epoch.Add(1)
-	return r.store.ClearMatch(ctx, globEscape(prefix)+"*", nil, pause)
+	match := globEscape(prefix)
+	if !exact {
+		match += "*"
+	}
+	return r.store.ClearMatch(ctx, match, nil, pause, also...)
 }
 
 // ClearAll deletes every key of every policy (extra: policies the resolver does not resync, such

@@ -149,7 +149,7 @@ type AdminConfig struct {
 // "" means the admin port stays closed.
 func (c AdminConfig) AdminToken() (string, error) {
 	if c.TokenFile == "" {
-		return c.Token, nil
+		return strings.TrimSpace(c.Token), nil
 	}
 	b, err := os.ReadFile(c.TokenFile)
 	if err != nil {
@@ -707,12 +707,18 @@ func (c *Config) validate() []string {
 	}
 	if c.Admin.Token != "" && c.Admin.TokenFile != "" {
 		p = append(p, "admin.token and admin.token_file: set one of them, not both")
-	} else if c.Admin.TokenFile != "" {
-		if tok, err := c.Admin.AdminToken(); err != nil {
-			p = append(p, err.Error())
-		} else if tok == "" {
-			p = append(p, "admin.token_file: the file is empty")
+	} else if tok, err := c.Admin.AdminToken(); err != nil {
+		p = append(p, err.Error())
+	} else if c.Admin.TokenFile != "" && tok == "" {
+		p = append(p, "admin.token_file: the file is empty")
+	} else if c.Admin.Token != "" && tok == "" {
+		p = append(p, "admin.token: only whitespace")
+	} else if tok != "" && len(tok) < MinAdminToken {
+		key := "admin.token (ADMIN_TOKEN)"
+		if c.Admin.TokenFile != "" {
+			key = "admin.token_file"
 		}
+		p = append(p, fmt.Sprintf("%s: the token must be at least %d characters (e.g. openssl rand -hex 32)", key, MinAdminToken))
 	}
 	if c.Valkey.Password != "" && c.Valkey.PasswordFile != "" {
 		p = append(p, "valkey.password (REDIS_PASSWORD) and valkey.password_file: set one of them, not both")
@@ -812,6 +818,7 @@ func (c *Config) validate() []string {
 		p = append(p, "manifests.ttl: must be a positive duration")
 	}
 	p = append(p, validateKey("manifests.key", c.Manifests.Key, ManifestParams)...)
+	p = append(p, c.keySpaceProblems()...)
 	if !identRE.MatchString(c.Invalidation.Channel) {
 		p = append(p, fmt.Sprintf("invalidation.channel: %q must be a lower-case SQL identifier (letters, digits, _; at most 63)", c.Invalidation.Channel))
 	}
@@ -908,6 +915,46 @@ func (pol *Policy) validate(prefix string, params, bindable []string) []string {
 		}
 	}
 	return p
+}
+
+// keySpaceProblems checks that every cache key space (the literal text a policy's or the
+// manifests' key starts with) is its own: not empty, not cachecar's internal keys, and not
+// overlapping the sessions' prefix. A clear of a policy's keys must never reach sessions or the
+// keys that vouch for them.
+func (c *Config) keySpaceProblems() []string {
+	var p []string
+	spaces := map[string]string{"manifests.key": literalPrefix(c.Manifests.Key)}
+	for name, pol := range c.Policies.Named() {
+		spaces["policies."+name+".key"] = literalPrefix(pol.Key)
+	}
+	names := make([]string, 0, len(spaces))
+	for n := range spaces {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	overlap := func(a, b string) bool { return strings.HasPrefix(a, b) || strings.HasPrefix(b, a) }
+	for _, n := range names {
+		pre := spaces[n]
+		switch {
+		case pre == "":
+			if n == "manifests.key" { // the policies' own check says this for them
+				p = append(p, n+": must start with literal text (like \"scorm:manifest:\"), not a placeholder")
+			}
+		case overlap(pre, "cachecar:"):
+			p = append(p, fmt.Sprintf("%s: %q overlaps cachecar's own keys (cachecar:...)", n, pre))
+		case c.Sessions.Prefix != "" && overlap(pre, c.Sessions.Prefix):
+			p = append(p, fmt.Sprintf("%s: %q overlaps sessions.prefix %q: a clear of the cache could reach sessions", n, pre, c.Sessions.Prefix))
+		}
+	}
+	return p
+}
+
+// literalPrefix is the text of a key template before its first placeholder.
+func literalPrefix(key string) string {
+	if i := strings.IndexByte(key, '{'); i >= 0 {
+		return key[:i]
+	}
+	return key
 }
 
 // identRE is a lower-case, unquoted SQL identifier: what triggers, tables, columns and the
@@ -1115,6 +1162,9 @@ func redactDSN(s string, secret func(string) bool) string {
 func secretParam(key string) bool {
 	return strings.EqualFold(key, "password") || strings.EqualFold(key, "sslpassword")
 }
+
+// MinAdminToken is the shortest admin token accepted.
+const MinAdminToken = 16
 
 // MinTierBytes is the smallest in-process tier (cachepolicy.MinTierSize: fastcache's 512 buckets
 // of 64 KiB).

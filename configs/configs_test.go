@@ -211,8 +211,8 @@ func TestPrecedence(t *testing.T) {
 			layers{env: map[string]string{"CACHE_TTL_DEFAULT": "120"}, sets: []string{"cache.ttl_default=4m"}},
 			func(c *Config) any { return c.Cache.TTLDefault }, 4 * time.Minute},
 		{"ADMIN_TOKEN over file",
-			layers{file: "admin:\n  token: file\n", env: map[string]string{"ADMIN_TOKEN": "env"}},
-			func(c *Config) any { return c.Admin.Token }, "env"},
+			layers{file: "admin:\n  token: file-token-0123456789\n", env: map[string]string{"ADMIN_TOKEN": "env-token-0123456789"}},
+			func(c *Config) any { return c.Admin.Token }, "env-token-0123456789"},
 		{"REDIS_HOST over file",
 			layers{file: "valkey:\n  addrs: [file:6379]\n", env: map[string]string{"REDIS_HOST": "envhost"}},
 			func(c *Config) any { return c.Valkey.Addrs }, []string{"envhost:6379"}},
@@ -283,8 +283,8 @@ func TestPlatformEnv(t *testing.T) {
 			func(c *Config) any { return c.Database.URL }, "postgres://app:pw@db:5432/app"},
 		{"DATABASE_URL as key=value DSN", map[string]string{"DATABASE_URL": "host=db user=app dbname=app"},
 			func(c *Config) any { return c.Database.URL }, "host=db user=app dbname=app"},
-		{"ADMIN_TOKEN", map[string]string{"ADMIN_TOKEN": "tok"},
-			func(c *Config) any { return c.Admin.Token }, "tok"},
+		{"ADMIN_TOKEN", map[string]string{"ADMIN_TOKEN": "tok-0123456789abcdef"},
+			func(c *Config) any { return c.Admin.Token }, "tok-0123456789abcdef"},
 		{"CACHECAR_POLICIES_COURSE_TTL", map[string]string{"CACHECAR_POLICIES_COURSE_TTL": "90s"},
 			func(c *Config) any { return c.Policies.Course.TTL }, 90 * time.Second},
 		{"CACHECAR_POLICIES_DISPATCH_LIST_KEY", map[string]string{"CACHECAR_POLICIES_DISPATCH_LIST_KEY": "dl:{tenant_id}:{status}:{after}:{limit}"},
@@ -316,7 +316,7 @@ func TestEnvOnlyConfig(t *testing.T) {
 		"REDIS_PORT":        "6380",
 		"REDIS_PASSWORD":    "redispw",
 		"CACHE_TTL_DEFAULT": "600",
-		"ADMIN_TOKEN":       "admintoken",
+		"ADMIN_TOKEN":       "admintoken-0123456789",
 
 		"CACHECAR_NAMESPACE":                              "app1:",
 		"CACHECAR_SERVER_LISTEN":                          "127.0.0.1:18080",
@@ -404,7 +404,7 @@ func TestEnvOnlyConfig(t *testing.T) {
 		Server: ServerConfig{Listen: "127.0.0.1:18080", ReadHeaderTimeout: 3 * time.Second, WriteTimeout: 20 * time.Second,
 			IdleTimeout: time.Minute, DrainDelay: 5 * time.Second, ShutdownTimeout: 25 * time.Second},
 		Health:   HealthConfig{Listen: "0.0.0.0:18081", CheckTimeout: 2 * time.Second, Pprof: true},
-		Admin:    AdminConfig{Listen: "127.0.0.1:18082", Token: "admintoken", ClearRate: 2, ClearBurst: 5, WarmMaxIDs: 500, WarmOnStart: true},
+		Admin:    AdminConfig{Listen: "127.0.0.1:18082", Token: "admintoken-0123456789", ClearRate: 2, ClearBurst: 5, WarmMaxIDs: 500, WarmOnStart: true},
 		Database: DatabaseConfig{URL: e["DATABASE_URL"], MaxConns: 32, MinConns: 2, MaxLoads: 40, ConnectTimeout: 3 * time.Second, QueryTimeout: 4 * time.Second},
 		Valkey: ValkeyConfig{Addrs: []string{"redis.internal:6380"}, Username: "cachecar", Password: "redispw", DB: 2,
 			Timeout: 80 * time.Millisecond, DialTimeout: 2 * time.Second, ReconnectMax: 10 * time.Second,
@@ -534,6 +534,12 @@ func TestProblems(t *testing.T) {
 			want: [][]string{{"valkey.breaker_open_max", "valkey.breaker_open"}}},
 		{name: "breaker threshold 0", sets: []string{"valkey.breaker_threshold=0"},
 			want: [][]string{{"valkey.breaker_threshold", "at least 1"}}},
+		{name: "manifest key without literal text", sets: []string{"manifests.key={filename}:{mtime}"},
+			want: [][]string{{"manifests.key", "literal text"}}},
+		{name: "policy keys over sessions or cachecar's keys", sets: []string{"policies.course.key=sess:c:{id}", "policies.tenant.key=cachecar:t:{id}"},
+			want: [][]string{{"policies.course.key", "sessions.prefix"}, {"policies.tenant.key", "cachecar's own keys"}}},
+		{name: "admin token too short", sets: []string{"admin.token=short"},
+			want: [][]string{{"admin.token", "at least 16"}}},
 		{name: "admin token twice", sets: []string{"admin.token=a", "admin.token_file=/etc/hostname"},
 			want: [][]string{{"admin.token and admin.token_file", "not both"}}},
 		{name: "admin token file missing", sets: []string{"admin.token_file=/nonexistent/token"},
@@ -720,7 +726,7 @@ func TestRedacted(t *testing.T) {
 	const (
 		dbPass     = "dbSECRETpw"
 		valkeyPass = "vkSECRETpw"
-		token      = "tokSECRET"
+		token      = "tokSECRET-0123456789"
 	)
 	tests := []struct {
 		name  string

@@ -176,6 +176,10 @@ func TestAdminPort(t *testing.T) {
 			t.Fatalf("sess:* with include_sessions: %d %v", resp.StatusCode, out)
 		}
 		sessionOK("after clearing the session keys from Valkey")
+		if resp, _ := adminDo(t, "POST", base+"/clear", token, `{"pattern":"sess:admintest","include_sessions":true}`); resp.StatusCode != 200 {
+			t.Fatalf("one session key with include_sessions: %d", resp.StatusCode)
+		}
+		sessionOK("after clearing the one session key from Valkey")
 	})
 
 	t.Run("warm", func(t *testing.T) {
@@ -207,6 +211,10 @@ func TestAdminPort(t *testing.T) {
 			{"POST", "/clear", `{"pattern":"` + long + `"}`, 400},
 			{"POST", "/clear", `{"pattern":7}`, 400},
 			{"POST", "/clear", `{} {}`, 400},
+			{"POST", "/clear", `{}]`, 400},
+			{"POST", "/clear", `{"pattern":null}`, 400},
+			{"GET", "/keys/cachecar:sessions:epoch", "", 400},
+			{"DELETE", "/keys/cachecar:tag:dispatch_list:1", "", 400},
 			{"GET", "/keys/" + long, "", 400},
 			{"DELETE", "/keys/sess:admintest", "", 400},
 			{"POST", "/warm", `{"policy":"course","ids":[` + strings.Repeat("1,", 100) + `1]}`, 413},

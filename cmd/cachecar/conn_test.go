@@ -234,7 +234,7 @@ func TestValkeyACL(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	const token = "acl-admin-token"
+	const token = "acl-admin-token-0123456789"
 	app := "cachecar-acl-" + testenv.Suffix()
 	s := startSidecar(t, map[string]string{"DATABASE_URL": url, "CACHECAR_VALKEY_ADDRS": srv.Addr, "CACHECAR_NAMESPACE": ns,
 		"CACHECAR_VALKEY_USERNAME": user, "REDIS_PASSWORD": password, "CACHECAR_ADMIN_TOKEN": token,

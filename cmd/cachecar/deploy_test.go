@@ -258,7 +258,7 @@ var platformEnv = map[string]struct {
 	"REDIS_PORT":        {"6380", func(c *configs.Config) bool { return slices.Equal(c.Valkey.Addrs, []string{"127.0.0.1:6380"}) }},
 	"REDIS_PASSWORD":    {"secret", func(c *configs.Config) bool { return c.Valkey.Password == "secret" }},
 	"CACHE_TTL_DEFAULT": {"7", func(c *configs.Config) bool { return c.Cache.TTLDefault == 7*time.Second }},
-	"ADMIN_TOKEN":       {"token", func(c *configs.Config) bool { return c.Admin.Token == "token" }},
+	"ADMIN_TOKEN":       {"token-0123456789abcdef", func(c *configs.Config) bool { return c.Admin.Token == "token-0123456789abcdef" }},
 }
 
 func TestDeployPlatformEnv(t *testing.T) {
@@ -433,7 +433,7 @@ func configMapFile(t *testing.T, objs []*k8sObject) (path string, cm *k8sObject,
 func tokenStandIn(t *testing.T) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), "admin-token")
-	if err := os.WriteFile(p, []byte("stand-in-token\n"), 0o600); err != nil {
+	if err := os.WriteFile(p, []byte("stand-in-token-0123456789abcdef\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	return p
@@ -798,7 +798,7 @@ func checkCachecarProbes(t *testing.T, k *k8sShared, file string, cc k8sContaine
 	}{
 		{"liveness", "/health", cc.LivenessProbe, true},
 		{"readiness", "/ready", cc.ReadinessProbe, true},
-		{"startup", "/ready", cc.StartupProbe, false},
+		{"startup", "/health", cc.StartupProbe, false},
 	} {
 		p := pr.p
 		if p == nil || p.HTTPGet == nil {

@@ -400,11 +400,11 @@ func TestShutdownFinishesInFlightRequests(t *testing.T) {
 func TestCheckConfig(t *testing.T) {
 	t.Run("prints effective config redacted", func(t *testing.T) {
 		var out, errOut bytes.Buffer
-		env := map[string]string{"DATABASE_URL": "postgres://app:hunter2@db:5432/app", "REDIS_PASSWORD": "redispw", "ADMIN_TOKEN": "tok-123", "REDIS_HOST": "cache"}
+		env := map[string]string{"DATABASE_URL": "postgres://app:hunter2@db:5432/app", "REDIS_PASSWORD": "redispw", "ADMIN_TOKEN": "tok-123-0123456789ab", "REDIS_HOST": "cache"}
 		if err := run(context.Background(), []string{"check-config"}, envFunc(env), &out, &errOut); err != nil {
 			t.Fatalf("check-config: %v %s", err, &errOut)
 		}
-		for _, secret := range []string{"hunter2", "redispw", "tok-123"} {
+		for _, secret := range []string{"hunter2", "redispw", "tok-123-0123456789ab"} {
 			if strings.Contains(out.String(), secret) {
 				t.Fatalf("check-config printed secret %q:\n%s", secret, &out)
 			}

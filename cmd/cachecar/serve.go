@@ -220,6 +220,8 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 	}
 	var adminLn net.Listener
 	var adminSrv *http.Server
+	adminCtx, cancelAdmin := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelAdmin()
 	if adminToken != "" {
 		if adminLn, err = net.Listen("tcp", cfg.Admin.Listen); err != nil {
 			return fmt.Errorf("admin.listen: %w", err)
@@ -262,6 +264,9 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 			Policies: adminPolicies, WarmSQL: warmSQL, Listener: ls, Backend: backend,
 		}, res, vinfo, log.With().Str("component", "admin").Logger())
 		adminSrv = &http.Server{
+			// Admin requests (a clear, a warm-up) run under a context that shutdown cancels:
+			// they must not outlive the Valkey client and pool they use.
+			BaseContext:       func(net.Listener) context.Context { return adminCtx },
 			Handler:           adm.Handler(),
 			ReadHeaderTimeout: 5 * time.Second,
 			WriteTimeout:      10 * time.Minute, // a clear of millions of keys, a long warm-up
@@ -358,13 +363,14 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 	}
 	sdCtx, cancel := context.WithTimeout(context.Background(), cfg.Server.ShutdownTimeout)
 	defer cancel()
+	if adminSrv != nil {
+		cancelAdmin() // a running clear or warm-up stops between batches
+		adminSrv.Shutdown(sdCtx)
+	}
 	if err := apiSrv.Shutdown(sdCtx); err != nil {
 		log.Warn().Err(err).Msg("read API did not drain in time")
 	}
 	healthSrv.Shutdown(sdCtx)
-	if adminSrv != nil {
-		adminSrv.Shutdown(sdCtx)
-	}
 	stopBg()
 	bg.Wait()
 	log.Info().Msg("stopped")
