@@ -750,8 +750,8 @@ func TestRedacted(t *testing.T) {
 					t.Errorf("redacted config contains %q: %s", secret, dump)
 				}
 			}
-			if r.Valkey.Password != "<redacted>" || r.Admin.Token != "<redacted>" {
-				t.Errorf("password %q, token %q: want <redacted>", r.Valkey.Password, r.Admin.Token)
+			if r.Valkey.Password != "<redacted>" || r.Admin.Token != "<redacted-admin-token>" {
+				t.Errorf("password %q, token %q: want <redacted> and <redacted-admin-token>", r.Valkey.Password, r.Admin.Token)
 			}
 			if !strings.Contains(r.Database.URL, "db") {
 				t.Errorf("redacted url %q lost the host", r.Database.URL)
