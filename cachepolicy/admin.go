@@ -264,9 +264,6 @@ func (r *Resolver) KeyInfo(ctx context.Context, key string, extra ...*Policy) (K
 // errNoCache: there is no cache to ask.
 var errNoCache = errors.New("no cache configured")
 
-// ErrNoCache reports whether err says there is no cache at all (caching off).
-func ErrNoCache(err error) bool { return errors.Is(err, errNoCache) }
-
 // DeleteKey deletes one key (namespace included) with its refresh companion, as an invalidation
 // does, and reports whether it existed.
 func (r *Resolver) DeleteKey(ctx context.Context, key string) (bool, error) {

@@ -81,7 +81,6 @@ type Resolver struct {
 	bg       context.Context
 	bgCancel context.CancelFunc
 	bgMu     sync.Mutex // orders bgWait.Add before Close's Wait
-	bgClosed bool
 	bgWait   sync.WaitGroup
 	hits     sync.Map // policy name -> *policyCounters
 }
@@ -118,9 +117,8 @@ func New(opts Options, store *Store, loader Loader, log zerolog.Logger, m *Metri
 // query timeout, and cancelled here). Reads after Close do not refresh.
 func (r *Resolver) Close() {
 	r.bgMu.Lock()
-	r.bgClosed = true
-	r.bgMu.Unlock()
 	r.bgCancel()
+	r.bgMu.Unlock()
 	r.bgWait.Wait()
 }
 
@@ -323,11 +321,9 @@ func (r *Resolver) GetFunc(ctx context.Context, p *Policy, vals []string, load L
 			e := p.classifyEntry(key, body, pttl)
 			switch {
 			case e.fresh:
-				c := r.counters(p)
-				c.hit.Inc()
-				c.nHit.Add(1)
+				r.count(p, "hit", 1)
 				if local {
-					c.local.Inc()
+					r.counters(p).local.Inc()
 				}
 				if ttl := p.ttlFor(key); p.RefreshAhead > 0 && e.age >= time.Duration(p.RefreshAhead*float64(ttl)) {
 					// Lease only while the entry is still this far into its TTL: a refresh done
@@ -619,7 +615,7 @@ func (r *Resolver) refresh(p *Policy, key string, vals []string, load LoadFunc, 
 	fk := "refresh\x00" + strconv.FormatUint(r.epoch.Load(), 36) + "\x00" + key
 	r.flight.DoChan(fk, func() (any, error) {
 		r.bgMu.Lock()
-		if r.bgClosed {
+		if r.bg.Err() != nil { // closed
 			r.bgMu.Unlock()
 			return nil, nil
 		}

@@ -15,15 +15,16 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"iter"
 	"net/http"
 	"os"
 	"os/signal"
-	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
+
+	"github.com/cachecar/cachecar/bench/internal/httppass"
 )
 
 func main() {
@@ -98,7 +99,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	for pass := 1; pass <= *passes; pass++ {
 		start := time.Now()
-		counts, err := onePass(ctx, client, prefix, paths, *concurrency)
+		counts, err := httppass.Pass(ctx, client, urls(prefix, paths), *concurrency, prefix)
 		if err != nil {
 			return fmt.Errorf("pass %d: %w", pass, err)
 		}
@@ -109,84 +110,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	return nil
 }
 
-// cacheCounts counts answers by their X-Cache header ("none" when absent).
-type cacheCounts map[string]int
-
-func (c cacheCounts) String() string {
-	keys := make([]string, 0, len(c))
-	for k := range c {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	parts := make([]string, 0, len(keys))
-	for _, k := range keys {
-		parts = append(parts, fmt.Sprintf("%s=%d", k, c[k]))
-	}
-	return strings.Join(parts, " ")
-}
-
-// onePass requests every id of every path once and stops at the first answer that is not 200.
-func onePass(ctx context.Context, client *http.Client, prefix string, paths []pathRange, concurrency int) (cacheCounts, error) {
-	ctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	urls := make(chan string)
-	var (
-		mu     sync.Mutex
-		counts = cacheCounts{}
-		wg     sync.WaitGroup
-	)
-	for range concurrency {
-		wg.Go(func() {
-			for u := range urls {
-				status, xcache, err := get(ctx, client, u)
-				if err == nil && status != http.StatusOK {
-					err = fmt.Errorf("%s: status %d", strings.TrimPrefix(u, prefix), status)
-				}
-				if err != nil {
-					cancel(err)
+// urls yields the URL of every id of every path.
+func urls(prefix string, paths []pathRange) iter.Seq[string] {
+	return func(yield func(string) bool) {
+		for _, p := range paths {
+			for id := p.first; id <= p.last; id++ {
+				if !yield(prefix + strings.Replace(p.pattern, "{id}", strconv.Itoa(id), 1)) {
 					return
 				}
-				if xcache == "" {
-					xcache = "none"
-				}
-				mu.Lock()
-				counts[xcache]++
-				mu.Unlock()
-			}
-		})
-	}
-feed:
-	for _, p := range paths {
-		for id := p.first; id <= p.last; id++ {
-			select {
-			case urls <- prefix + strings.Replace(p.pattern, "{id}", strconv.Itoa(id), 1):
-			case <-ctx.Done():
-				break feed
 			}
 		}
 	}
-	close(urls)
-	wg.Wait()
-	if err := context.Cause(ctx); err != nil {
-		return counts, err
-	}
-	return counts, nil
-}
-
-// get does one GET and returns the status and X-Cache header; the body is read and dropped so
-// that the connection is reused.
-func get(ctx context.Context, client *http.Client, url string) (int, string, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return 0, "", err
-	}
-	resp, err := client.Do(req)
-	if err != nil {
-		return 0, "", err
-	}
-	defer resp.Body.Close()
-	if _, err := io.Copy(io.Discard, resp.Body); err != nil {
-		return 0, "", fmt.Errorf("read body: %w", err)
-	}
-	return resp.StatusCode, resp.Header.Get("X-Cache"), nil
 }

@@ -4,18 +4,19 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"iter"
 	"net/http"
 	"os"
 	"os/signal"
-	"sort"
+	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
+
+	"github.com/cachecar/cachecar/bench/internal/httppass"
 )
 
 func main() {
@@ -65,7 +66,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 
 	url := strings.TrimSuffix(*base, "/") + "/v1/courses/"
 	start := time.Now()
-	warmed, err := pass(ctx, client, url, *first, *last, *concurrency)
+	warmed, err := httppass.Pass(ctx, client, courses(url, *first, *last), *concurrency, url)
 	if err != nil {
 		return fmt.Errorf("warm pass: %w", err)
 	}
@@ -74,7 +75,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if !*verify {
 		return nil
 	}
-	checked, err := pass(ctx, client, url, *first, *last, *concurrency)
+	checked, err := httppass.Pass(ctx, client, courses(url, *first, *last), *concurrency, url)
 	if err != nil {
 		return fmt.Errorf("verify pass: %w", err)
 	}
@@ -95,7 +96,7 @@ func waitReady(ctx context.Context, client *http.Client, url string, timeout tim
 	defer tick.Stop()
 	last := "no answer"
 	for {
-		status, _, err := get(ctx, client, url)
+		status, _, err := httppass.Get(ctx, client, url)
 		switch {
 		case err == nil && status == http.StatusOK:
 			return nil
@@ -112,86 +113,10 @@ func waitReady(ctx context.Context, client *http.Client, url string, timeout tim
 	}
 }
 
-// cacheCounts counts answers by their X-Cache header ("none" when absent).
-type cacheCounts map[string]int
-
-func (c cacheCounts) String() string {
-	keys := make([]string, 0, len(c))
-	for k := range c {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	parts := make([]string, 0, len(keys))
-	for _, k := range keys {
-		parts = append(parts, fmt.Sprintf("%s=%d", k, c[k]))
-	}
-	return strings.Join(parts, " ")
-}
-
-// pass requests every id in first..last once, with concurrency requests in flight, and fails on
-// the first answer that is not 200.
-func pass(ctx context.Context, client *http.Client, url string, first, last, concurrency int) (cacheCounts, error) {
-	ctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	ids := make(chan int)
-	var (
-		mu     sync.Mutex
-		counts = cacheCounts{}
-		wg     sync.WaitGroup
-	)
-	for range concurrency {
-		wg.Go(func() {
-			for id := range ids {
-				status, xcache, err := get(ctx, client, fmt.Sprintf("%s%d", url, id))
-				if err == nil && status != http.StatusOK {
-					err = fmt.Errorf("course %d: status %d", id, status)
-				}
-				if err != nil {
-					cancel(err)
-					return
-				}
-				if xcache == "" {
-					xcache = "none"
-				}
-				mu.Lock()
-				counts[xcache]++
-				mu.Unlock()
-			}
-		})
-	}
-feed:
-	for id := first; id <= last; id++ {
-		select {
-		case ids <- id:
-		case <-ctx.Done():
-			break feed
+// courses yields the URL of every course id in first..last.
+func courses(url string, first, last int) iter.Seq[string] {
+	return func(yield func(string) bool) {
+		for id := first; id <= last && yield(url+strconv.Itoa(id)); id++ {
 		}
 	}
-	close(ids)
-	wg.Wait()
-	if err := context.Cause(ctx); err != nil && !errors.Is(err, context.Canceled) {
-		return counts, err
-	}
-	if err := ctx.Err(); err != nil {
-		return counts, err
-	}
-	return counts, nil
-}
-
-// get does one GET and returns the status and X-Cache header; the body is read and dropped so
-// that the connection is reused.
-func get(ctx context.Context, client *http.Client, url string) (int, string, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return 0, "", err
-	}
-	resp, err := client.Do(req)
-	if err != nil {
-		return 0, "", err
-	}
-	defer resp.Body.Close()
-	if _, err := io.Copy(io.Discard, resp.Body); err != nil {
-		return 0, "", fmt.Errorf("read body: %w", err)
-	}
-	return resp.StatusCode, resp.Header.Get("X-Cache"), nil
 }

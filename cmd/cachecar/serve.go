@@ -230,8 +230,8 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 			log.Warn().Str("admin", cfg.Admin.Listen).Msg("the admin port listens beyond loopback: anyone who can reach it and has the token can clear the cache")
 		}
 		healthOpts.AdminAddr = adminLn.Addr().String()
-		adminPolicies := map[string]*cachepolicy.Policy{"tenant": pol.Tenant, "course": pol.Course, "dispatch": pol.Dispatch,
-			"dispatch_list": pol.DispatchList, "tenant_stats": pol.TenantStats, "manifest": manifestPolicy}
+		adminPolicies := byName(pol)
+		adminPolicies["manifest"] = manifestPolicy
 		warmSQL := map[string]string{}
 		for name, pc := range cfg.Policies.Named() {
 			warmSQL[name] = pc.WarmSQL
@@ -447,12 +447,12 @@ func warmOnStart(ctx context.Context, cfg *configs.Config, res *cachepolicy.Reso
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
-	byName := map[string]*cachepolicy.Policy{"tenant": pol.Tenant, "course": pol.Course, "dispatch": pol.Dispatch, "tenant_stats": pol.TenantStats}
+	policies := byName(pol)
 	for name, pc := range cfg.Policies.Named() {
-		p, ok := byName[name]
-		if !ok || pc.WarmSQL == "" {
+		if pc.WarmSQL == "" {
 			continue
 		}
+		p := policies[name]
 		ids, err := res.WarmIDs(ctx, pc.WarmSQL, cfg.Admin.WarmMaxIDs)
 		if err != nil {
 			log.Warn().Err(err).Str("policy", name).Msg("warm query failed; no warm-up for this policy")
