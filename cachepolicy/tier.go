@@ -96,15 +96,16 @@ func (t *tierStats) peek(key string) (body []byte, pttl time.Duration, ok bool) 
 	return nil, 0, false
 }
 
-// drop deletes the local copies of keys from every store. Valkey's invalidation message does the
-// same a moment later; dropping them as soon as this process's own delete is acknowledged closes
-// most of the gap between the delete and that message for reads in this process. (A reply read
-// before the delete but processed after the drop can still land; the invalidation message that
-// follows it on the same connection removes it microseconds later.)
+// drop deletes the local copies of keys from every store, once this process's own change to
+// them is acknowledged. Valkey's invalidation message does the same a moment later; dropping at
+// once means a read in this process that starts after the change never sees the old copy. A
+// load of one of the keys still in flight may carry a reply Valkey sent before the change, which
+// its invalidation message would remove only after it landed: such a load hands its reply to the
+// callers waiting on it (they were concurrent with the change) but keeps no copy.
 func (t *tierStats) drop(keys []string) {
 	for _, s := range t.list() {
 		for _, k := range keys {
-			s.c.Del([]byte(entryKey(k, "GET")))
+			s.forget(entryKey(k, "GET"))
 		}
 	}
 }
@@ -147,10 +148,21 @@ func newLocalStore(size int, stats *tierStats) *localStore {
 }
 
 type tierFlight struct {
-	ch  chan struct{}
-	val valkey.ValkeyMessage
-	err error
-	xat int64 // the caller's client-side expiry, Unix ms
+	ch     chan struct{}
+	val    valkey.ValkeyMessage
+	err    error
+	xat    int64 // the caller's client-side expiry, Unix ms
+	noKeep bool  // the key was dropped while this load was in flight: serve the reply, keep no copy
+}
+
+// forget deletes the entry k and marks a load of it in flight as not to be kept.
+func (s *localStore) forget(k string) {
+	s.mu.Lock()
+	if f := s.flights[k]; f != nil {
+		f.noKeep = true
+	}
+	s.c.Del([]byte(k))
+	s.mu.Unlock()
 }
 
 func (f *tierFlight) Wait(ctx context.Context) (valkey.ValkeyMessage, error) {
@@ -216,10 +228,12 @@ func (s *localStore) Update(key, cmd string, val valkey.ValkeyMessage) int64 {
 	if xat <= 0 || f.xat < xat {
 		xat = f.xat
 	}
-	buf := make([]byte, 8, 8+val.CacheSize())
-	binary.BigEndian.PutUint64(buf, uint64(xat))
-	buf = val.CacheMarshal(buf)
-	s.c.Set([]byte(k), buf) // silently skipped past fastcache's 64 KiB entry limit
+	if !f.noKeep {
+		buf := make([]byte, 8, 8+val.CacheSize())
+		binary.BigEndian.PutUint64(buf, uint64(xat))
+		buf = val.CacheMarshal(buf)
+		s.c.Set([]byte(k), buf) // silently skipped past fastcache's 64 KiB entry limit
+	}
 	f.val = val
 	close(f.ch)
 	if sxat > 0 {

@@ -1220,3 +1220,57 @@ func TestDBCircuitOpensOnTimeouts(t *testing.T) {
 		t.Fatalf("with the circuit open: %v after %d loads (was %d); want ErrUnavailable without a load", err, f.loader.one.Load(), n)
 	}
 }
+
+// A load in flight when this process's own change drops its key may carry the value from before
+// the change: its callers get it, but the tier keeps no copy, so a read that starts after the
+// change goes back to Valkey. An undisturbed load is kept.
+func TestTierDropDuringLoadKeepsNoCopy(t *testing.T) {
+	addr, prefix := testenv.Valkey(t)
+	c, err := valkey.NewClient(valkey.ClientOption{InitAddress: []string{addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx := context.Background()
+	key := prefix + "dropped"
+	if err := c.Do(ctx, c.B().Set().Key(key).Value("old").Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	reply, err := c.Do(ctx, c.B().Get().Key(key).Build()).ToMessage()
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	for _, drop := range []bool{false, true} {
+		stats := &tierStats{}
+		st := newLocalStore(1<<20, stats)
+		now := time.Now()
+		if _, e := st.Flight(key, "GET", time.Minute, now); e != nil {
+			t.Fatal("first Flight joined a load; want it to start one")
+		}
+		_, waiter := st.Flight(key, "GET", time.Minute, now)
+		if waiter == nil {
+			t.Fatal("second Flight did not join the load in flight")
+		}
+		if drop {
+			stats.drop([]string{key})
+		}
+		st.Update(key, "GET", reply)
+		got, err := waiter.Wait(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s, _ := got.ToString(); s != "old" {
+			t.Fatalf("drop=%v: the waiting caller got %q, want the load's reply", drop, s)
+		}
+		m, e := st.Flight(key, "GET", time.Minute, time.Now())
+		kept := e == nil && !m.IsNil() && m.IsString()
+		if _, _, peeked := stats.peek(key); peeked != kept {
+			t.Fatalf("drop=%v: peek %v but Flight hit %v", drop, peeked, kept)
+		}
+		if kept == drop {
+			t.Fatalf("drop=%v: copy kept %v, want %v", drop, kept, !drop)
+		}
+		st.Close(errors.New("test over"))
+	}
+}
