@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/valkey-io/valkey-go"
 )
 
@@ -98,11 +99,11 @@ func (s *Store) Put(ctx context.Context, sid string, sess Session) (string, erro
 		return s.Delete(ctx, sid)
 	}
 	expire := s.expireUnix(sess, now)
-	return s.write(ctx, "put", sid, false, func(ctx context.Context, tx pgx.Tx) (bool, error) {
+	return s.write(ctx, "put", sid, false, pgStep{
 		// connect-pg-simple's upsert, with its expire.
-		_, err := tx.Exec(ctx, `INSERT INTO `+s.opts.Table+` (sess, expire, sid) SELECT $1::json, to_timestamp($2), $3
-			ON CONFLICT (sid) DO UPDATE SET sess = $1::json, expire = to_timestamp($2)`, string(sess.Raw), expire, sid)
-		return true, err
+		sql: `INSERT INTO ` + s.opts.Table + ` (sess, expire, sid) SELECT $1::json, to_timestamp($2), $3
+			ON CONFLICT (sid) DO UPDATE SET sess = $1::json, expire = to_timestamp($2)`,
+		args: []any{string(sess.Raw), expire, sid},
 	}, func(ctx context.Context, vk valkey.Client) (bool, error) {
 		return true, vk.Do(ctx, vk.B().Set().Key(s.opts.Prefix+sid).Value(valkey.BinaryString(sess.Raw)).ExSeconds(ttl).Build()).Error()
 	})
@@ -110,9 +111,9 @@ func (s *Store) Put(ctx context.Context, sid string, sess Session) (string, erro
 
 // Delete destroys the session; absent is fine (idempotent).
 func (s *Store) Delete(ctx context.Context, sid string) (string, error) {
-	from, err := s.write(ctx, "delete", sid, true, func(ctx context.Context, tx pgx.Tx) (bool, error) {
-		_, err := tx.Exec(ctx, `DELETE FROM `+s.opts.Table+` WHERE sid = $1`, sid)
-		return true, err
+	from, err := s.write(ctx, "delete", sid, true, pgStep{
+		sql:  `DELETE FROM ` + s.opts.Table + ` WHERE sid = $1`,
+		args: []any{sid},
 	}, func(ctx context.Context, vk valkey.Client) (bool, error) {
 		return true, vk.Do(ctx, vk.B().Del().Key(s.opts.Prefix+sid).Build()).Error()
 	})
@@ -132,11 +133,13 @@ func (s *Store) Touch(ctx context.Context, sid string, sess Session) (string, er
 		return FromPostgres, ErrNotFound
 	}
 	var inPG bool
-	from, err := s.write(ctx, "touch", sid, false, func(ctx context.Context, tx pgx.Tx) (bool, error) {
-		tag, err := tx.Exec(ctx, `UPDATE `+s.opts.Table+` SET expire = to_timestamp($1) WHERE sid = $2 AND expire >= to_timestamp($3)`,
-			s.expireUnix(sess, now), sid, nowUnix(now))
-		inPG = tag.RowsAffected() > 0
-		return inPG, err
+	from, err := s.write(ctx, "touch", sid, false, pgStep{
+		sql:  `UPDATE ` + s.opts.Table + ` SET expire = to_timestamp($1) WHERE sid = $2 AND expire >= to_timestamp($3)`,
+		args: []any{s.expireUnix(sess, now), sid, nowUnix(now)},
+		tell: func(tag pgconn.CommandTag) bool {
+			inPG = tag.RowsAffected() > 0
+			return inPG
+		},
 	}, func(ctx context.Context, vk valkey.Client) (bool, error) {
 		n, err := vk.Do(ctx, vk.B().Expire().Key(s.opts.Prefix+sid).Seconds(ttl).Build()).AsInt64()
 		if err == nil && n == 0 && inPG {
@@ -157,15 +160,26 @@ func (s *Store) Touch(ctx context.Context, sid string, sess Session) (string, er
 	return from, nil
 }
 
+// pgStep is a write's statement in PostgreSQL. tell reports from its command tag whether Valkey
+// should be told at all (nil: always).
+type pgStep struct {
+	sql  string
+	args []any
+	tell func(pgconn.CommandTag) bool
+}
+
 // write runs one session write in a PostgreSQL transaction that holds a per-sid lock, applies
 // the same change to Valkey inside it, and commits. Valkey writes for one sid therefore land in
-// the order their transactions commit. pgWrite reports whether Valkey should be told at all;
-// vkWrite reports whether Valkey now agrees with PostgreSQL. When Valkey is down, or the call
-// fails, or it disagrees, the same transaction moves the epoch (and a destroy leaves a
-// tombstone), so that no sidecar trusts Valkey again before a reconciliation. If the transaction
-// itself fails after Valkey was touched, the store stops trusting Valkey and records the miss
-// from Run (pendingStale) before it trusts it again.
-func (s *Store) write(ctx context.Context, op, sid string, destroy bool, pgWrite func(context.Context, pgx.Tx) (bool, error),
+// the order their transactions commit. vkWrite reports whether Valkey now agrees with
+// PostgreSQL. When Valkey is down, or the call fails, or it disagrees, the same transaction moves
+// the epoch (and a destroy leaves a tombstone), so that no sidecar trusts Valkey again before a
+// reconciliation. If the transaction itself fails after Valkey was touched, the store stops
+// trusting Valkey and records the miss from Run (pendingStale) before it trusts it again.
+//
+// BEGIN, the lock and the statement go to PostgreSQL in one round trip (a batch: BEGIN opens a
+// transaction that outlives the batch's Sync), then Valkey, then COMMIT: two round trips to
+// PostgreSQL instead of four.
+func (s *Store) write(ctx context.Context, op, sid string, destroy bool, step pgStep,
 	vkWrite func(context.Context, valkey.Client) (bool, error)) (string, error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), writeTimeout)
 	defer cancel()
@@ -173,14 +187,27 @@ func (s *Store) write(ctx context.Context, op, sid string, destroy bool, pgWrite
 	useValkey := vk != nil && s.up.Load() && !s.opts.ReadPostgres
 	from := FromPostgres
 	touchedValkey := false
-	err := pgx.BeginFunc(ctx, s.db, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtextextended($1, 0))`, s.opts.SentinelKey+"|"+sid); err != nil {
-			return err
+	err := s.inTx(ctx, func(conn *pgx.Conn) error {
+		b := &pgx.Batch{}
+		b.Queue(`BEGIN`)
+		b.Queue(`SELECT pg_advisory_xact_lock(hashtextextended($1, 0))`, s.opts.SentinelKey+"|"+sid)
+		b.Queue(step.sql, step.args...)
+		br := conn.SendBatch(ctx, b)
+		_, err := br.Exec()
+		if err == nil {
+			_, err = br.Exec()
 		}
-		tell, err := pgWrite(ctx, tx)
+		var tag pgconn.CommandTag
+		if err == nil {
+			tag, err = br.Exec()
+		}
+		if cerr := br.Close(); err == nil {
+			err = cerr
+		}
 		if err != nil {
 			return err
 		}
+		tell := step.tell == nil || step.tell(tag)
 		stale := false
 		switch {
 		case !s.HasValkey() || s.opts.ReadPostgres:
@@ -204,7 +231,7 @@ func (s *Store) write(ctx context.Context, op, sid string, destroy bool, pgWrite
 		}
 		if stale {
 			from = FromPostgres
-			return s.markStale(ctx, tx, sid, destroy)
+			return s.markStale(ctx, conn, sid, destroy)
 		}
 		return nil
 	})
@@ -223,9 +250,35 @@ func (s *Store) write(ctx context.Context, op, sid string, destroy bool, pgWrite
 	return from, nil
 }
 
+// inTx runs fn, which opens a transaction on conn (BEGIN), then commits it; if fn fails or
+// the commit does not happen, the transaction is rolled back. A connection left inside a
+// transaction (the rollback failed too) is not returned to the pool: pgxpool closes it.
+func (s *Store) inTx(ctx context.Context, fn func(*pgx.Conn) error) error {
+	c, err := s.db.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.Release()
+	conn := c.Conn()
+	err = fn(conn)
+	if err == nil {
+		var tag pgconn.CommandTag
+		tag, err = conn.Exec(ctx, `COMMIT`)
+		if err == nil && tag.String() != "COMMIT" {
+			err = pgx.ErrTxCommitRollback
+		}
+	}
+	if err != nil && conn.PgConn().TxStatus() != 'I' && !conn.IsClosed() {
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+		_, _ = conn.Exec(rctx, `ROLLBACK`)
+		cancel()
+	}
+	return err
+}
+
 // markStale records, in the writing transaction, that Valkey missed a write: a new epoch (no
 // sidecar trusts the old sentinel any more) and, for a destroy, a tombstone.
-func (s *Store) markStale(ctx context.Context, tx pgx.Tx, sid string, destroy bool) error {
+func (s *Store) markStale(ctx context.Context, tx execer, sid string, destroy bool) error {
 	if destroy {
 		if _, err := tx.Exec(ctx, `INSERT INTO cachecar_session_tombstones (store, sid) VALUES ($1, $2)
 			ON CONFLICT (store, sid) DO UPDATE SET destroyed_at = now()`, s.opts.SentinelKey, sid); err != nil {
@@ -235,8 +288,13 @@ func (s *Store) markStale(ctx context.Context, tx pgx.Tx, sid string, destroy bo
 	return bumpEpoch(ctx, tx, s.opts.SentinelKey)
 }
 
+// execer is a connection or a transaction.
+type execer interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+}
+
 // bumpEpoch gives the store keyed key a new epoch.
-func bumpEpoch(ctx context.Context, tx pgx.Tx, key string) error {
+func bumpEpoch(ctx context.Context, tx execer, key string) error {
 	_, err := tx.Exec(ctx, `INSERT INTO cachecar_session_state (store, epoch) VALUES ($1, md5(random()::text || clock_timestamp()::text))
 		ON CONFLICT (store) DO UPDATE SET epoch = EXCLUDED.epoch`, key)
 	return err
