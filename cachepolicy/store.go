@@ -436,3 +436,60 @@ func (s *Store) MGet(ctx context.Context, keys []string) ([][]byte, []time.Durat
 	s.ok()
 	return out, pttls, nil
 }
+
+// TierGet reads keys with GET through the in-process tier, for callers other than the policies
+// (sessions): a key this process holds is answered from memory, the others in one round trip
+// on the tracked connection, which keeps them from then on. vals[i] is nil for a missing key.
+// ok is false when there is no tier to read through (off, refused by the server, memory-only,
+// or Valkey not connected yet): the caller reads Valkey its own way. The read-path breaker is
+// neither asked nor told: the caller keeps its own view of Valkey's health.
+func (s *Store) TierGet(ctx context.Context, keys ...string) (vals [][]byte, ok bool, err error) {
+	if s.mem != nil || !s.tierOn.Load() {
+		return nil, false, nil
+	}
+	b := s.client.Load()
+	if b == nil {
+		return nil, false, nil
+	}
+	vals = make([][]byte, len(keys))
+	all := true
+	for i, k := range keys {
+		body, _, hit := s.tier.peek(k)
+		if !hit {
+			all = false
+			break
+		}
+		vals[i] = body
+	}
+	if all {
+		return vals, true, nil
+	}
+	c := b.c
+	cmds := make([]valkey.CacheableTTL, len(keys))
+	for i, k := range keys {
+		cmds[i] = valkey.CT(c.B().Get().Key(k).Cache(), tierTTL)
+	}
+	for i, r := range c.DoMultiCache(ctx, cmds...) {
+		v, err := r.AsBytes()
+		switch {
+		case valkey.IsValkeyNil(err):
+			vals[i] = nil
+		case err != nil:
+			return nil, true, err
+		case v == nil:
+			vals[i] = []byte{}
+		default:
+			vals[i] = v
+		}
+	}
+	return vals, true, nil
+}
+
+// TierDrop drops keys from the in-process tier once the caller's own change to them is
+// acknowledged by Valkey (see tierStats.drop): a read that starts after it never sees the old
+// copy. Valkey's invalidation message does the same for other clients' changes.
+func (s *Store) TierDrop(keys ...string) {
+	if s.mem == nil {
+		s.tier.drop(keys)
+	}
+}
