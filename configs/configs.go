@@ -72,8 +72,6 @@ type SessionsConfig struct {
 	// Migration is "", "connect-redis" or "connect-pg-simple": the store some apps still use
 	// directly during a rolling migration to cachecar.
 	Migration string `mapstructure:"migration"`
-	// Tier reads sessions through the in-process tier (cache.tier_max_bytes > 0 and Valkey).
-	Tier bool `mapstructure:"tier"`
 }
 
 // InvalidationConfig is the LISTEN/NOTIFY invalidation: the triggers migrate installs and the

@@ -375,7 +375,6 @@ func TestEnvOnlyConfig(t *testing.T) {
 		"CACHECAR_SESSIONS_PRUNE_INTERVAL":                "5m",
 		"CACHECAR_SESSIONS_DELETE_UNKNOWN":                "false",
 		"CACHECAR_SESSIONS_MIGRATION":                     "connect-redis",
-		"CACHECAR_SESSIONS_TIER":                          "false",
 		"CACHECAR_DATABASE_MAX_LOADS":                     "40",
 		"CACHECAR_ADMIN_CLEAR_RATE":                       "2",
 		"CACHECAR_ADMIN_CLEAR_BURST":                      "5",

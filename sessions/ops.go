@@ -54,23 +54,24 @@ func (s *Store) Get(ctx context.Context, sid string) ([]byte, string, error) {
 	return body, FromPostgres, nil
 }
 
-// getValkey reads the session and the sentinel in one round trip, or from the in-process tier
-// without one. It returns ErrNotFound for an absent key in a trusted Valkey, and another error
-// when Valkey failed or turned out not to be trusted (the caller reads PostgreSQL).
-//
-// Through the tier, a copy is as current as the sentinel read with it: a reconciliation changes
-// the session keys before it sets the sentinel, and Valkey sends the tracked connection their
-// invalidations in that order, so a sentinel that matches the token was read after them.
+// getValkey reads the session and the sentinel in one round trip. It returns ErrNotFound for an
+// absent key in a trusted Valkey, and another error when Valkey failed or turned out not to be
+// trusted (the caller reads PostgreSQL).
 func (s *Store) getValkey(ctx context.Context, sid string) ([]byte, error) {
 	vctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
 	defer cancel()
-	body, found, sentinel, err := s.readValkey(vctx, s.opts.Prefix+sid)
+	vk := s.client()
+	vals, err := vk.Do(vctx, vk.B().Mget().Key(s.opts.Prefix+sid, s.opts.SentinelKey).Build()).ToArray()
+	if err == nil && len(vals) != 2 {
+		err = fmt.Errorf("mget: %d values", len(vals))
+	}
 	if err != nil {
 		if ctx.Err() == nil { // a client hanging up says nothing about Valkey
 			s.markDown("get", err)
 		}
 		return nil, err
 	}
+	sentinel, _ := vals[1].ToString()
 	if sentinel == "" || sentinel != *s.token.Load() {
 		// Emptied, restored from a snapshot, failed over, or written past by a sidecar that
 		// could not reach it: not trusted until reconciled.
@@ -78,37 +79,15 @@ func (s *Store) getValkey(ctx context.Context, sid string) ([]byte, error) {
 		s.setActive()
 		return nil, errors.New("valkey not reconciled")
 	}
-	if !found {
+	if vals[0].IsNil() {
 		return nil, ErrNotFound
 	}
-	return body, nil
-}
-
-// readValkey returns key's value (found false when it is absent) and the sentinel's.
-func (s *Store) readValkey(ctx context.Context, key string) (body []byte, found bool, sentinel string, err error) {
-	if t := s.opts.Tier; t != nil {
-		vals, ok, err := t.TierGet(ctx, key, s.opts.SentinelKey)
-		if ok {
-			if err != nil {
-				return nil, false, "", err
-			}
-			return vals[0], vals[0] != nil, string(vals[1]), nil
-		}
-	}
-	vk := s.client()
-	vals, err := vk.Do(ctx, vk.B().Mget().Key(key, s.opts.SentinelKey).Build()).ToArray()
-	if err == nil && len(vals) != 2 {
-		err = fmt.Errorf("mget: %d values", len(vals))
-	}
+	body, err := vals[0].AsBytes()
 	if err != nil {
-		return nil, false, "", err
+		s.markDown("get", err)
+		return nil, err
 	}
-	sentinel, _ = vals[1].ToString()
-	if vals[0].IsNil() {
-		return nil, false, sentinel, nil
-	}
-	body, err = vals[0].AsBytes()
-	return body, err == nil, sentinel, err
+	return body, nil
 }
 
 // Put stores the session under sid. A session whose cookie has already expired is destroyed, as
@@ -240,9 +219,6 @@ func (s *Store) write(ctx context.Context, op, sid string, destroy bool, step pg
 			touchedValkey = true
 			agrees, err := vkWrite(vctx, vk)
 			cancel()
-			if t := s.opts.Tier; t != nil {
-				t.TierDrop(s.opts.Prefix + sid) // before anyone hears of the write
-			}
 			switch {
 			case err != nil:
 				s.markDown(op, err)

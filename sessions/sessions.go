@@ -4,7 +4,6 @@ package sessions
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -103,17 +102,6 @@ type Options struct {
 	// connect-redis: no reads from PostgreSQL when Valkey is down (503), and reconciliation
 	// copies no rows into Valkey, because a row may be a session connect-redis has destroyed.
 	ValkeyOnly bool
-	// Tier, when set, reads sessions through the sidecar's in-process tier (Valkey's client
-	// tracking keeps it right): a session read before is answered from memory.
-	Tier Tier
-}
-
-// Tier is the sidecar's in-process tier (cachepolicy.Store).
-type Tier interface {
-	// TierGet reads keys through the tier; ok false means there is no tier to read through.
-	TierGet(ctx context.Context, keys ...string) (vals [][]byte, ok bool, err error)
-	// TierDrop forgets keys this process just changed in Valkey.
-	TierDrop(keys ...string)
 }
 
 // pgMigrationMarker is the sentinel while some sidecar runs with ReadPostgres.

@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cachecar/cachecar/cachepolicy"
 	"github.com/cachecar/cachecar/internal/testenv"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
@@ -26,25 +25,18 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 const tz = "Pacific/Auckland"
 
 type fixture struct {
-	noTier bool   // sidecars read Valkey directly, without an in-process tier
-	url    string // the schema's URL, TimeZone included
-	db     *pgxpool.Pool
-	redis  *testenv.Redis
-	raw    valkey.Client
-	store  *Store
-	reg    *prometheus.Registry
-	stop   func()
+	url   string // the schema's URL, TimeZone included
+	db    *pgxpool.Pool
+	redis *testenv.Redis
+	raw   valkey.Client
+	store *Store
+	reg   *prometheus.Registry
+	stop  func()
 }
 
 // newFixture is a schema with connect-pg-simple's table and cachecar's session state, a
 // throwaway redis-server, and a running store over both.
 func newFixture(t *testing.T, tweak func(*Options)) *fixture {
-	t.Helper()
-	return newFixtureTier(t, true, tweak)
-}
-
-// newFixtureTier is newFixture with or without an in-process tier under each sidecar.
-func newFixtureTier(t *testing.T, tier bool, tweak func(*Options)) *fixture {
 	t.Helper()
 	url := testenv.WithParam(testenv.PostgresURL(t), "timezone", tz)
 	db, err := pgxpool.New(context.Background(), url)
@@ -61,7 +53,7 @@ func newFixtureTier(t *testing.T, tier bool, tweak func(*Options)) *fixture {
 		t.Fatal(err)
 	}
 	t.Cleanup(raw.Close)
-	f := &fixture{noTier: !tier, url: url, db: db, redis: r, raw: raw}
+	f := &fixture{url: url, db: db, redis: r, raw: raw}
 	f.store, f.reg, f.stop = f.start(t, tweak)
 	// Valkey reconciled and trusted (with ReadPostgres, only reachable: it is never trusted).
 	deadline := time.Now().Add(10 * time.Second)
@@ -87,24 +79,12 @@ func (f *fixture) start(t *testing.T, tweak func(*Options)) (*Store, *prometheus
 		return valkey.NewClient(valkey.ClientOption{InitAddress: []string{addr}, DisableCache: true})
 	}
 	reg := prometheus.NewRegistry()
-	ctx, cancel := context.WithCancel(context.Background())
-	// Every sidecar reads through its own in-process tier, as cachecar serve wires it, unless
-	// the test runs without one (f.noTier).
-	var tier *cachepolicy.Store
-	tierDone := make(chan struct{})
-	if !f.noTier {
-		tier = cachepolicy.NewStore(cachepolicy.StoreOptions{Addrs: []string{addr}, Timeout: opts.Timeout, DialTimeout: time.Second,
-			ReconnectMax: 100 * time.Millisecond, TierSize: cachepolicy.MinTierSize}, zerolog.Nop(), cachepolicy.NewMetrics(reg))
-		opts.Tier = tier
-		go func() { tier.Run(ctx); close(tierDone) }()
-	} else {
-		close(tierDone)
-	}
 	s := New(opts, dial, f.db, zerolog.Nop(), reg)
+	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { s.Run(ctx); close(done) }()
 	var once sync.Once
-	stop := func() { once.Do(func() { cancel(); <-done; <-tierDone; s.Close() }) }
+	stop := func() { once.Do(func() { cancel(); <-done; s.Close() }) }
 	t.Cleanup(stop)
 	return s, reg, stop
 }
@@ -118,12 +98,6 @@ func (f *fixture) waitActive(t *testing.T, want string) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-}
-
-// forTiers runs test with sidecars reading through an in-process tier, then without one.
-func forTiers(t *testing.T, test func(t *testing.T, tier bool)) {
-	t.Run("tier", func(t *testing.T) { test(t, true) })
-	t.Run("no tier", func(t *testing.T) { test(t, false) })
 }
 
 func body(user string, expires time.Time) []byte {
@@ -242,10 +216,8 @@ func TestFormatsMatchTheNodeStores(t *testing.T) {
 	}
 }
 
-func TestSurvivesValkeyRestartingEmpty(t *testing.T) { forTiers(t, testSurvivesValkeyRestartingEmpty) }
-
-func testSurvivesValkeyRestartingEmpty(t *testing.T, tier bool) {
-	f := newFixtureTier(t, tier, nil)
+func TestSurvivesValkeyRestartingEmpty(t *testing.T) {
+	f := newFixture(t, nil)
 	b := body("ann", time.Now().Add(time.Hour))
 	f.put(t, "keep", b)
 	f.redis.Stop()
@@ -273,10 +245,8 @@ func testSurvivesValkeyRestartingEmpty(t *testing.T, tier bool) {
 	}
 }
 
-func TestValkeyDownThenBack(t *testing.T) { forTiers(t, testValkeyDownThenBack) }
-
-func testValkeyDownThenBack(t *testing.T, tier bool) {
-	f := newFixtureTier(t, tier, nil)
+func TestValkeyDownThenBack(t *testing.T) {
+	f := newFixture(t, nil)
 	ctx := context.Background()
 	f.put(t, "a", body("v1", time.Now().Add(time.Hour)))
 	f.put(t, "gone", body("old", time.Now().Add(time.Hour)))
@@ -322,10 +292,8 @@ func testValkeyDownThenBack(t *testing.T, tier bool) {
 
 // TestOtherSidecarSeesMissedWrite: sidecar B's write misses Valkey (B found it down); sidecar A,
 // which never saw the outage, must not keep trusting Valkey's old copy.
-func TestOtherSidecarSeesMissedWrite(t *testing.T) { forTiers(t, testOtherSidecarSeesMissedWrite) }
-
-func testOtherSidecarSeesMissedWrite(t *testing.T, tier bool) {
-	f := newFixtureTier(t, tier, nil)
+func TestOtherSidecarSeesMissedWrite(t *testing.T) {
+	f := newFixture(t, nil)
 	ctx := context.Background()
 	f.put(t, "x", body("old", time.Now().Add(time.Hour)))
 	b, _, _ := f.start(t, nil)

@@ -190,7 +190,6 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 			DeleteUnknown:   cfg.Sessions.DeleteUnknown,
 			ReadPostgres:    cfg.Sessions.Migration == "connect-pg-simple",
 			ValkeyOnly:      cfg.Sessions.Migration == "connect-redis",
-			Tier:            sessionTier(store, cfg.Sessions.Tier),
 		}, dial, pool, log.With().Str("component", "sessions").Logger(), reg)
 		defer sess.Close()
 	}
@@ -461,13 +460,4 @@ func warmOnStart(ctx context.Context, cfg *configs.Config, res *cachepolicy.Reso
 		}
 		admin.Warm(ctx, res, p, ids, log.With().Str("component", "warm").Logger())
 	}
-}
-
-// sessionTier is the tier sessions read through: the policies' store, when sessions.tier is on
-// and there is one.
-func sessionTier(store *cachepolicy.Store, on bool) sessions.Tier {
-	if store == nil || !on {
-		return nil
-	}
-	return store
 }
