@@ -19,7 +19,7 @@ TEST_ENV := CACHECAR_TEST_DATABASE_URL='$(TEST_DATABASE_URL)' \
             CACHECAR_TEST_VALKEY_ADDR=127.0.0.1:$(REDIS_PORT) \
             CACHECAR_TEST_REDIS_SERVER=$$(command -v redis-server)
 
-GO_TEST_FLAGS ?= -race -count=1 -timeout 12m
+GO_TEST_FLAGS ?= -race -count=1 -p 1 -timeout 12m
 # The real connect-redis and connect-pg-simple, for the sessions' rolling-migration tests.
 NODE_STORES := sessions/testdata/node
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)

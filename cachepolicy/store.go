@@ -57,6 +57,11 @@ const MinTierSize = 32 << 20
 // server's TTL (read with the value) and its invalidation messages normally end it first.
 const tierTTL = time.Hour
 
+// tierPingGap is how long the tracked connection may receive nothing before valkey-go PINGs it:
+// a connection that stopped delivering is closed, and its copies dropped, within about
+// 2 x tierPingGap + 20 x Timeout.
+const tierPingGap = time.Second
+
 // errCircuitOpen: the breaker is open; the call was not made.
 var errCircuitOpen = errors.New("valkey circuit open")
 
@@ -150,6 +155,11 @@ func (s *Store) Connect() error {
 		// concurrent calls still share writes) keeps one store: a hit is one lookup, and the
 		// whole tier size is one bound.
 		cached := opt
+		// Copies are right only while invalidation messages arrive. valkey-go PINGs a
+		// connection that received nothing for Dialer.KeepAlive and closes it (flushing its
+		// store) when the PING gets no answer within ConnWriteTimeout; at 30 s a silently dead
+		// connection (a dropped flow, a partition) would keep serving copies that long.
+		cached.Dialer.KeepAlive = tierPingGap
 		cached.DisableCache = false
 		cached.PipelineMultiplex = -1
 		cached.CacheSizeEachConn = s.opts.TierSize

@@ -98,10 +98,10 @@ func (t *tierStats) peek(key string) (body []byte, pttl time.Duration, ok bool) 
 
 // drop deletes the local copies of keys from every store, once this process's own change to
 // them is acknowledged. Valkey's invalidation message does the same a moment later; dropping at
-// once means a read in this process that starts after the change never sees the old copy. A
-// load of one of the keys still in flight may carry a reply Valkey sent before the change, which
-// its invalidation message would remove only after it landed: such a load hands its reply to the
-// callers waiting on it (they were concurrent with the change) but keeps no copy.
+// once means a read in this process that starts after the change finds no stored old copy. A
+// load of one of the keys still in flight may carry a reply Valkey sent before the change: it
+// hands that reply to the callers waiting on it, including one that joins it after the drop
+// (microseconds, within the invalidation bound), but keeps no copy, so no later read finds it.
 func (t *tierStats) drop(keys []string) {
 	for _, s := range t.list() {
 		for _, k := range keys {

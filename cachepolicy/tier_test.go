@@ -1274,3 +1274,50 @@ func TestTierDropDuringLoadKeepsNoCopy(t *testing.T) {
 		st.Close(errors.New("test over"))
 	}
 }
+
+// A tracked connection that silently stops delivering (a partition: nothing closes it, so no
+// invalidation arrives and none is known to be missed) must not keep serving its copies: it is
+// PINGed once idle for tierPingGap and closed, with its copies, when the PING goes unanswered.
+func TestTierDropsCopiesOfASilentConnection(t *testing.T) {
+	addr, prefix := testenv.Valkey(t)
+	proxy := testenv.StartProxy(t, addr)
+	raw, err := valkey.NewClient(valkey.ClientOption{InitAddress: []string{addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	const timeout = 50 * time.Millisecond // the default valkey.timeout: PINGs wait 20 x that
+	s := NewStore(StoreOptions{Addrs: []string{proxy.Addr()}, Timeout: timeout, DialTimeout: time.Second, ReconnectMax: time.Second,
+		TierSize: MinTierSize}, zerolog.Nop(), NewMetrics(prometheus.NewRegistry()))
+	if err := s.Connect(); err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := context.Background()
+	key := prefix + "silent"
+	if err := raw.Do(ctx, raw.B().Set().Key(key).Value("old").Ex(time.Hour).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	s.Get(ctx, key)
+	if body, _, local, err := s.Get(ctx, key); err != nil || !local || string(body) != "old" {
+		t.Fatalf("second read: %q local %v, %v; want the tier's copy", body, local, err)
+	}
+
+	proxy.Blackhole()
+	changed := time.Now()
+	if err := raw.Do(ctx, raw.B().Set().Key(key).Value("new").Ex(time.Hour).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	bound := 2*tierPingGap + 20*timeout + 2*time.Second // the documented bound, plus slack for this machine (without the PING: 30 s)
+	for {
+		body, _, _, err := s.Get(ctx, key)
+		if err != nil || string(body) != "old" {
+			t.Logf("the old copy was served for %s after the change", time.Since(changed).Round(time.Millisecond))
+			break
+		}
+		if time.Since(changed) > bound {
+			t.Fatalf("the tier still serves the old copy %s after the change, behind a silent connection", time.Since(changed).Round(time.Millisecond))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
