@@ -138,7 +138,8 @@ func (s *Store) Touch(ctx context.Context, sid string, sess Session) (string, er
 		args: []any{s.expireUnix(sess, now), sid, nowUnix(now)},
 		tell: func(tag pgconn.CommandTag) bool {
 			inPG = tag.RowsAffected() > 0
-			return inPG
+			// While migrating from connect-redis, a session may live in Valkey only.
+			return inPG || s.opts.ValkeyOnly
 		},
 	}, func(ctx context.Context, vk valkey.Client) (bool, error) {
 		n, err := vk.Do(ctx, vk.B().Expire().Key(s.opts.Prefix+sid).Seconds(ttl).Build()).AsInt64()

@@ -468,3 +468,31 @@ func TestTouchWhileDownIsKept(t *testing.T) {
 		t.Fatalf("touched session after Valkey came back: %q from %s, %v", got, from, err)
 	}
 }
+
+// While migrating from connect-redis, a session connect-redis wrote lives in Valkey only; a touch
+// through cachecar must find it there and move its TTL, as connect-redis's own touch would.
+func TestTouchConnectRedisSession(t *testing.T) {
+	f := newFixture(t, func(o *Options) { o.DeleteUnknown = false; o.ValkeyOnly = true })
+	ctx := context.Background()
+	b := body("node", time.Now().Add(time.Hour))
+	if err := f.raw.Do(ctx, f.raw.B().Set().Key("sess:cr").Value(string(b)).ExSeconds(3600).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	later, err := f.store.Parse(body("ignored", time.Now().Add(30*time.Hour)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.store.Touch(ctx, "cr", later); err != nil {
+		t.Fatalf("touch of a session connect-redis wrote: %v", err)
+	}
+	ttl, _ := f.raw.Do(ctx, f.raw.B().Ttl().Key("sess:cr").Build()).AsInt64()
+	if ttl < 30*3600-10 || ttl > 30*3600 {
+		t.Fatalf("TTL after the touch %d s, want about %d", ttl, 30*3600)
+	}
+	if v, _ := f.rawGet(t, "sess:cr"); v != string(b) {
+		t.Fatalf("the touch rewrote the body: %s", v)
+	}
+	if _, err := f.store.Touch(ctx, "absent", later); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("touch of an absent session: %v, want ErrNotFound", err)
+	}
+}
