@@ -187,7 +187,7 @@ func (s *Store) write(ctx context.Context, op, sid string, destroy bool, step pg
 	vk := s.client()
 	useValkey := vk != nil && s.up.Load() && !s.opts.ReadPostgres
 	from := FromPostgres
-	touchedValkey := false
+	touchedValkey, missed := false, false
 	err := s.inTx(ctx, func(conn *pgx.Conn) error {
 		b := &pgx.Batch{}
 		b.Queue(`BEGIN`)
@@ -230,6 +230,7 @@ func (s *Store) write(ctx context.Context, op, sid string, destroy bool, step pg
 				from = FromValkey
 			}
 		}
+		missed = stale
 		if stale {
 			from = FromPostgres
 			return s.markStale(ctx, conn, sid, destroy)
@@ -241,11 +242,15 @@ func (s *Store) write(ctx context.Context, op, sid string, destroy bool, step pg
 			// Valkey may hold a change PostgreSQL does not: stop trusting it here at once, and
 			// have Run move the epoch before anyone trusts it again.
 			s.pendingStale.Store(true)
-			s.trusted.Store(false)
-			s.setActive()
+			s.distrust()
 		}
 		s.m.ops.WithLabelValues(op, FromPostgres, "error").Inc()
 		return FromPostgres, fmt.Errorf("%w: %w", ErrUnavailable, err)
+	}
+	if missed {
+		// Committed with the epoch moved: no sidecar trusts Valkey after its next check, and
+		// this one stops now, before the write is acknowledged.
+		s.distrust()
 	}
 	s.m.ops.WithLabelValues(op, from, "ok").Inc()
 	return from, nil

@@ -50,6 +50,7 @@ func jitter(d time.Duration) time.Duration {
 func (s *Store) refresh(ctx context.Context) {
 	qctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
+	gen := s.trustGen() // before the epoch is read: see trustSince
 	if s.pendingStale.Load() {
 		// A write failed after it touched Valkey: move the epoch before anything else.
 		if err := pgx.BeginFunc(qctx, s.db, func(tx pgx.Tx) error { return bumpEpoch(qctx, tx, s.opts.SentinelKey) }); err != nil {
@@ -113,13 +114,12 @@ func (s *Store) refresh(ctx context.Context) {
 	token := epoch + "|" + runID
 	s.token.Store(&token)
 	if sentinel == token {
-		s.trusted.Store(true)
-		s.setActive()
+		s.trustSince(gen)
 		return
 	}
 	s.trusted.Store(false)
 	s.setActive()
-	if err := s.reconcile(ctx, vk, epoch, runID, sentinel == pgMigrationMarker); err != nil {
+	if err := s.reconcile(ctx, vk, epoch, runID, sentinel == pgMigrationMarker, gen); err != nil {
 		s.m.reconciles.WithLabelValues("error").Inc()
 		s.log.Warn().Err(err).Msg("session reconciliation failed; retrying")
 	}
@@ -157,7 +157,7 @@ func parseRunID(r valkey.ValkeyResult) (string, error) {
 // keys PostgreSQL does not know deleted (DeleteUnknown), then a new epoch set in Valkey and, by
 // compare-and-set against the epoch it started from, in PostgreSQL. A write that missed Valkey
 // meanwhile changed the epoch, the compare-and-set fails, and the next refresh starts over.
-func (s *Store) reconcile(ctx context.Context, vk valkey.Client, oldEpoch, runID string, afterPgMigration bool) error {
+func (s *Store) reconcile(ctx context.Context, vk valkey.Client, oldEpoch, runID string, afterPgMigration bool, gen uint64) error {
 	conn, err := s.db.Acquire(ctx)
 	if err != nil {
 		return err
@@ -305,8 +305,11 @@ func (s *Store) reconcile(ctx context.Context, vk valkey.Client, oldEpoch, runID
 		return errors.New("a write missed Valkey during the reconciliation; starting over")
 	}
 	s.token.Store(&token)
-	s.trusted.Store(true)
-	s.setActive()
+	if !s.trustSince(gen) {
+		// A write of this process missed Valkey after the epoch was read; the next check
+		// finds the epoch moved and reconciles again.
+		return errors.New("a write missed Valkey during the reconciliation; starting over")
+	}
 	s.m.reconciles.WithLabelValues("ok").Inc()
 	s.log.Info().Int("copied", copied).Int("tombstones", len(sids)).Int("deleted_unknown", deleted).
 		Dur("took", s.now().Sub(start)).Msg("sessions reconciled; valkey serves them again")

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"math"
 	"regexp"
+	"sync"
 	"sync/atomic"
 	"time"
 	"unicode/utf8"
@@ -126,6 +127,41 @@ type Store struct {
 	// pendingStale: a write transaction failed after it had touched Valkey; Run must move the
 	// epoch before this store trusts Valkey again.
 	pendingStale atomic.Bool
+
+	// trustMu orders trusting Valkey against writes that missed it: staleGen counts those
+	// writes (after their commit), and a check may trust Valkey only if none committed since
+	// it began, because it may have read the epoch before that commit.
+	trustMu  sync.Mutex
+	staleGen uint64
+}
+
+// distrust stops trusting Valkey at once: this process just committed a write Valkey missed
+// (the epoch moved in the same transaction), so its own next read must not find Valkey's copy.
+func (s *Store) distrust() {
+	s.trustMu.Lock()
+	s.staleGen++
+	s.trusted.Store(false)
+	s.trustMu.Unlock()
+	s.setActive()
+}
+
+// trustGen returns the count of missed writes, to pass to trustSince.
+func (s *Store) trustGen() uint64 {
+	s.trustMu.Lock()
+	defer s.trustMu.Unlock()
+	return s.staleGen
+}
+
+// trustSince trusts Valkey unless a write that missed it committed since gen was read.
+func (s *Store) trustSince(gen uint64) bool {
+	s.trustMu.Lock()
+	ok := s.staleGen == gen
+	if ok {
+		s.trusted.Store(true)
+	}
+	s.trustMu.Unlock()
+	s.setActive()
+	return ok
 }
 
 type vkBox struct{ c valkey.Client }

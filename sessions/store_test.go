@@ -496,3 +496,40 @@ func TestTouchConnectRedisSession(t *testing.T) {
 		t.Fatalf("touch of an absent session: %v, want ErrNotFound", err)
 	}
 }
+
+// A write that finds Valkey without the session PostgreSQL has (a touch after Valkey lost the
+// key) moves the epoch; the sidecar that made it must stop trusting Valkey before it acknowledges
+// the write, not at its next check: its next read must not report the live session missing.
+func TestMissedWriteStopsTrustAtOnce(t *testing.T) {
+	f := newFixture(t, func(o *Options) { o.RefreshInterval = time.Hour }) // no check until the test is over
+	ctx := context.Background()
+	b := body("kept", time.Now().Add(time.Hour))
+	f.put(t, "lost", b)
+	if err := f.raw.Do(ctx, f.raw.B().Del().Key("sess:lost").Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	later, err := f.store.Parse(body("ignored", time.Now().Add(2*time.Hour)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if from, err := f.store.Touch(ctx, "lost", later); err != nil || from != FromPostgres {
+		t.Fatalf("touch with the key gone from Valkey: from %s, %v; want PostgreSQL (Valkey disagreed)", from, err)
+	}
+	got, from, err := f.get(t, "lost")
+	if err != nil || got != string(b) || from != FromPostgres {
+		t.Fatalf("read right after the touch: %q from %s, %v; want the session from PostgreSQL", got, from, err)
+	}
+}
+
+// A check that read the epoch before a missed write committed must not trust Valkey after it.
+func TestTrustSinceRefusesAfterMissedWrite(t *testing.T) {
+	s := New(Options{}, nil, nil, zerolog.Nop(), prometheus.NewRegistry())
+	gen := s.trustGen()
+	s.distrust() // a write that missed Valkey commits while the check runs
+	if s.trustSince(gen) || s.trusted.Load() {
+		t.Fatal("a check begun before a missed write trusted Valkey after it")
+	}
+	if !s.trustSince(s.trustGen()) || !s.trusted.Load() {
+		t.Fatal("a check begun after it did not trust Valkey")
+	}
+}
