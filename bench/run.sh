@@ -1074,10 +1074,18 @@ scenario_m() {
 		stop_cachecar m
 		return 1
 	fi
+	# The tenant stats go in a fill of their own with fewer requests in flight: each is an
+	# aggregate over a tenant's 20,000 registrations (about 0.35 s alone here), and 16 of them at
+	# once on two cores can run past the 5 s query timeout (504) on a slow day.
 	local cmd=("$BIN/fill" -base "$CC_URL" -path "/v1/courses/{id}=1-$ID_LAST" -path "/v1/dispatches/{id}=1-$MEM_DISPATCHES"
-		-path "/v1/tenants/{id}=1-$MEM_TENANTS" -path "/v1/tenants/{id}/stats=1-$MEM_TENANTS" -passes 2 -concurrency 16)
-	log "scenario m: ${cmd[*]}"
+		-path "/v1/tenants/{id}=1-$MEM_TENANTS" -passes 2 -concurrency 16)
+	local stats=("$BIN/fill" -base "$CC_URL" -path "/v1/tenants/{id}/stats=1-$MEM_TENANTS" -passes 2 -concurrency 4)
+	log "scenario m: ${cmd[*]}; then ${stats[*]}"
 	run_tracked "$OUT/fill-m.txt" "${cmd[@]}" || status=$?
+	if ((status == 0)); then
+		run_tracked "$OUT/fill-m-stats.txt" "${stats[@]}" || status=$?
+		cat "$OUT/fill-m-stats.txt" >>"$OUT/fill-m.txt"
+	fi
 	sed 's/^/    /' "$OUT/fill-m.txt" >&2
 	if ((status != 0)); then
 		fail m "bench/fill exited with status $status: $(tail -n 1 "$OUT/fill-m.txt")"
@@ -1582,12 +1590,13 @@ report() {
 	echo "| n PostgreSQL queries saved, 1 - queries / reads (the app without a cache: one per read; ${ZIPF[queries]:-n/a} queries) | ${nfewer:-n/a} | >= 0.90 | $(verdict "$nfewer" ">=" 0.90) |"
 	# o: the p99 of the reads due while a clear ran over the p99 of the idle run, both at the same
 	# fixed rate on the same cachecar.
-	local oratio="" oidle="" oclear=""
+	local oratio="" oidle="" oclear="" odur=${CLR[duration_ms]:-n/a}
+	odur=${odur//,/, }
 	if [[ -z ${FAILED[o]:-} ]]; then
 		oidle=${FR_P99[o0]:-} oclear=${CLR[win_p99_ms]:-}
 		oratio=$(ratio "$oclear" "$oidle")
 	fi
-	echo "| o read p99 during a clear of $(thousands "$CLEAR_KEYS") keys / idle p99 (${oclear:-n/a} ms / ${oidle:-n/a} ms; hits at a fixed $CLEAR_READ_RATE/s over $CONNECTIONS connections; clears ${CLR[clears]:-n/a}, each ${CLR[duration_ms]//,/, } ms) | ${oratio:-n/a} | <= 2 | $(verdict "$oratio" "<=" 2) |"
+	echo "| o read p99 during a clear of $(thousands "$CLEAR_KEYS") keys / idle p99 (${oclear:-n/a} ms / ${oidle:-n/a} ms; hits at a fixed $CLEAR_READ_RATE/s over $CONNECTIONS connections; clears ${CLR[clears]:-n/a}, each $odur ms) | ${oratio:-n/a} | <= 2 | $(verdict "$oratio" "<=" 2) |"
 	echo
 	for s in a b c d e f; do
 		if [[ -n ${FAILED[$s]:-} ]]; then
