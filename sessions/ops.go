@@ -144,6 +144,12 @@ func (s *Store) Touch(ctx context.Context, sid string, sess Session) (string, er
 	}, func(ctx context.Context, vk valkey.Client) (bool, error) {
 		n, err := vk.Do(ctx, vk.B().Expire().Key(s.opts.Prefix+sid).Seconds(ttl).Build()).AsInt64()
 		if err == nil && n == 0 && inPG {
+			if s.opts.ValkeyOnly {
+				// Valkey is the source of truth while migrating from connect-redis: the
+				// session is gone (a logout through connect-redis), whatever the row says.
+				inPG = false
+				return true, nil
+			}
 			// PostgreSQL has it alive, Valkey lost it: Valkey must be reconciled.
 			return false, nil
 		}
@@ -154,6 +160,10 @@ func (s *Store) Touch(ctx context.Context, sid string, sess Session) (string, er
 	})
 	if err != nil {
 		return from, err
+	}
+	if !inPG && s.opts.ValkeyOnly && from != FromValkey {
+		// The session may live in Valkey only, and Valkey did not answer: as a read would.
+		return from, fmt.Errorf("%w: valkey is down and, while migrating from connect-redis, PostgreSQL is not a fallback", ErrUnavailable)
 	}
 	if !inPG {
 		return from, ErrNotFound

@@ -51,13 +51,14 @@ func (s *Store) refresh(ctx context.Context) {
 	qctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	gen := s.trustGen() // before the epoch is read: see trustSince
-	if s.pendingStale.Load() {
-		// A write failed after it touched Valkey: move the epoch before anything else.
+	if s.pendingStale.Swap(false) {
+		// A write failed after it touched Valkey: move the epoch before anything else. (Swapped
+		// first, so that a write failing meanwhile sets it again for the next check.)
 		if err := pgx.BeginFunc(qctx, s.db, func(tx pgx.Tx) error { return bumpEpoch(qctx, tx, s.opts.SentinelKey) }); err != nil {
+			s.pendingStale.Store(true)
 			s.log.Debug().Err(err).Msg("record a missed session write")
 			return
 		}
-		s.pendingStale.Store(false)
 	}
 	if s.dial == nil {
 		return
@@ -119,7 +120,7 @@ func (s *Store) refresh(ctx context.Context) {
 	}
 	s.trusted.Store(false)
 	s.setActive()
-	if err := s.reconcile(ctx, vk, epoch, runID, sentinel == pgMigrationMarker, gen); err != nil {
+	if err := s.reconcile(ctx, vk, epoch, runID, sentinel == pgMigrationMarker); err != nil {
 		s.m.reconciles.WithLabelValues("error").Inc()
 		s.log.Warn().Err(err).Msg("session reconciliation failed; retrying")
 	}
@@ -157,7 +158,7 @@ func parseRunID(r valkey.ValkeyResult) (string, error) {
 // keys PostgreSQL does not know deleted (DeleteUnknown), then a new epoch set in Valkey and, by
 // compare-and-set against the epoch it started from, in PostgreSQL. A write that missed Valkey
 // meanwhile changed the epoch, the compare-and-set fails, and the next refresh starts over.
-func (s *Store) reconcile(ctx context.Context, vk valkey.Client, oldEpoch, runID string, afterPgMigration bool, gen uint64) error {
+func (s *Store) reconcile(ctx context.Context, vk valkey.Client, oldEpoch, runID string, afterPgMigration bool) error {
 	conn, err := s.db.Acquire(ctx)
 	if err != nil {
 		return err
@@ -172,7 +173,9 @@ func (s *Store) reconcile(ctx context.Context, vk valkey.Client, oldEpoch, runID
 	}
 	defer conn.Exec(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, int64(reconcileLock))
 	// Another sidecar may have finished a reconciliation while this one waited: start from the
-	// epoch as it is now.
+	// epoch as it is now. A missed write of this process that committed before this read is
+	// covered by the copy below, so the count of missed writes restarts here too.
+	gen := s.trustGen()
 	if err := conn.QueryRow(ctx, `SELECT epoch FROM cachecar_session_state WHERE store = $1`, s.opts.SentinelKey).Scan(&oldEpoch); err != nil {
 		return err
 	}

@@ -533,3 +533,36 @@ func TestTrustSinceRefusesAfterMissedWrite(t *testing.T) {
 		t.Fatal("a check begun after it did not trust Valkey")
 	}
 }
+
+// While migrating from connect-redis, Valkey decides: a touch of a session connect-redis
+// destroyed is a 404 (not a missed write that leaves sessions unreadable until a reconciliation),
+// and a touch of a session Valkey alone may hold, with Valkey down, is unavailable, not a 404.
+func TestTouchConnectRedisLogoutAndOutage(t *testing.T) {
+	f := newFixture(t, func(o *Options) { o.DeleteUnknown = false; o.ValkeyOnly = true; o.RefreshInterval = time.Hour })
+	ctx := context.Background()
+	f.put(t, "out", body("gone-soon", time.Now().Add(time.Hour)))
+	if err := f.raw.Do(ctx, f.raw.B().Del().Key("sess:out").Build()).Error(); err != nil { // connect-redis's destroy
+		t.Fatal(err)
+	}
+	later, err := f.store.Parse(body("ignored", time.Now().Add(2*time.Hour)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.store.Touch(ctx, "out", later); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("touch after a connect-redis logout: %v, want ErrNotFound", err)
+	}
+	if f.store.Active() != FromValkey {
+		t.Fatalf("after the touch the store answers from %s: the touch was taken for a missed write", f.store.Active())
+	}
+	if _, _, err := f.get(t, "out"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("read after a connect-redis logout: %v, want ErrNotFound", err)
+	}
+
+	if err := f.raw.Do(ctx, f.raw.B().Set().Key("sess:only").Value(string(body("node", time.Now().Add(time.Hour)))).ExSeconds(3600).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	f.redis.Stop()
+	if _, err := f.store.Touch(ctx, "only", later); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("touch of a Valkey-only session with Valkey down: %v, want ErrUnavailable", err)
+	}
+}
