@@ -8,6 +8,8 @@ import (
 	"syscall"
 	"time"
 	"unsafe"
+
+	"github.com/cachecar/cachecar/bench/internal/cpustat"
 )
 
 // sysEpollPwait2 is epoll_pwait2(2) (Linux 5.11+), the same number on every architecture; the
@@ -352,7 +354,7 @@ func (l *loop) run(ctx context.Context) error {
 		return start.Add(time.Duration(int64(g) * int64(time.Second) / int64(l.o.rate)))
 	}
 	stopBy := start.Add(l.o.duration + l.o.grace)
-	cpuBefore, cpuErr := readCPU()
+	cpuBefore, cpuErr := cpustat.Read()
 	selfBefore, selfErr := selfCPU()
 	wallStart := time.Now()
 
@@ -451,9 +453,9 @@ func (l *loop) run(ctx context.Context) error {
 	}
 
 	res.wall = time.Since(wallStart)
-	if cpuAfter, err := readCPU(); cpuErr == nil && err == nil {
-		if total := cpuAfter.total - cpuBefore.total; total > 0 {
-			res.cpuBusy = fmt.Sprintf("%.0f", 100*float64(total-(cpuAfter.idle-cpuBefore.idle))/float64(total))
+	if cpuAfter, err := cpustat.Read(); cpuErr == nil && err == nil {
+		if busy, ok := cpustat.BusyPercent(cpuBefore, cpuAfter); ok {
+			res.cpuBusy = busy
 		}
 	}
 	if selfAfter, err := selfCPU(); selfErr == nil && err == nil {

@@ -8,13 +8,13 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/url"
-	"os"
 	"slices"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/cachecar/cachecar/bench/internal/cpustat"
 )
 
 // Default rates of -load, per second over all connections. They are well below the throughput
@@ -117,7 +117,7 @@ func runLoad(ctx context.Context, stdout io.Writer, o options, lo loadOptions) e
 		return time.Duration(int64(g) * int64(time.Second) / int64(lo.rate))
 	}
 	start := time.Now().Add(20 * time.Millisecond)
-	cpuBefore, cpuErr := readCPU()
+	cpuBefore, cpuErr := cpustat.Read()
 	stopBy := start.Add(lo.duration + lo.grace)
 	results := make([]loadResult, lo.conns)
 	seed := uint64(time.Now().UnixNano())
@@ -176,9 +176,9 @@ func runLoad(ctx context.Context, stdout io.Writer, o options, lo loadOptions) e
 		return fmt.Errorf("load: interrupted: %w", err)
 	}
 	busy := "n/a"
-	if cpuAfter, err := readCPU(); cpuErr == nil && err == nil {
-		if total := cpuAfter.total - cpuBefore.total; total > 0 {
-			busy = fmt.Sprintf("%.0f", 100*float64(total-(cpuAfter.idle-cpuBefore.idle))/float64(total))
+	if cpuAfter, err := cpustat.Read(); cpuErr == nil && err == nil {
+		if b, ok := cpustat.BusyPercent(cpuBefore, cpuAfter); ok {
+			busy = b
 		}
 	}
 	reportLoad(stdout, lo, n, start, busy, results)
@@ -285,31 +285,3 @@ func quantile(sorted []time.Duration, q float64) time.Duration {
 }
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
-
-type cpuTimes struct{ total, idle uint64 }
-
-// readCPU reads the machine's CPU time from the first line of /proc/stat (Linux): all of it,
-// and idle plus iowait, as bench/run.sh's cpu_busy does.
-func readCPU() (cpuTimes, error) {
-	var t cpuTimes
-	b, err := os.ReadFile("/proc/stat")
-	if err != nil {
-		return t, err
-	}
-	line, _, _ := strings.Cut(string(b), "\n")
-	f := strings.Fields(line)
-	if len(f) < 6 || f[0] != "cpu" {
-		return t, fmt.Errorf("/proc/stat: unexpected first line %q", line)
-	}
-	for i, v := range f[1:] {
-		n, err := strconv.ParseUint(v, 10, 64)
-		if err != nil {
-			return t, fmt.Errorf("/proc/stat: %w", err)
-		}
-		t.total += n
-		if i == 3 || i == 4 { // idle, iowait
-			t.idle += n
-		}
-	}
-	return t, nil
-}
