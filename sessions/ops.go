@@ -16,6 +16,9 @@ import (
 // Valkey, or be recorded as missed.
 const writeTimeout = 10 * time.Second
 
+// errValkeyOnlyDown answers a read or touch that only Valkey can answer while it is down.
+var errValkeyOnlyDown = fmt.Errorf("%w: valkey is down and, while migrating from connect-redis, PostgreSQL is not a fallback", ErrUnavailable)
+
 // Get returns the session's JSON as stored and the store that answered. An absent or expired
 // session is ErrNotFound.
 func (s *Store) Get(ctx context.Context, sid string) ([]byte, string, error) {
@@ -37,7 +40,7 @@ func (s *Store) Get(ctx context.Context, sid string) ([]byte, string, error) {
 		// During a migration from connect-redis, Valkey is the source of truth: a row in
 		// PostgreSQL may be a session connect-redis has since destroyed.
 		s.m.ops.WithLabelValues("get", FromValkey, "error").Inc()
-		return nil, FromValkey, fmt.Errorf("%w: valkey is down and, while migrating from connect-redis, PostgreSQL is not a fallback", ErrUnavailable)
+		return nil, FromValkey, errValkeyOnlyDown
 	}
 	var body []byte
 	err := s.db.QueryRow(ctx, `SELECT sess::text FROM `+s.opts.Table+` WHERE sid = $1 AND expire >= to_timestamp($2)`,
@@ -163,7 +166,7 @@ func (s *Store) Touch(ctx context.Context, sid string, sess Session) (string, er
 	}
 	if !inPG && s.opts.ValkeyOnly && from != FromValkey {
 		// The session may live in Valkey only, and Valkey did not answer: as a read would.
-		return from, fmt.Errorf("%w: valkey is down and, while migrating from connect-redis, PostgreSQL is not a fallback", ErrUnavailable)
+		return from, errValkeyOnlyDown
 	}
 	if !inPG {
 		return from, ErrNotFound
