@@ -24,6 +24,9 @@
 #   i  session PUT      rewrites of a bounded pool of sessions: PostgreSQL commit, then Valkey
 #   j  session GET      Valkey unreachable (CACHECAR_VALKEY_ADDRS on a closed loopback port):
 #                       sessions read from PostgreSQL
+#   (h and j also measure their floor at the same fixed rate, on the same sessions: a bare Go
+#   server with one round trip to the store per request, bench/directvalkey for h and
+#   bench/directpg's session route for j, what an app without cachecar does)
 # and four about the in-process tier:
 #   k  cachecar hits    as c, with CACHECAR_CACHE_TIER_MAX_BYTES=0: every hit from Valkey
 #   l  one connection   wrk -t1 -c1 against fixedjson, then against cachecar hits (tier on,
@@ -208,6 +211,10 @@ DESC_e="cachecar hit, invalidation off"
 DESC_h="session GET, from Valkey"
 DESC_i="session PUT (PostgreSQL commit, then Valkey)"
 DESC_j="session GET, Valkey down: from PostgreSQL"
+# The floors under h and j: the same sessions read by a bare Go server with one round trip to the
+# store per request, what an app without cachecar does.
+DESC_h0="floor: bench/directvalkey, one Valkey GET per request (an app using connect-redis)"
+DESC_j0="floor: bench/directpg, one SELECT per request (an app using connect-pg-simple)"
 DESC_k="cachecar hit, in-process tier off: from Valkey"
 DESC_l0="one connection (wrk -t1 -c1): fixedjson"
 DESC_l="one connection (wrk -t1 -c1): cachecar hit, tier on"
@@ -306,10 +313,10 @@ wait_ready() {
 	return 1
 }
 
-# start_helper LETTER NAME ARGS...: starts a Go helper, waits until course 1 answers 200.
-# Sets HELPER_PID and HELPER_URL.
+# start_helper LETTER NAME ARGS...: starts a Go helper, waits until READY_PATH (default course
+# 1) answers 200. Sets HELPER_PID and HELPER_URL.
 start_helper() {
-	local s=$1 name=$2 port
+	local s=$1 name=$2 port ready=${READY_PATH:-/v1/courses/1}
 	shift 2
 	free_port || {
 		fail "$s" "no free port"
@@ -320,8 +327,8 @@ start_helper() {
 	HELPER_PID=$!
 	STARTED+=("$HELPER_PID")
 	HELPER_URL="http://127.0.0.1:$port"
-	if ! wait_ready "$s" "$HELPER_PID" "$HELPER_URL/v1/courses/1" 30; then
-		fail "$s" "$name exited or did not answer 200 on /v1/courses/1 within 30 s (log: $OUT/$name.log: $(tail -n 3 "$OUT/$name.log" | tr '\n' ' '))"
+	if ! wait_ready "$s" "$HELPER_PID" "$HELPER_URL$ready" 30; then
+		fail "$s" "$name exited or did not answer 200 on $ready within 30 s (log: $OUT/$name.log: $(tail -n 3 "$OUT/$name.log" | tr '\n' ' '))"
 		stop_pid "$HELPER_PID"
 		forget "$HELPER_PID"
 		return 1
@@ -943,24 +950,30 @@ load_result() {
 	FR_ERRS[$s]=$((LR[errors] + LR[not_sent] + LR[non2xx]))
 }
 
-# session_fixed_rate LETTER MODE RATE STORE PREFIX: bench/sessions -load MODE (get or put) at
-# RATE requests/s over CONNECTIONS keep-alive connections for SESSION_LOAD_DURATION, open loop,
-# each latency from the request's scheduled send time. Fills FR_* from its LOAD_RESULT line and
-# adds the details to the scenario's note; on failure sets FR_FAILED.
+# session_fixed_rate KEY MODE RATE STORE PREFIX [BASE]: bench/sessions -load MODE (get or put)
+# at RATE requests/s over CONNECTIONS keep-alive connections for SESSION_LOAD_DURATION, open
+# loop, each latency from the request's scheduled send time, against BASE (default cachecar's
+# read port). KEY is the scenario letter, or h0/j0 for the floor of h/j (its note goes to the
+# scenario's). Fills FR_*[KEY] from its LOAD_RESULT line and adds the details to the scenario's
+# note; on failure sets FR_FAILED[KEY].
 session_fixed_rate() {
-	local s=$1 mode=$2 rate=$3 want=$4 prefix=$5 line f
-	local cmd=(-base "$CC_URL" -prefix "$prefix" -count "$SESSION_COUNT" -load "$mode" -rate "$rate"
+	local key=$1 mode=$2 rate=$3 want=$4 prefix=$5 base=${6:-$CC_URL} line s=${1%0} what="" v
+	local cmd=(-base "$base" -prefix "$prefix" -count "$SESSION_COUNT" -load "$mode" -rate "$rate"
 		-conns "$CONNECTIONS" -duration "$SESSION_LOAD_DURATION" -timeout 1m)
-	FR_CMD[$s]="bench/sessions ${cmd[*]}"
-	log "scenario $s: fixed rate: ${FR_CMD[$s]}"
+	v="DESC_$key"
+	v=${!v:-}
+	[[ $key == "$s" ]] || what=" The floor (${v#floor: }):"
+	FR_CMD[$key]="bench/sessions ${cmd[*]}"
+	log "scenario $s: fixed rate${what:+ of the floor}: ${FR_CMD[$key]}"
 	if ! sessions_helper "$s" "${cmd[@]}"; then
-		FR_FAILED[$s]="bench/sessions -load: $(printf '%s' "$SESS_OUT" | tail -n 1 | sed 's/^sessions: //')"
-		log "scenario $s: fixed-rate run FAILED: ${FR_FAILED[$s]}"
+		FR_FAILED[$key]="bench/sessions -load: $(printf '%s' "$SESS_OUT" | tail -n 1 | sed 's/^sessions: //')"
+		log "scenario $s: fixed-rate run${what:+ of the floor} FAILED: ${FR_FAILED[$key]}"
+		NOTE[$s]+="${what:+$what its fixed-rate run failed: ${FR_FAILED[$key]}.}"
 		return 1
 	fi
 	line=$(printf '%s\n' "$SESS_OUT" | sed -n 's/^sessions: LOAD_RESULT //p' | tail -n 1)
-	load_result "$s" "bench/sessions -load" "$line" stores || return 1
-	NOTE[$s]+=" Fixed rate ($mode, ${LR[target_rate]}/s over ${LR[conns]} connections for ${LR[duration]}, open loop):"
+	load_result "$key" "bench/sessions -load" "$line" stores || return 1
+	NOTE[$s]+="$what Fixed rate ($mode, ${LR[target_rate]}/s over ${LR[conns]} connections for ${LR[duration]}, open loop):"
 	NOTE[$s]+=" ${LR[requests]} requests scheduled, achieved ${LR[rate]}/s, answers ${LR[answers]}, errors ${LR[errors]},"
 	NOTE[$s]+=" not sent ${LR[not_sent]}, non-2xx ${LR[non2xx]}, connections opened during the run ${LR[new_conns]};"
 	NOTE[$s]+=" X-Session-Store ${LR[stores]//,/ }, status ${LR[statuses]//,/ };"
@@ -970,12 +983,40 @@ session_fixed_rate() {
 	NOTE[$s]+=" requests whose connection was still busy at their scheduled time: ${LR[queued]};"
 	NOTE[$s]+=" CPU busy during the run ${LR[cpu_busy]}% of all cores (bench/sessions included)."
 	if [[ ${LR[stores]} != "$want:${LR[answers]}" ]]; then
-		NOTE[$s]+=" Not every fixed-rate answer came from $want: that row did not measure $want alone."
-		log "scenario $s: WARNING not every fixed-rate answer came from $want (X-Session-Store ${LR[stores]})"
+		NOTE[$s]+=" Not every fixed-rate answer${what:+ of the floor} came from $want: that row did not measure $want alone."
+		log "scenario $s: WARNING not every fixed-rate answer${what:+ of the floor} came from $want (X-Session-Store ${LR[stores]})"
 	fi
 	if awk -v a="${LR[rate]}" -v t="${LR[target_rate]}" 'BEGIN { exit !(a < 0.95 * t) }'; then
-		NOTE[$s]+=" The fixed-rate run achieved less than 95% of its target rate: it measured a different load than stated."
+		NOTE[$s]+=" The fixed-rate run${what:+ of the floor} achieved less than 95% of its target rate: it measured a different load than stated."
 	fi
+}
+
+# session_floor LETTER PREFIX: the floor under h or j. A bare Go server reads the sessions cachecar
+# just wrote with one round trip to the store per request (h: bench/directvalkey, one GET of the
+# session's key in cachecar's namespace; j: bench/directpg, the SELECT cachecar's session store
+# runs), at the same fixed rate over the same connections, while cachecar idles. On failure sets
+# FR_FAILED[LETTER0]; the scenario itself does not fail.
+session_floor() {
+	local s=$1 prefix=$2 name store
+	if [[ $s == h ]]; then
+		name=directvalkey store=valkey
+		READY_PATH="/v1/sessions/${prefix}0" start_helper "${s}0" directvalkey \
+			-valkey-addr "$REDIS_HOST:$REDIS_PORT" -key-prefix "${CC_NS}sess:" || true
+	else
+		name=directpg store=postgres
+		READY_PATH="/v1/sessions/${prefix}0" start_helper "${s}0" directpg \
+			-database-url "$DATABASE_URL" -pool-size 16 || true
+	fi
+	if [[ -n ${FAILED[${s}0]:-} ]]; then
+		FR_FAILED[${s}0]=${FAILED[${s}0]}
+		NOTE[$s]+=" The floor ($name) did not start: ${FAILED[${s}0]}."
+		unset "FAILED[${s}0]"
+		return 1
+	fi
+	local rc=0
+	session_fixed_rate "${s}0" get "$SESSION_GET_RATE" "$store" "$prefix" "$HELPER_URL" || rc=1
+	stop_helper "$s" "$name" "$HELPER_PID"
+	return $rc
 }
 
 # session_read_scenario LETTER STORE [NAME=VALUE...]: h and j. Starts cachecar with the
@@ -989,6 +1030,7 @@ session_read_scenario() {
 	prefix="bench-$s-$(random_hex)-"
 	session_prepare "$s" "$store" "$prefix" -put || return 1
 	session_fixed_rate "$s" get "$SESSION_GET_RATE" "$store" "$prefix" || true
+	session_floor "$s" "$prefix" || true
 	run_wrk "$s" "$CC_URL" bench/session_get.lua "$prefix" "$SESSION_COUNT" || true
 	session_cleanup "$s" "$prefix"
 	stop_cachecar "$s"
@@ -1420,6 +1462,7 @@ report() {
 	for s in a b c d e f g h i j k l0 l m n o; do
 		[[ -n ${CMD[$s]:-} ]] && echo "- ${s%0}$([[ $s == l0 ]] && printf ', fixedjson'): \`${CMD[$s]}\`"
 		[[ -n ${FR_CMD[$s]:-} ]] && echo "- $s, fixed rate: \`${FR_CMD[$s]}\`"
+		[[ -n ${FR_CMD[${s}0]:-} && $s == [hj] ]] && echo "- $s, the floor ($([[ $s == h ]] && echo bench/directvalkey || echo bench/directpg)), fixed rate: \`${FR_CMD[${s}0]}\`"
 	done
 	[[ -n ${FR_CMD[o0]:-} ]] && echo "- o, idle: \`${FR_CMD[o0]}\`"
 	[[ -n ${FR_CMD[o1]:-} ]] && echo "- o, during the clears: \`${FR_CMD[o1]}\`"
@@ -1446,6 +1489,16 @@ report() {
 		if [[ -n ${FR_P99[$s]:-} && -z ${FAILED[$s]:-} && -z ${FR_FAILED[$s]:-} ]]; then
 			echo "| $s | $desc | $(awk -v r="${FR_RATE[$s]}" 'BEGIN { printf "%.0f", r }') | ${FR_P50[$s]} | ${FR_P99[$s]} | ${FR_ERRS[$s]} |"
 		elif [[ -n ${FAILED[$s]:-} || -n ${FR_FAILED[$s]:-} ]]; then
+			echo "| $s | $desc | failed | | | |"
+		else
+			echo "| $s | $desc | not run | | | |"
+		fi
+		[[ $s == [hj] ]] || continue
+		v="DESC_${s}0"
+		desc="${!v}: fixed rate $(fr_rate "$s")/s, $CONNECTIONS connections (open loop)"
+		if [[ -n ${FR_P99[${s}0]:-} && -z ${FR_FAILED[${s}0]:-} ]]; then
+			echo "| $s | $desc | $(awk -v r="${FR_RATE[${s}0]}" 'BEGIN { printf "%.0f", r }') | ${FR_P50[${s}0]} | ${FR_P99[${s}0]} | ${FR_ERRS[${s}0]} |"
+		elif [[ -n ${FAILED[$s]:-} || -n ${FR_FAILED[${s}0]:-} ]]; then
 			echo "| $s | $desc | failed | | | |"
 		else
 			echo "| $s | $desc | not run | | | |"
@@ -1558,9 +1611,15 @@ report() {
 		FRP99[$s]=$fp
 		SATP99[$s]=${sat:-n/a}
 	done
-	echo "| h session GET from Valkey p99 ms, fixed rate $(fr_rate h)/s over $CONNECTIONS connections (closed loop, saturating: ${SATP99[h]}) | ${FRP99[h]:-n/a} | <= 1 | $(verdict "${FRP99[h]}" "<=" 1) |"
+	# The floors: the same reads by a bare server with one round trip to the store.
+	local -A FLOOR=()
+	for s in h j; do
+		FLOOR[$s]=n/a
+		[[ -z ${FR_FAILED[${s}0]:-} && -n ${FR_P99[${s}0]:-} ]] && FLOOR[$s]=${FR_P99[${s}0]}
+	done
+	echo "| h session GET from Valkey p99 ms, fixed rate $(fr_rate h)/s over $CONNECTIONS connections (closed loop, saturating: ${SATP99[h]}; the floor, one Valkey GET per request from a bare server, bench/directvalkey, at the same rate: ${FLOOR[h]}) | ${FRP99[h]:-n/a} | <= 1 | $(verdict "${FRP99[h]}" "<=" 1) |"
 	echo "| i session PUT p99 ms (durable: PostgreSQL commit, then Valkey), fixed rate $(fr_rate i)/s over $CONNECTIONS connections (closed loop, saturating: ${SATP99[i]}) | ${FRP99[i]:-n/a} | <= 5 | $(verdict "${FRP99[i]}" "<=" 5) |"
-	echo "| j session GET with Valkey down (from PostgreSQL) p99 ms, fixed rate $(fr_rate j)/s over $CONNECTIONS connections (closed loop, saturating: ${SATP99[j]}) | ${FRP99[j]:-n/a} | <= 3 | $(verdict "${FRP99[j]}" "<=" 3) |"
+	echo "| j session GET with Valkey down (from PostgreSQL) p99 ms, fixed rate $(fr_rate j)/s over $CONNECTIONS connections (closed loop, saturating: ${SATP99[j]}; the floor, one SELECT per request from a bare server, bench/directpg, at the same rate: ${FLOOR[j]}) | ${FRP99[j]:-n/a} | <= 3 | $(verdict "${FRP99[j]}" "<=" 3) |"
 	# l: one connection; the p50 of a hit (tier on) over the bare server's, both in the label.
 	local l50="" lbare="" lhit=""
 	if [[ -z ${FAILED[l]:-} ]]; then
@@ -1659,7 +1718,7 @@ cpu_busy() {
 CPU_BUSY=$(cpu_busy)
 mkdir -p "$BIN"
 log "building helpers into $BIN"
-go build -o "$BIN/" ./bench/fixedjson ./bench/directpg ./bench/warm ./bench/invalidation ./bench/sessions \
+go build -o "$BIN/" ./bench/fixedjson ./bench/directpg ./bench/directvalkey ./bench/warm ./bench/invalidation ./bench/sessions \
 	./bench/scrape ./bench/fill ./bench/zipf ./bench/rate ./bench/clear
 
 if [[ " $SCENARIOS " == *[cdefhijklmno]* ]] && [[ -x $CACHECAR_BIN ]]; then

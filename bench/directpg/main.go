@@ -1,5 +1,7 @@
 // Command directpg answers GET /v1/courses/{id} straight from PostgreSQL with pgxpool: what the
-// app does without a cache, the baseline for cachecar's hits and misses.
+// app does without a cache, the baseline for cachecar's hits and misses. GET /v1/sessions/{sid}
+// reads connect-pg-simple's table the same way: what an app using connect-pg-simple does, the
+// floor under cachecar's session reads with Valkey down (scenario j).
 package main
 
 import (
@@ -8,11 +10,13 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -39,6 +43,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	dbURL := fs.String("database-url", getenv("DATABASE_URL"), "PostgreSQL URL (default $DATABASE_URL)")
 	poolSize := fs.Int("pool-size", 16, "pgxpool size; the pool opens every connection at start")
 	timeout := fs.Duration("query-timeout", 5*time.Second, "timeout of one query")
+	table := fs.String("session-table", "session", "connect-pg-simple's table for GET /v1/sessions/{sid}, as [schema.]table")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -67,6 +72,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 
 	mux := http.NewServeMux()
 	mux.Handle("GET /v1/courses/{id}", courseHandler(pool, *timeout))
+	mux.Handle("GET /v1/sessions/{sid}", sessionHandler(pool, sessionQuery(*table), *timeout, time.Now))
 
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
@@ -108,6 +114,42 @@ func courseHandler(db rowQuerier, timeout time.Duration) http.Handler {
 		h := w.Header()
 		h.Set("Content-Type", "application/json")
 		h.Set("Content-Length", strconv.Itoa(len(body)))
+		_, _ = w.Write(body)
+	})
+}
+
+// sessionQuery is the query cachecar's session store runs for a read from PostgreSQL, on table
+// ([schema.]table, quoted here).
+func sessionQuery(table string) string {
+	return `SELECT sess::text FROM ` + pgx.Identifier(strings.SplitN(table, ".", 2)).Sanitize() +
+		` WHERE sid = $1 AND expire >= to_timestamp($2)`
+}
+
+// sessionHandler reads one session row per request, unexpired at now rounded up to the second
+// as cachecar rounds it, and writes its JSON as stored with the X-Session-Store header cachecar
+// sends, so that bench/sessions counts its answers the same way.
+func sessionHandler(db rowQuerier, query string, timeout time.Duration, now func() time.Time) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), timeout)
+		defer cancel()
+		var body []byte
+		nowSec := int64(math.Ceil(float64(now().UnixMilli()) / 1000))
+		err := db.QueryRow(ctx, query, r.PathValue("sid"), nowSec).Scan(&body)
+		switch {
+		case errors.Is(err, pgx.ErrNoRows):
+			writeError(w, http.StatusNotFound, "not_found", "session not found")
+			return
+		case errors.Is(err, context.DeadlineExceeded):
+			writeError(w, http.StatusGatewayTimeout, "timeout", "database query timed out")
+			return
+		case err != nil:
+			writeError(w, http.StatusServiceUnavailable, "database_unavailable", "database query failed")
+			return
+		}
+		h := w.Header()
+		h.Set("Content-Type", "application/json")
+		h.Set("Content-Length", strconv.Itoa(len(body)))
+		h.Set("X-Session-Store", "postgres")
 		_, _ = w.Write(body)
 	})
 }

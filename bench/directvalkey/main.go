@@ -1,0 +1,112 @@
+// Command directvalkey answers GET /v1/sessions/{sid} with one Valkey GET per request, what an
+// app using connect-redis directly does on every request: the floor under cachecar's session
+// reads from Valkey (scenario h), measured on the same machine in the same run.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/valkey-io/valkey-go"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Stdout, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, "directvalkey:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("directvalkey", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	listen := fs.String("listen", "127.0.0.1:18082", "address to listen on")
+	addr := fs.String("valkey-addr", "127.0.0.1:6379", "Valkey or Redis address")
+	prefix := fs.String("key-prefix", "sess:", "key prefix: the session sid is read from PREFIX+sid (connect-redis's default is sess:)")
+	timeout := fs.Duration("timeout", 50*time.Millisecond, "timeout of one GET (cachecar's default Valkey timeout)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *timeout <= 0 {
+		return fmt.Errorf("timeout %s: must be positive", *timeout)
+	}
+	// No client-side cache: every read is a round trip, as connect-redis makes it.
+	vk, err := valkey.NewClient(valkey.ClientOption{InitAddress: []string{*addr}, DisableCache: true})
+	if err != nil {
+		return fmt.Errorf("connect to valkey at %s: %w", *addr, err)
+	}
+	defer vk.Close()
+
+	mux := http.NewServeMux()
+	mux.Handle("GET /v1/sessions/{sid}", sessionHandler(vk, *prefix, *timeout))
+
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	fmt.Fprintf(stdout, "directvalkey: listening on %s, keys %s{sid} on %s\n", ln.Addr(), *prefix, *addr)
+	return serve(ctx, srv, ln)
+}
+
+// sessionHandler reads one session key per request and writes its bytes as they are, with the
+// X-Session-Store header cachecar sends, so that bench/sessions counts its answers the same way.
+func sessionHandler(vk valkey.Client, prefix string, timeout time.Duration) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), timeout)
+		defer cancel()
+		body, err := vk.Do(ctx, vk.B().Get().Key(prefix+r.PathValue("sid")).Build()).AsBytes()
+		switch {
+		case valkey.IsValkeyNil(err):
+			writeError(w, http.StatusNotFound, "not_found", "session not found")
+			return
+		case err != nil:
+			writeError(w, http.StatusServiceUnavailable, "valkey_unavailable", "valkey read failed")
+			return
+		}
+		h := w.Header()
+		h.Set("Content-Type", "application/json")
+		h.Set("Content-Length", strconv.Itoa(len(body)))
+		h.Set("X-Session-Store", "valkey")
+		_, _ = w.Write(body)
+	})
+}
+
+// writeError writes the project's error shape; messages are fixed strings, never internals.
+func writeError(w http.ResponseWriter, status int, code, message string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_, _ = fmt.Fprintf(w, `{"error":{"code":%q,"message":%q}}`, code, message)
+}
+
+// serve runs srv on ln until ctx is done, then lets in-flight requests finish.
+func serve(ctx context.Context, srv *http.Server, ln net.Listener) error {
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case err := <-errc:
+		return fmt.Errorf("serve: %w", err)
+	case <-ctx.Done():
+	}
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(shutdownCtx); err != nil {
+		return fmt.Errorf("shutdown: %w", err)
+	}
+	if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("serve: %w", err)
+	}
+	return nil
+}
