@@ -136,16 +136,19 @@ func (s *Store) Touch(ctx context.Context, sid string, sess Session) (string, er
 		return FromPostgres, ErrNotFound
 	}
 	var inPG bool
+	var row []byte // the session as PostgreSQL has it, when the touch found it there
 	from, err := s.write(ctx, "touch", sid, false, pgStep{
-		sql:  `UPDATE ` + s.opts.Table + ` SET expire = to_timestamp($1) WHERE sid = $2 AND expire >= to_timestamp($3)`,
+		sql:  `UPDATE ` + s.opts.Table + ` SET expire = to_timestamp($1) WHERE sid = $2 AND expire >= to_timestamp($3) RETURNING sess::text`,
 		args: []any{s.expireUnix(sess, now), sid, nowUnix(now)},
-		tell: func(tag pgconn.CommandTag) bool {
-			inPG = tag.RowsAffected() > 0
+		row:  &row,
+		tell: func(found bool) bool {
+			inPG = found
 			// While migrating from connect-redis, a session may live in Valkey only.
 			return inPG || s.opts.ValkeyOnly
 		},
 	}, func(ctx context.Context, vk valkey.Client) (bool, error) {
-		n, err := vk.Do(ctx, vk.B().Expire().Key(s.opts.Prefix+sid).Seconds(ttl).Build()).AsInt64()
+		key := s.opts.Prefix + sid
+		n, err := vk.Do(ctx, vk.B().Expire().Key(key).Seconds(ttl).Build()).AsInt64()
 		if err == nil && n == 0 && inPG {
 			if s.opts.ValkeyOnly {
 				// Valkey is the source of truth while migrating from connect-redis: the
@@ -153,8 +156,18 @@ func (s *Store) Touch(ctx context.Context, sid string, sess Session) (string, er
 				inPG = false
 				return true, nil
 			}
-			// PostgreSQL has it alive, Valkey lost it: Valkey must be reconciled.
-			return false, nil
+			// PostgreSQL has it alive and Valkey does not: its key ran out a moment before the
+			// row (the two stores round expiry to the second differently, as connect-redis and
+			// connect-pg-simple do), or it was evicted. PostgreSQL decides, so its copy goes
+			// back, as a reconciliation would copy it, under this session's lock: no write
+			// through a sidecar can come between. NX: should something else have written the
+			// key meanwhile (an app writing Valkey directly), the two disagree and Valkey must
+			// be reconciled.
+			err = vk.Do(ctx, vk.B().Set().Key(key).Value(valkey.BinaryString(row)).Nx().ExSeconds(ttl).Build()).Error()
+			if valkey.IsValkeyNil(err) {
+				return false, nil
+			}
+			return err == nil, err
 		}
 		if err == nil && n == 1 && !inPG && s.opts.ValkeyOnly {
 			inPG = true // a connect-redis session: found, and touched where it lives
@@ -174,12 +187,14 @@ func (s *Store) Touch(ctx context.Context, sid string, sess Session) (string, er
 	return from, nil
 }
 
-// pgStep is a write's statement in PostgreSQL. tell reports from its command tag whether Valkey
-// should be told at all (nil: always).
+// pgStep is a write's statement in PostgreSQL. With row set, the statement returns at most one
+// row of one text column, read into *row. tell reports from the rows the statement affected (or
+// returned, with row) whether Valkey should be told at all (nil: always).
 type pgStep struct {
 	sql  string
 	args []any
-	tell func(pgconn.CommandTag) bool
+	row  *[]byte
+	tell func(found bool) bool
 }
 
 // write runs one session write in a PostgreSQL transaction that holds a per-sid lock, applies
@@ -211,9 +226,19 @@ func (s *Store) write(ctx context.Context, op, sid string, destroy bool, step pg
 		if err == nil {
 			_, err = br.Exec()
 		}
-		var tag pgconn.CommandTag
-		if err == nil {
+		found := false
+		switch {
+		case err != nil:
+		case step.row != nil:
+			err = br.QueryRow().Scan(step.row)
+			found = err == nil
+			if errors.Is(err, pgx.ErrNoRows) {
+				err = nil
+			}
+		default:
+			var tag pgconn.CommandTag
 			tag, err = br.Exec()
+			found = tag.RowsAffected() > 0
 		}
 		if cerr := br.Close(); err == nil {
 			err = cerr
@@ -221,7 +246,7 @@ func (s *Store) write(ctx context.Context, op, sid string, destroy bool, step pg
 		if err != nil {
 			return err
 		}
-		tell := step.tell == nil || step.tell(tag)
+		tell := step.tell == nil || step.tell(found)
 		stale := false
 		switch {
 		case !s.HasValkey() || s.opts.ReadPostgres:

@@ -497,9 +497,10 @@ func TestTouchConnectRedisSession(t *testing.T) {
 	}
 }
 
-// A write that finds Valkey without the session PostgreSQL has (a touch after Valkey lost the
-// key) moves the epoch; the sidecar that made it must stop trusting Valkey before it acknowledges
-// the write, not at its next check: its next read must not report the live session missing.
+// A write that Valkey does not agree with moves the epoch; the sidecar that made it must stop
+// trusting Valkey before it acknowledges the write, not at its next check: its next read must not
+// report the live session missing. (Here Valkey lost the key and the write's Valkey step reports
+// that it could not make Valkey agree, as a touch does when its key was rewritten meanwhile.)
 func TestMissedWriteStopsTrustAtOnce(t *testing.T) {
 	f := newFixture(t, func(o *Options) { o.RefreshInterval = time.Hour }) // no check until the test is over
 	ctx := context.Background()
@@ -508,16 +509,55 @@ func TestMissedWriteStopsTrustAtOnce(t *testing.T) {
 	if err := f.raw.Do(ctx, f.raw.B().Del().Key("sess:lost").Build()).Error(); err != nil {
 		t.Fatal(err)
 	}
-	later, err := f.store.Parse(body("ignored", time.Now().Add(2*time.Hour)))
-	if err != nil {
-		t.Fatal(err)
+	before := f.epoch(t)
+	from, err := f.store.write(ctx, "touch", "lost", false, pgStep{
+		sql:  `UPDATE ` + f.store.opts.Table + ` SET expire = expire WHERE sid = $1`,
+		args: []any{"lost"},
+	}, func(context.Context, valkey.Client) (bool, error) { return false, nil })
+	if err != nil || from != FromPostgres {
+		t.Fatalf("write Valkey disagreed with: from %s, %v; want PostgreSQL", from, err)
 	}
-	if from, err := f.store.Touch(ctx, "lost", later); err != nil || from != FromPostgres {
-		t.Fatalf("touch with the key gone from Valkey: from %s, %v; want PostgreSQL (Valkey disagreed)", from, err)
+	if f.epoch(t) == before {
+		t.Fatal("a write Valkey missed left the epoch where it was")
 	}
 	got, from, err := f.get(t, "lost")
 	if err != nil || got != string(b) || from != FromPostgres {
-		t.Fatalf("read right after the touch: %q from %s, %v; want the session from PostgreSQL", got, from, err)
+		t.Fatalf("read right after the write: %q from %s, %v; want the session from PostgreSQL", got, from, err)
+	}
+}
+
+// A touch of a session PostgreSQL has alive and Valkey does not (its key ran out a moment before
+// the row, the stores rounding expiry differently, or it was evicted) puts PostgreSQL's copy back
+// with the new TTL. It is not a missed write: the epoch stays, and no sidecar stops trusting
+// Valkey until a reconciliation has copied every session.
+func TestTouchPutsBackWhatValkeyLost(t *testing.T) {
+	f := newFixture(t, func(o *Options) { o.RefreshInterval = time.Hour })
+	ctx := context.Background()
+	b := body("kept", time.Now().Add(time.Minute))
+	f.put(t, "gone", b)
+	if err := f.raw.Do(ctx, f.raw.B().Del().Key("sess:gone").Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	before := f.epoch(t)
+	sess, err := f.store.Parse(body("ignored", time.Now().Add(2*time.Hour)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if from, err := f.store.Touch(ctx, "gone", sess); err != nil || from != FromValkey {
+		t.Fatalf("touch with the key gone from Valkey: from %s, %v; want Valkey (put back)", from, err)
+	}
+	if got, ok := f.rawGet(t, "sess:gone"); !ok || got != string(b) {
+		t.Fatalf("Valkey after the touch: %q (present %v); want the stored bytes %q", got, ok, b)
+	}
+	ttl, err := f.raw.Do(ctx, f.raw.B().Ttl().Key("sess:gone").Build()).AsInt64()
+	if err != nil || ttl < 7190 || ttl > 7200 {
+		t.Fatalf("TTL after the touch: %d, %v; want the touch's, about 7200 s", ttl, err)
+	}
+	if f.epoch(t) != before {
+		t.Fatal("the touch moved the epoch: every sidecar would stop trusting Valkey until a reconciliation")
+	}
+	if got, from, err := f.get(t, "gone"); err != nil || got != string(b) || from != FromValkey {
+		t.Fatalf("read after the touch: %q from %s, %v; want the session from Valkey", got, from, err)
 	}
 }
 
@@ -565,4 +605,15 @@ func TestTouchConnectRedisLogoutAndOutage(t *testing.T) {
 	if _, err := f.store.Touch(ctx, "only", later); !errors.Is(err, ErrUnavailable) {
 		t.Fatalf("touch of a Valkey-only session with Valkey down: %v, want ErrUnavailable", err)
 	}
+}
+
+// epoch is the sessions' epoch in PostgreSQL.
+func (f *fixture) epoch(t *testing.T) string {
+	t.Helper()
+	var e string
+	if err := f.db.QueryRow(context.Background(), `SELECT epoch FROM cachecar_session_state WHERE store = $1`,
+		f.store.opts.SentinelKey).Scan(&e); err != nil {
+		t.Fatal(err)
+	}
+	return e
 }
