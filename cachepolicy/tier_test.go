@@ -1321,3 +1321,66 @@ func TestTierDropsCopiesOfASilentConnection(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// A tier read that joined another reader's load of the same key must not fail when that reader
+// hangs up (the tier cancels the load's waiters with its error): valkey-go retries a read-only
+// command whose own context is still live, so it reads again instead of counting a Valkey
+// failure and querying PostgreSQL. This keeps that so (a client built with DisableRetry would
+// fail it).
+func TestTierJoinedReadSurvivesLeaderHangingUp(t *testing.T) {
+	addr, prefix := testenv.Valkey(t)
+	proxy := testenv.StartProxy(t, addr)
+	raw, err := valkey.NewClient(valkey.ClientOption{InitAddress: []string{addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	s := NewStore(StoreOptions{Addrs: []string{proxy.Addr()}, Timeout: 2 * time.Second, DialTimeout: time.Second, ReconnectMax: time.Second,
+		TierSize: MinTierSize, BreakerThreshold: 5, BreakerMinOpen: time.Second}, zerolog.Nop(), NewMetrics(prometheus.NewRegistry()))
+	if err := s.Connect(); err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := context.Background()
+	for _, batch := range []bool{false, true} {
+		key := fmt.Sprintf("%sjoined-%v", prefix, batch)
+		if err := raw.Do(ctx, raw.B().Set().Key(key).Value("v").Ex(time.Hour).Build()).Error(); err != nil {
+			t.Fatal(err)
+		}
+		read := func(ctx context.Context) (string, error) {
+			if batch {
+				out, _, err := s.MGet(ctx, []string{key})
+				if err != nil {
+					return "", err
+				}
+				return string(out[0]), nil
+			}
+			body, _, _, err := s.Get(ctx, key)
+			return string(body), err
+		}
+		proxy.SetLatency(300 * time.Millisecond)
+		leaderCtx, hangUp := context.WithCancel(ctx)
+		leader := make(chan error, 1)
+		go func() { _, err := read(leaderCtx); leader <- err }()
+		time.Sleep(100 * time.Millisecond) // the leader's load is in flight
+		joined := make(chan error, 1)
+		var got string
+		go func() {
+			var err error
+			got, err = read(ctx)
+			joined <- err
+		}()
+		time.Sleep(50 * time.Millisecond) // the second read has joined it
+		hangUp()
+		if err := <-leader; !errors.Is(err, context.Canceled) {
+			t.Fatalf("batch %v: the reader that hung up got %v, want context.Canceled", batch, err)
+		}
+		proxy.SetLatency(0)
+		if err := <-joined; err != nil || got != "v" {
+			t.Fatalf("batch %v: the joined read got %q, %v; want the value", batch, got, err)
+		}
+		if s.Circuit() != CircuitClosed {
+			t.Fatalf("batch %v: breaker %d after a client hung up, want closed", batch, s.Circuit())
+		}
+	}
+}
