@@ -54,7 +54,12 @@ CREATE TABLE IF NOT EXISTS registrations (
     updated_at    timestamptz NOT NULL DEFAULT now(),
     completed_at  timestamptz
 );
-CREATE INDEX IF NOT EXISTS registrations_tenant_id_idx ON registrations (tenant_id);
+-- Covers the dashboard stats aggregate (per tenant: status, score, created_at) with an index-only
+-- scan: a tenant's registrations are spread over the whole table, and reading them from the heap
+-- took over a second cold for 20,000 rows.
+CREATE INDEX IF NOT EXISTS registrations_tenant_stats_idx ON registrations (tenant_id) INCLUDE (status, score, created_at);
+-- Replaced by the index above, which serves every lookup by tenant_id.
+DROP INDEX IF EXISTS registrations_tenant_id_idx;
 CREATE INDEX IF NOT EXISTS registrations_dispatch_id_idx ON registrations (dispatch_id);
 
 -- connect-pg-simple's session table, exactly as its table.sql creates it.
