@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/valkey-io/valkey-go"
 )
 
@@ -320,9 +321,11 @@ func (s *Store) reconcile(ctx context.Context, vk valkey.Client, oldEpoch, runID
 }
 
 // deleteUnknown deletes session keys in Valkey whose rows PostgreSQL does not have (alive).
-func (s *Store) deleteUnknown(ctx context.Context, vk valkey.Client, conn interface {
-	Query(context.Context, string, ...any) (pgx.Rows, error)
-}) (int, error) {
+// A key whose row is not visible may belong to a write between its Valkey step and its COMMIT
+// (a new session: its row is not committed yet), so the keys found unknown are checked again,
+// and deleted, under those sessions' write locks: each such write has committed by then (its row
+// is seen and the key kept), and a later one waits for the delete and writes after it.
+func (s *Store) deleteUnknown(ctx context.Context, vk valkey.Client, conn pgConn) (int, error) {
 	deleted := 0
 	var cursor uint64
 	for {
@@ -337,32 +340,16 @@ func (s *Store) deleteUnknown(ctx context.Context, vk valkey.Client, conn interf
 			for _, k := range e.Elements {
 				sids = append(sids, strings.TrimPrefix(k, s.opts.Prefix))
 			}
-			rows, err := conn.Query(ctx, `SELECT sid FROM `+s.opts.Table+` WHERE sid = ANY($1) AND expire >= to_timestamp($2)`, sids, nowUnix(s.now()))
+			unknown, err := s.unknownSIDs(ctx, conn, sids, false)
 			if err != nil {
 				return deleted, err
 			}
-			alive, err := pgx.CollectRows(rows, pgx.RowTo[string])
-			if err != nil {
-				return deleted, err
-			}
-			known := make(map[string]bool, len(alive))
-			for _, sid := range alive {
-				known[sid] = true
-			}
-			var gone []string
-			for _, sid := range sids {
-				if !known[sid] {
-					gone = append(gone, s.opts.Prefix+sid)
-				}
-			}
-			if len(gone) > 0 {
-				c, cancel := context.WithTimeout(ctx, 10*s.opts.Timeout+time.Second)
-				n, err := vk.Do(c, vk.B().Del().Key(gone...).Build()).AsInt64()
-				cancel()
+			if len(unknown) > 0 {
+				n, err := s.deleteLocked(ctx, vk, conn, unknown)
+				deleted += n
 				if err != nil {
 					return deleted, err
 				}
-				deleted += int(n)
 			}
 		}
 		cursor = e.Cursor
@@ -370,6 +357,69 @@ func (s *Store) deleteUnknown(ctx context.Context, vk valkey.Client, conn interf
 			return deleted, nil
 		}
 	}
+}
+
+// unknownSIDs returns those of sids whose rows PostgreSQL does not have alive; with lock, it
+// first takes each one's write lock (held until q's transaction ends).
+func (s *Store) unknownSIDs(ctx context.Context, q pgConn, sids []string, lock bool) ([]string, error) {
+	sql := `SELECT sid FROM ` + s.opts.Table + ` WHERE sid = ANY($1) AND expire >= to_timestamp($2)`
+	if lock {
+		// The same lock as write's, one per session, in sid order. A write holds one lock at a
+		// time, so the order only keeps two reconciliations (which the reconcile lock already
+		// serialises) from deadlocking.
+		if _, err := q.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtextextended($2 || '|' || u.sid, 0))
+			FROM (SELECT unnest($1::text[]) AS sid ORDER BY 1) u`, sids, s.opts.SentinelKey); err != nil {
+			return nil, err
+		}
+	}
+	rows, err := q.Query(ctx, sql, sids, nowUnix(s.now()))
+	if err != nil {
+		return nil, err
+	}
+	alive, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, err
+	}
+	known := make(map[string]bool, len(alive))
+	for _, sid := range alive {
+		known[sid] = true
+	}
+	var unknown []string
+	for _, sid := range sids {
+		if !known[sid] {
+			unknown = append(unknown, sid)
+		}
+	}
+	return unknown, nil
+}
+
+// deleteLocked checks sids again under their write locks, in a transaction of its own, and
+// deletes the keys of those still unknown before it releases the locks.
+func (s *Store) deleteLocked(ctx context.Context, vk valkey.Client, conn pgConn, sids []string) (int, error) {
+	deleted := 0
+	err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+		unknown, err := s.unknownSIDs(ctx, tx, sids, true)
+		if err != nil || len(unknown) == 0 {
+			return err
+		}
+		keys := make([]string, len(unknown))
+		for i, sid := range unknown {
+			keys[i] = s.opts.Prefix + sid
+		}
+		c, cancel := context.WithTimeout(ctx, 10*s.opts.Timeout+time.Second)
+		n, err := vk.Do(c, vk.B().Del().Key(keys...).Build()).AsInt64()
+		cancel()
+		deleted = int(n)
+		return err
+	})
+	return deleted, err
+}
+
+// pgConn is a pooled connection or a transaction.
+type pgConn interface {
+	Begin(ctx context.Context) (pgx.Tx, error)
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
 }
 
 // globEscape escapes the glob characters of s for SCAN MATCH.

@@ -377,6 +377,61 @@ func TestReconcileDeletesUnknownSessions(t *testing.T) {
 	}
 }
 
+// A reconciliation that deletes the keys PostgreSQL does not know must not delete the key of a
+// write still between its Valkey step and its COMMIT (a new session: its row is not visible
+// yet). It waits for that write's lock, sees the committed row, and keeps the key; otherwise
+// Valkey would be trusted without an acknowledged session.
+func TestDeleteUnknownSparesAWriteInFlight(t *testing.T) {
+	f := newFixture(t, func(o *Options) { o.RefreshInterval = time.Hour })
+	ctx := context.Background()
+	sid := "in-flight"
+	b := body("new", time.Now().Add(time.Hour))
+	// The write, as write runs it: its lock, its row, Valkey, and the COMMIT still to come.
+	writer, err := f.db.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer writer.Rollback(ctx)
+	if _, err := writer.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtextextended($1, 0))`, f.store.opts.SentinelKey+"|"+sid); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := writer.Exec(ctx, `INSERT INTO `+f.store.opts.Table+` (sess, expire, sid) VALUES ($1::json, now() + interval '1 hour', $2)`, string(b), sid); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.raw.Do(ctx, f.raw.B().Set().Key("sess:"+sid).Value(string(b)).Ex(time.Hour).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	conn, err := f.db.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Release()
+	type result struct {
+		n   int
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		n, err := f.store.deleteUnknown(ctx, f.store.client(), conn)
+		done <- result{n, err}
+	}()
+	select {
+	case r := <-done:
+		t.Fatalf("the delete of unknown keys did not wait for the write in flight: deleted %d, %v", r.n, r.err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	if err := writer.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r := <-done
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	if got, ok := f.rawGet(t, "sess:"+sid); !ok || got != string(b) {
+		t.Fatalf("the key of the committed write after the delete of unknown keys: %q (present %v); want it kept (deleted %d)", got, ok, r.n)
+	}
+}
+
 func TestPruneOneSidecarAtATime(t *testing.T) {
 	f := newFixture(t, nil)
 	ctx := context.Background()
