@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/cespare/xxhash/v2"
 	"strconv"
 	"strings"
 	"sync"
@@ -225,12 +226,11 @@ type Result struct {
 	Local bool
 }
 
-// ETag returns a strong entity tag of body.
+// ETag returns a strong entity tag of body: its 64-bit xxHash, the same in every sidecar. It is
+// computed on every answer, hits included; xxHash reads 8 bytes a step where the FNV-1a it
+// replaced read one (BenchmarkETag).
 func ETag(body []byte) string {
-	h := uint64(14695981039346656037) // FNV-1a, inline: no hasher to allocate
-	for _, c := range body {
-		h = (h ^ uint64(c)) * 1099511628211
-	}
+	h := xxhash.Sum64(body)
 	var buf [18]byte
 	buf[0] = '"'
 	b := strconv.AppendUint(buf[:1], h, 36)

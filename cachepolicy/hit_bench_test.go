@@ -64,3 +64,13 @@ func BenchmarkHitValkey(b *testing.B) {
 func BenchmarkHitMemory(b *testing.B) {
 	benchHits(b, NewMemoryStore(MinTierSize, zerolog.Nop(), NewMetrics(prometheus.NewRegistry())), "")
 }
+
+// BenchmarkETag is the entity tag of a course's JSON (about 430 bytes), computed on every answer.
+func BenchmarkETag(b *testing.B) {
+	body := []byte(`{"id":77,"tenant_id":28,"title":"Leadership Essentials #77","description":"Course 77: a generated demo course for cachecar. Learn, practise, pass. Learn, practise, pass. Learn, practise, pass. Learn, practise, pass. ","version":2,"scorm_package":"leadership-2004-3rd.zip","status":"published","created_at":"2026-09-09T23:33:25.411011+00:00","updated_at":"2026-11-26T05:13:12.303503+00:00"}`)
+	b.SetBytes(int64(len(body)))
+	b.ReportAllocs()
+	for b.Loop() {
+		ETag(body)
+	}
+}
