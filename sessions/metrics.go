@@ -7,6 +7,7 @@ type metrics struct {
 	active     *prometheus.GaugeVec
 	reconciles *prometheus.CounterVec
 	pruned     prometheus.Counter
+	restored   prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -27,8 +28,12 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "cachecar_session_pruned_total",
 			Help: "Expired session rows deleted from PostgreSQL by this sidecar.",
 		}),
+		restored: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "cachecar_session_restored_total",
+			Help: "Session keys a touch found missing in Valkey while PostgreSQL had the session alive, and put back (expiry rounding at a session's end, or eviction).",
+		}),
 	}
-	reg.MustRegister(m.ops, m.active, m.reconciles, m.pruned)
+	reg.MustRegister(m.ops, m.active, m.reconciles, m.pruned, m.restored)
 	for _, o := range []string{"ok", "error"} {
 		m.reconciles.WithLabelValues(o)
 	}

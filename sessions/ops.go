@@ -107,7 +107,7 @@ func (s *Store) Put(ctx context.Context, sid string, sess Session) (string, erro
 		sql: `INSERT INTO ` + s.opts.Table + ` (sess, expire, sid) SELECT $1::json, to_timestamp($2), $3
 			ON CONFLICT (sid) DO UPDATE SET sess = $1::json, expire = to_timestamp($2)`,
 		args: []any{string(sess.Raw), expire, sid},
-	}, func(ctx context.Context, vk valkey.Client) (bool, error) {
+	}, func(ctx context.Context, vk valkey.Client, _ pgConn) (bool, error) {
 		return true, vk.Do(ctx, vk.B().Set().Key(s.opts.Prefix+sid).Value(valkey.BinaryString(sess.Raw)).ExSeconds(ttl).Build()).Error()
 	})
 }
@@ -117,7 +117,7 @@ func (s *Store) Delete(ctx context.Context, sid string) (string, error) {
 	from, err := s.write(ctx, "delete", sid, true, pgStep{
 		sql:  `DELETE FROM ` + s.opts.Table + ` WHERE sid = $1`,
 		args: []any{sid},
-	}, func(ctx context.Context, vk valkey.Client) (bool, error) {
+	}, func(ctx context.Context, vk valkey.Client, _ pgConn) (bool, error) {
 		return true, vk.Do(ctx, vk.B().Del().Key(s.opts.Prefix+sid).Build()).Error()
 	})
 	return from, err
@@ -136,17 +136,20 @@ func (s *Store) Touch(ctx context.Context, sid string, sess Session) (string, er
 		return FromPostgres, ErrNotFound
 	}
 	var inPG bool
-	var row []byte // the session as PostgreSQL has it, when the touch found it there
+	var oldTTL int64 // seconds the row had left before this touch, when it was alive
 	from, err := s.write(ctx, "touch", sid, false, pgStep{
-		sql:  `UPDATE ` + s.opts.Table + ` SET expire = to_timestamp($1) WHERE sid = $2 AND expire >= to_timestamp($3) RETURNING sess::text`,
-		args: []any{s.expireUnix(sess, now), sid, nowUnix(now)},
-		row:  &row,
+		sql: `UPDATE ` + s.opts.Table + ` AS t SET expire = to_timestamp($1)
+			FROM (SELECT sid, expire FROM ` + s.opts.Table + ` WHERE sid = $2 FOR UPDATE) AS o
+			WHERE t.sid = o.sid AND o.expire >= to_timestamp($3)
+			RETURNING ceil(extract(epoch FROM o.expire::timestamptz) - extract(epoch FROM clock_timestamp()))::bigint`,
+		args:      []any{s.expireUnix(sess, now), sid, nowUnix(now)},
+		returning: []any{&oldTTL},
 		tell: func(found bool) bool {
 			inPG = found
 			// While migrating from connect-redis, a session may live in Valkey only.
 			return inPG || s.opts.ValkeyOnly
 		},
-	}, func(ctx context.Context, vk valkey.Client) (bool, error) {
+	}, func(ctx context.Context, vk valkey.Client, tx pgConn) (bool, error) {
 		key := s.opts.Prefix + sid
 		n, err := vk.Do(ctx, vk.B().Expire().Key(key).Seconds(ttl).Build()).AsInt64()
 		if err == nil && n == 0 && inPG {
@@ -156,18 +159,7 @@ func (s *Store) Touch(ctx context.Context, sid string, sess Session) (string, er
 				inPG = false
 				return true, nil
 			}
-			// PostgreSQL has it alive and Valkey does not: its key ran out a moment before the
-			// row (the two stores round expiry to the second differently, as connect-redis and
-			// connect-pg-simple do), or it was evicted. PostgreSQL decides, so its copy goes
-			// back, as a reconciliation would copy it, under this session's lock: no write
-			// through a sidecar can come between. NX: should something else have written the
-			// key meanwhile (an app writing Valkey directly), the two disagree and Valkey must
-			// be reconciled.
-			err = vk.Do(ctx, vk.B().Set().Key(key).Value(valkey.BinaryString(row)).Nx().ExSeconds(ttl).Build()).Error()
-			if valkey.IsValkeyNil(err) {
-				return false, nil
-			}
-			return err == nil, err
+			return s.putBack(ctx, vk, tx, sid, oldTTL, ttl)
 		}
 		if err == nil && n == 1 && !inPG && s.opts.ValkeyOnly {
 			inPG = true // a connect-redis session: found, and touched where it lives
@@ -187,14 +179,42 @@ func (s *Store) Touch(ctx context.Context, sid string, sess Session) (string, er
 	return from, nil
 }
 
-// pgStep is a write's statement in PostgreSQL. With row set, the statement returns at most one
-// row of one text column, read into *row. tell reports from the rows the statement affected (or
-// returned, with row) whether Valkey should be told at all (nil: always).
+// putBack answers a touch that found Valkey without a session PostgreSQL has alive: its key ran
+// out a moment before the row (the stores round expiry to the second differently, as
+// connect-redis and connect-pg-simple do), or it was evicted. PostgreSQL decides, so its copy
+// goes back, as a reconciliation would copy it, under the session's lock (no write through a
+// sidecar comes between): first with the life the row has before this touch commits, then with
+// the touch's TTL, so that a touch that fails to commit leaves Valkey as PostgreSQL is. SET NX:
+// should something else have written the key meanwhile (an app writing Valkey directly), the two
+// disagree and Valkey must be reconciled.
+func (s *Store) putBack(ctx context.Context, vk valkey.Client, tx pgConn, sid string, oldTTL, ttl int64) (bool, error) {
+	var body string
+	if err := tx.QueryRow(ctx, `SELECT sess::text FROM `+s.opts.Table+` WHERE sid = $1`, sid).Scan(&body); err != nil {
+		return false, err
+	}
+	key := s.opts.Prefix + sid
+	err := vk.Do(ctx, vk.B().Set().Key(key).Value(body).Nx().ExSeconds(max(oldTTL, 1)).Build()).Error()
+	if valkey.IsValkeyNil(err) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	if err := vk.Do(ctx, vk.B().Expire().Key(key).Seconds(ttl).Build()).Error(); err != nil {
+		return false, err
+	}
+	s.m.restored.Inc()
+	return true, nil
+}
+
+// pgStep is a write's statement in PostgreSQL. With returning set, the statement returns at most
+// one row, scanned into returning. tell reports from the rows the statement affected (or
+// returned) whether Valkey should be told at all (nil: always).
 type pgStep struct {
-	sql  string
-	args []any
-	row  *[]byte
-	tell func(found bool) bool
+	sql       string
+	args      []any
+	returning []any
+	tell      func(found bool) bool
 }
 
 // write runs one session write in a PostgreSQL transaction that holds a per-sid lock, applies
@@ -209,7 +229,7 @@ type pgStep struct {
 // transaction that outlives the batch's Sync), then Valkey, then COMMIT: two round trips to
 // PostgreSQL instead of four.
 func (s *Store) write(ctx context.Context, op, sid string, destroy bool, step pgStep,
-	vkWrite func(context.Context, valkey.Client) (bool, error)) (string, error) {
+	vkWrite func(context.Context, valkey.Client, pgConn) (bool, error)) (string, error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), writeTimeout)
 	defer cancel()
 	vk := s.client()
@@ -229,8 +249,8 @@ func (s *Store) write(ctx context.Context, op, sid string, destroy bool, step pg
 		found := false
 		switch {
 		case err != nil:
-		case step.row != nil:
-			err = br.QueryRow().Scan(step.row)
+		case step.returning != nil:
+			err = br.QueryRow().Scan(step.returning...)
 			found = err == nil
 			if errors.Is(err, pgx.ErrNoRows) {
 				err = nil
@@ -256,7 +276,7 @@ func (s *Store) write(ctx context.Context, op, sid string, destroy bool, step pg
 		case tell:
 			vctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
 			touchedValkey = true
-			agrees, err := vkWrite(vctx, vk)
+			agrees, err := vkWrite(vctx, vk, conn)
 			cancel()
 			switch {
 			case err != nil:

@@ -377,6 +377,50 @@ func TestReconcileDeletesUnknownSessions(t *testing.T) {
 	}
 }
 
+// The case the put-back is for, in real time: connect-redis's TTL (whole seconds from the write,
+// rounded up) makes the key run out before connect-pg-simple's expire (cookie.expires rounded up
+// to the second) whenever cookie.expires lies just past a whole second. A touch in between finds
+// the key gone and the row alive; it puts the key back, and the epoch stays.
+func TestTouchAtTheEndOfASessionKeepsTrust(t *testing.T) {
+	f := newFixture(t, func(o *Options) { o.RefreshInterval = time.Hour })
+	ctx := context.Background()
+	for attempt := range 3 { // a machine that stalls past the window gets another go
+		sid := fmt.Sprintf("ending-%d", attempt)
+		// Start just after a whole second (20 to 100 ms: the key's TTL is then 2 s, where the
+		// first millisecond would round it up to 3), so that the key runs out early in the
+		// second before the row does and the window between them is most of a second.
+		for ns := time.Now().Nanosecond(); ns < 20*int(time.Millisecond) || ns > 100*int(time.Millisecond); ns = time.Now().Nanosecond() {
+			time.Sleep(time.Millisecond)
+		}
+		putAt := time.Now()
+		whole := putAt.Truncate(time.Second).Add(2 * time.Second)
+		b := body("ending", whole.Add(time.Millisecond)) // the row's expire: whole + 1 s
+		f.put(t, sid, b)
+		keyGone := whole.Add(time.Duration(putAt.Nanosecond())) // the key's TTL is 2 s from the put
+		time.Sleep(time.Until(keyGone.Add(200 * time.Millisecond)))
+		if _, ok := f.rawGet(t, "sess:"+sid); ok || time.Now().After(whole.Add(800*time.Millisecond)) {
+			t.Logf("attempt %d missed the window (key present %v)", attempt, ok)
+			continue
+		}
+		before := f.epoch(t)
+		sess, err := f.store.Parse(body("ignored", time.Now().Add(time.Hour)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if from, err := f.store.Touch(ctx, sid, sess); err != nil || from != FromValkey {
+			t.Fatalf("touch in the session's last second: from %s, %v; want Valkey", from, err)
+		}
+		if f.epoch(t) != before {
+			t.Fatal("a touch in the session's last second moved the epoch")
+		}
+		if got, from, err := f.get(t, sid); err != nil || got != string(b) || from != FromValkey {
+			t.Fatalf("read after the touch: %q from %s, %v; want the session from Valkey", got, from, err)
+		}
+		return
+	}
+	t.Fatal("three attempts missed the second between the key's end and the row's")
+}
+
 // A reconciliation that deletes the keys PostgreSQL does not know must not delete the key of a
 // write still between its Valkey step and its COMMIT (a new session: its row is not visible
 // yet). It waits for that write's lock, sees the committed row, and keeps the key; otherwise
@@ -568,7 +612,7 @@ func TestMissedWriteStopsTrustAtOnce(t *testing.T) {
 	from, err := f.store.write(ctx, "touch", "lost", false, pgStep{
 		sql:  `UPDATE ` + f.store.opts.Table + ` SET expire = expire WHERE sid = $1`,
 		args: []any{"lost"},
-	}, func(context.Context, valkey.Client) (bool, error) { return false, nil })
+	}, func(context.Context, valkey.Client, pgConn) (bool, error) { return false, nil })
 	if err != nil || from != FromPostgres {
 		t.Fatalf("write Valkey disagreed with: from %s, %v; want PostgreSQL", from, err)
 	}
@@ -610,6 +654,9 @@ func TestTouchPutsBackWhatValkeyLost(t *testing.T) {
 	}
 	if f.epoch(t) != before {
 		t.Fatal("the touch moved the epoch: every sidecar would stop trusting Valkey until a reconciliation")
+	}
+	if n := testutil.ToFloat64(f.store.m.restored); n != 1 {
+		t.Fatalf("cachecar_session_restored_total %v, want 1", n)
 	}
 	if got, from, err := f.get(t, "gone"); err != nil || got != string(b) || from != FromValkey {
 		t.Fatalf("read after the touch: %q from %s, %v; want the session from Valkey", got, from, err)
