@@ -107,7 +107,7 @@ func (s *Store) Put(ctx context.Context, sid string, sess Session) (string, erro
 		sql: `INSERT INTO ` + s.opts.Table + ` (sess, expire, sid) SELECT $1::json, to_timestamp($2), $3
 			ON CONFLICT (sid) DO UPDATE SET sess = $1::json, expire = to_timestamp($2)`,
 		args: []any{string(sess.Raw), expire, sid},
-	}, func(ctx context.Context, vk valkey.Client, _ pgConn) (bool, error) {
+	}, func(ctx context.Context, vk valkey.Client) (bool, error) {
 		return true, vk.Do(ctx, vk.B().Set().Key(s.opts.Prefix+sid).Value(valkey.BinaryString(sess.Raw)).ExSeconds(ttl).Build()).Error()
 	})
 }
@@ -117,7 +117,7 @@ func (s *Store) Delete(ctx context.Context, sid string) (string, error) {
 	from, err := s.write(ctx, "delete", sid, true, pgStep{
 		sql:  `DELETE FROM ` + s.opts.Table + ` WHERE sid = $1`,
 		args: []any{sid},
-	}, func(ctx context.Context, vk valkey.Client, _ pgConn) (bool, error) {
+	}, func(ctx context.Context, vk valkey.Client) (bool, error) {
 		return true, vk.Do(ctx, vk.B().Del().Key(s.opts.Prefix+sid).Build()).Error()
 	})
 	return from, err
@@ -135,21 +135,18 @@ func (s *Store) Touch(ctx context.Context, sid string, sess Session) (string, er
 		}
 		return FromPostgres, ErrNotFound
 	}
-	var inPG bool
-	var oldTTL int64 // seconds the row had left before this touch, when it was alive
+	var inPG, restored bool
+	var row []byte // the session as PostgreSQL has it, when the touch found it alive there
 	from, err := s.write(ctx, "touch", sid, false, pgStep{
-		sql: `UPDATE ` + s.opts.Table + ` AS t SET expire = to_timestamp($1)
-			FROM (SELECT sid, expire FROM ` + s.opts.Table + ` WHERE sid = $2 FOR UPDATE) AS o
-			WHERE t.sid = o.sid AND o.expire >= to_timestamp($3)
-			RETURNING ceil(extract(epoch FROM o.expire::timestamptz) - extract(epoch FROM clock_timestamp()))::bigint`,
+		sql:       `UPDATE ` + s.opts.Table + ` SET expire = to_timestamp($1) WHERE sid = $2 AND expire >= to_timestamp($3) RETURNING sess::text`,
 		args:      []any{s.expireUnix(sess, now), sid, nowUnix(now)},
-		returning: []any{&oldTTL},
+		returning: []any{&row},
 		tell: func(found bool) bool {
 			inPG = found
 			// While migrating from connect-redis, a session may live in Valkey only.
 			return inPG || s.opts.ValkeyOnly
 		},
-	}, func(ctx context.Context, vk valkey.Client, tx pgConn) (bool, error) {
+	}, func(ctx context.Context, vk valkey.Client) (bool, error) {
 		key := s.opts.Prefix + sid
 		n, err := vk.Do(ctx, vk.B().Expire().Key(key).Seconds(ttl).Build()).AsInt64()
 		if err == nil && n == 0 && inPG {
@@ -159,13 +156,29 @@ func (s *Store) Touch(ctx context.Context, sid string, sess Session) (string, er
 				inPG = false
 				return true, nil
 			}
-			return s.putBack(ctx, vk, tx, sid, oldTTL, ttl)
+			// PostgreSQL has it alive and Valkey does not: its key ran out a moment before
+			// the row (the stores round expiry to the second differently, as connect-redis
+			// and connect-pg-simple do). PostgreSQL decides, so its copy goes back with the
+			// touch's TTL, as a reconciliation would copy it, under this session's lock: no
+			// write through a sidecar comes between. NX: should something else have written
+			// the key meanwhile (an app writing Valkey directly), the two disagree and Valkey
+			// must be reconciled. Should the COMMIT then fail, the write counts as missed, as
+			// any write that reached Valkey and not PostgreSQL does.
+			err = vk.Do(ctx, vk.B().Set().Key(key).Value(valkey.BinaryString(row)).Nx().ExSeconds(ttl).Build()).Error()
+			if valkey.IsValkeyNil(err) {
+				return false, nil
+			}
+			restored = err == nil
+			return restored, err
 		}
 		if err == nil && n == 1 && !inPG && s.opts.ValkeyOnly {
 			inPG = true // a connect-redis session: found, and touched where it lives
 		}
 		return true, err
 	})
+	if err == nil && restored {
+		s.m.restored.Inc()
+	}
 	if err != nil {
 		return from, err
 	}
@@ -177,34 +190,6 @@ func (s *Store) Touch(ctx context.Context, sid string, sess Session) (string, er
 		return from, ErrNotFound
 	}
 	return from, nil
-}
-
-// putBack answers a touch that found Valkey without a session PostgreSQL has alive: its key ran
-// out a moment before the row (the stores round expiry to the second differently, as
-// connect-redis and connect-pg-simple do), or it was evicted. PostgreSQL decides, so its copy
-// goes back, as a reconciliation would copy it, under the session's lock (no write through a
-// sidecar comes between): first with the life the row has before this touch commits, then with
-// the touch's TTL, so that a touch that fails to commit leaves Valkey as PostgreSQL is. SET NX:
-// should something else have written the key meanwhile (an app writing Valkey directly), the two
-// disagree and Valkey must be reconciled.
-func (s *Store) putBack(ctx context.Context, vk valkey.Client, tx pgConn, sid string, oldTTL, ttl int64) (bool, error) {
-	var body string
-	if err := tx.QueryRow(ctx, `SELECT sess::text FROM `+s.opts.Table+` WHERE sid = $1`, sid).Scan(&body); err != nil {
-		return false, err
-	}
-	key := s.opts.Prefix + sid
-	err := vk.Do(ctx, vk.B().Set().Key(key).Value(body).Nx().ExSeconds(max(oldTTL, 1)).Build()).Error()
-	if valkey.IsValkeyNil(err) {
-		return false, nil
-	}
-	if err != nil {
-		return false, err
-	}
-	if err := vk.Do(ctx, vk.B().Expire().Key(key).Seconds(ttl).Build()).Error(); err != nil {
-		return false, err
-	}
-	s.m.restored.Inc()
-	return true, nil
 }
 
 // pgStep is a write's statement in PostgreSQL. With returning set, the statement returns at most
@@ -229,7 +214,7 @@ type pgStep struct {
 // transaction that outlives the batch's Sync), then Valkey, then COMMIT: two round trips to
 // PostgreSQL instead of four.
 func (s *Store) write(ctx context.Context, op, sid string, destroy bool, step pgStep,
-	vkWrite func(context.Context, valkey.Client, pgConn) (bool, error)) (string, error) {
+	vkWrite func(context.Context, valkey.Client) (bool, error)) (string, error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), writeTimeout)
 	defer cancel()
 	vk := s.client()
@@ -276,7 +261,7 @@ func (s *Store) write(ctx context.Context, op, sid string, destroy bool, step pg
 		case tell:
 			vctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
 			touchedValkey = true
-			agrees, err := vkWrite(vctx, vk, conn)
+			agrees, err := vkWrite(vctx, vk)
 			cancel()
 			switch {
 			case err != nil:
