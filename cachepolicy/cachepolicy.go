@@ -730,47 +730,37 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 	if len(missing) == 0 {
 		return items, manyResult(state, anyStale), nil
 	}
-	lctx, cancel := context.WithTimeout(ctx, r.opts.QueryTimeout)
-	defer cancel()
-	var leases []string
-	var got []bool
-	if state == Miss {
-		missKeys := make([]string, len(missing))
-		leases = make([]string, len(missing))
-		for j, i := range missing {
-			missKeys[j] = keys[i]
-			leases[j] = newLease()
-		}
-		var err error
-		if got, err = r.store.LeaseMany(lctx, missKeys, leases, r.leaseTTL()); err != nil {
-			r.logValkey(err)
-			for j := range missKeys { // see takeLease: a timed-out call may have set them
-				r.store.Release(context.WithoutCancel(lctx), missKeys[j], leases[j])
-			}
-			got = nil
-		}
-	}
+	missKeys := make([]string, len(missing))
 	missIDs := make([]int64, len(missing))
 	for j, i := range missing {
-		missIDs[j] = ids[i]
+		missKeys[j], missIDs[j] = keys[i], ids[i]
 	}
-	var found map[int64][]byte
-	_, err := r.runLoad(lctx, p, func(ctx context.Context) ([]byte, error) {
-		var err error
-		found, err = r.loader.LoadMany(ctx, p.BatchSQL, missIDs)
-		return nil, err
-	}, state == Bypass)
-	// Valkey calls after the load get their own time: a load that used most of the query
-	// timeout must not leave its leases behind by timing out the fill.
-	vctx := context.WithoutCancel(lctx)
-	if err != nil {
-		for j, i := range missing {
-			if got != nil && got[j] {
-				if err := r.store.Release(vctx, keys[i], leases[j]); err != nil {
-					r.logValkey(err)
-				}
-			}
-		}
+	// One load per set of missing ids per process, as for one key: identical batches missing at
+	// once (a page many users open) share one query. The load runs detached from the first
+	// caller's cancellation; each caller stops waiting when its own context ends.
+	var fk strings.Builder
+	fk.WriteString(strconv.FormatUint(r.epoch.Load(), 36))
+	fk.WriteString("\x00many\x00")
+	fk.WriteString(state)
+	for _, k := range missKeys {
+		fk.WriteByte(0)
+		fk.WriteString(k)
+	}
+	ch := r.flight.DoChan(fk.String(), func() (any, error) {
+		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.opts.QueryTimeout)
+		defer cancel()
+		return r.loadMany(lctx, p, missKeys, missIDs, state)
+	})
+	var res singleflight.Result
+	select {
+	case res = <-ch:
+	case <-ctx.Done():
+		return nil, Result{}, ctx.Err()
+	}
+	if res.Shared {
+		r.m.shared.WithLabelValues(p.Name).Inc()
+	}
+	if err := res.Err; err != nil {
 		if len(stale) == len(missing) {
 			// Every id the load should have answered has an entry inside stale_if_error.
 			for i, e := range stale {
@@ -781,29 +771,73 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 		}
 		return nil, Result{}, err
 	}
+	found := res.Val.(map[int64][]byte)
+	for _, i := range missing {
+		if b, ok := found[ids[i]]; ok {
+			items[i].Body = b
+		}
+	}
+	return items, manyResult(state, anyStale), nil
+}
+
+// loadMany loads the missing ids of a batch with one query and, on a Miss, fills the keys whose
+// lease it took (Bypass: Valkey is away, nothing is filled).
+func (r *Resolver) loadMany(ctx context.Context, p *Policy, keys []string, ids []int64, state string) (map[int64][]byte, error) {
+	var leases []string
+	var got []bool
+	if state == Miss {
+		leases = make([]string, len(keys))
+		for j := range keys {
+			leases[j] = newLease()
+		}
+		var err error
+		if got, err = r.store.LeaseMany(ctx, keys, leases, r.leaseTTL()); err != nil {
+			r.logValkey(err)
+			for j := range keys { // see takeLease: a timed-out call may have set them
+				r.store.Release(context.WithoutCancel(ctx), keys[j], leases[j])
+			}
+			got = nil
+		}
+	}
+	var found map[int64][]byte
+	_, err := r.runLoad(ctx, p, func(ctx context.Context) ([]byte, error) {
+		var err error
+		found, err = r.loader.LoadMany(ctx, p.BatchSQL, ids)
+		return nil, err
+	}, state == Bypass)
+	// Valkey calls after the load get their own time: a load that used most of the query
+	// timeout must not leave its leases behind by timing out the fill.
+	vctx := context.WithoutCancel(ctx)
+	if err != nil {
+		for j := range keys {
+			if got != nil && got[j] {
+				if err := r.store.Release(vctx, keys[j], leases[j]); err != nil {
+					r.logValkey(err)
+				}
+			}
+		}
+		return nil, err
+	}
 	var fillKeys, fillLeases []string
 	var fillVals [][]byte
 	var fillTTLs []time.Duration
-	for j, i := range missing {
-		b, ok := found[ids[i]]
-		if ok {
-			items[i].Body = b
-		}
+	for j, id := range ids {
 		if got == nil || !got[j] {
 			continue
 		}
-		ttl := p.ttlFor(keys[i]) + p.staleWindow()
+		b, ok := found[id]
+		ttl := p.ttlFor(keys[j]) + p.staleWindow()
 		if !ok {
 			if p.NegativeTTL <= 0 {
 				// Nothing to store: give the lease back so the next reader can take one.
-				if err := r.store.Release(vctx, keys[i], leases[j]); err != nil {
+				if err := r.store.Release(vctx, keys[j], leases[j]); err != nil {
 					r.logValkey(err)
 				}
 				continue
 			}
 			b, ttl = []byte(negativeValue), p.NegativeTTL
 		}
-		fillKeys = append(fillKeys, keys[i])
+		fillKeys = append(fillKeys, keys[j])
 		fillLeases = append(fillLeases, leases[j])
 		fillVals = append(fillVals, b)
 		fillTTLs = append(fillTTLs, ttl)
@@ -814,7 +848,7 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 	} else if refused := len(fillKeys) - stored; refused > 0 {
 		r.m.fillsRefused.WithLabelValues(p.Name).Add(float64(refused))
 	}
-	return items, manyResult(state, anyStale), nil
+	return found, nil
 }
 
 // manyResult is a batch's cache result: Stale (with stale-while-revalidate, the only way a batch

@@ -1384,3 +1384,41 @@ func TestTierJoinedReadSurvivesLeaderHangingUp(t *testing.T) {
 		}
 	}
 }
+
+// Identical batches missing at once share one query, as concurrent misses of one key do.
+func TestGetManyConcurrentBatchesShareOneQuery(t *testing.T) {
+	pool := itemsDB(t)
+	addr, prefix := testenv.Valkey(t)
+	f := newCtlFixture(t, pool, addr, prefix, 0, Options{})
+	p := itemPolicy(t, "")
+	ctx := context.Background()
+	entered, release := f.ctl.holdLoads(t)
+	type answer struct {
+		items []Item
+		res   Result
+		err   error
+	}
+	batch := func(out chan<- answer) {
+		items, res, err := f.res.GetMany(ctx, p, []int64{2, 3})
+		out <- answer{items, res, err}
+	}
+	first, second := make(chan answer, 1), make(chan answer, 1)
+	go batch(first)
+	<-entered // the first batch's query is in flight
+	go batch(second)
+	select {
+	case <-entered:
+		t.Fatal("the second identical batch ran a query of its own")
+	case <-time.After(500 * time.Millisecond):
+	}
+	release()
+	for _, ch := range []chan answer{first, second} {
+		a := <-ch
+		if a.err != nil || a.res.Cache != Miss || len(a.items) != 2 || a.items[0].Body == nil || a.items[1].Body == nil {
+			t.Fatalf("batch answer: %+v %s %v", a.items, a.res.Cache, a.err)
+		}
+	}
+	if n := f.loader.many.Load(); n != 1 {
+		t.Fatalf("%d batch queries for two identical batches missing at once, want 1", n)
+	}
+}
