@@ -166,6 +166,9 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 		return &exitError{code: 2, err: err}
 	}
 	var sess *sessions.Store
+	if cfg.Sessions.Enabled && !cfg.Sessions.DeleteUnknown && cfg.Sessions.Migration == "" {
+		log.Warn().Msg("sessions.delete_unknown is false without sessions.migration: PostgreSQL still decides, so a session an app destroyed in Valkey alone (connect-redis) comes back from its row; apps writing Valkey directly need sessions.migration: connect-redis")
+	}
 	if cfg.Sessions.Enabled {
 		var dial func() (valkey.Client, error)
 		if len(cfg.Valkey.Addrs) > 0 {

@@ -116,3 +116,13 @@ func TestMigrateCreatesConfiguredSessionTable(t *testing.T) {
 		t.Fatalf("columns %q (%v)", cols, err)
 	}
 }
+
+// delete_unknown: false alone is how an operator might try to share Valkey with connect-redis
+// apps; start-up says that this needs migration: connect-redis.
+func TestSessionsDeleteUnknownAloneWarns(t *testing.T) {
+	url := referenceDB(t)
+	srv := testenv.StartRedis(t)
+	s := startSidecar(t, map[string]string{"DATABASE_URL": url, "CACHECAR_VALKEY_ADDRS": srv.Addr,
+		"CACHECAR_SESSIONS_DELETE_UNKNOWN": "false", "CACHECAR_INVALIDATION_ENABLED": "false"})
+	waitLog(t, s, `"level":"warn"`, "sessions.delete_unknown is false without sessions.migration")
+}
