@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"github.com/cespare/xxhash/v2"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -248,9 +249,18 @@ func (r *Resolver) usable(p *Policy) bool {
 // Get answers one read of policy p. vals are the values of the key's placeholders, in key
 // order; args are the SQL arguments of p.SQL.
 func (r *Resolver) Get(ctx context.Context, p *Policy, vals []string, args ...any) (Result, error) {
-	return r.GetFunc(ctx, p, vals, func(ctx context.Context) ([]byte, error) {
-		return r.loader.LoadOne(ctx, p.SQL, args...)
-	})
+	return r.get(ctx, p, vals, nil, args)
+}
+
+// loadOf is load, or when it is nil a load of p.SQL with a copy of args: made only when a read
+// needs to load, so that a hit allocates neither it nor, since args does not escape, the
+// caller's arguments.
+func (r *Resolver) loadOf(p *Policy, load LoadFunc, args []any) LoadFunc {
+	if load != nil {
+		return load
+	}
+	own := append([]any(nil), args...)
+	return func(ctx context.Context) ([]byte, error) { return r.loader.LoadOne(ctx, p.SQL, own...) }
 }
 
 // LoadFunc loads one entry's bytes. It returns ErrNotFound when there is nothing to cache.
@@ -294,7 +304,12 @@ type flightResult struct {
 // GetFunc answers one read of policy p whose entry is loaded by load instead of p.SQL (a parsed
 // file, say), with the same tiers, single-flight, lease and fill as Get.
 func (r *Resolver) GetFunc(ctx context.Context, p *Policy, vals []string, load LoadFunc) (Result, error) {
-	key := r.opts.Namespace + p.Key.Render(vals...)
+	return r.get(ctx, p, vals, load, nil)
+}
+
+// get is Get (load nil: p.SQL with args) and GetFunc.
+func (r *Resolver) get(ctx context.Context, p *Policy, vals []string, load LoadFunc, args []any) (Result, error) {
+	key := p.Key.RenderAfter(r.opts.Namespace, vals...)
 	cacheState := Bypass
 	var mode fillMode // how a load may fill the key
 	var stale entry   // a stale entry to fall back on, when it is inside stale_if_error
@@ -328,13 +343,13 @@ func (r *Resolver) GetFunc(ctx context.Context, p *Policy, vals []string, load L
 				if ttl := p.ttlFor(key); p.RefreshAhead > 0 && e.age >= time.Duration(p.RefreshAhead*float64(ttl)) {
 					// Lease only while the entry is still this far into its TTL: a refresh done
 					// by another reader meanwhile makes it fresh again, and this one stops.
-					r.refresh(p, key, vals, load, "ahead", p.staleWindow()+ttl-time.Duration(p.RefreshAhead*float64(ttl)))
+					r.refresh(p, key, slices.Clone(vals), r.loadOf(p, load, args), "ahead", p.staleWindow()+ttl-time.Duration(p.RefreshAhead*float64(ttl)))
 				}
 				return Result{Body: body, Cache: Hit, Age: e.age, Local: local}, nil
 			case e.swr:
 				r.count(p, "stale", 1)
 				r.m.staleServed.WithLabelValues(p.Name, StaleWhileRevalidate).Inc()
-				r.refresh(p, key, vals, load, "stale", p.staleWindow())
+				r.refresh(p, key, slices.Clone(vals), r.loadOf(p, load, args), "stale", p.staleWindow())
 				return Result{Body: body, Cache: Stale, Age: e.age, StaleReason: StaleWhileRevalidate, Local: local}, nil
 			}
 			// Past stale_while_revalidate: load now, keeping the entry for stale_if_error.
@@ -361,10 +376,12 @@ func (r *Resolver) GetFunc(ctx context.Context, p *Policy, vals []string, load L
 	// not fail everyone waiting on the same key; each caller still stops waiting when its own
 	// context ends.
 	flightKey := strconv.FormatUint(r.epoch.Load(), 36) + "\x00" + key
+	// Copies of vals and args go to the load, so that a hit keeps the caller's on its stack.
+	lf, ownVals := r.loadOf(p, load, args), slices.Clone(vals)
 	ch := r.flight.DoChan(flightKey, func() (any, error) {
 		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.opts.QueryTimeout)
 		defer cancel()
-		return r.loadAndFill(lctx, p, key, vals, load, plan{mode: mode, refreshBelow: p.staleWindow(), shed: cacheState == Bypass})
+		return r.loadAndFill(lctx, p, key, ownVals, lf, plan{mode: mode, refreshBelow: p.staleWindow(), shed: cacheState == Bypass})
 	})
 	select {
 	case res := <-ch:
@@ -654,7 +671,7 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 	}
 	keys := make([]string, len(ids))
 	for i, id := range ids {
-		keys[i] = r.opts.Namespace + p.Key.Render(strconv.FormatInt(id, 10))
+		keys[i] = p.Key.RenderAfter(r.opts.Namespace, strconv.FormatInt(id, 10))
 	}
 	items := make([]Item, len(ids))
 	for i, id := range ids {

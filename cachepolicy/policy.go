@@ -210,13 +210,18 @@ func ParseTemplate(key string, params []string) (*Template, error) {
 }
 
 // Render fills the template. Values must already be validated: Render does not escape.
-func (t *Template) Render(values ...string) string {
-	n := len(t.tail)
+func (t *Template) Render(values ...string) string { return t.RenderAfter("", values...) }
+
+// RenderAfter is prefix + t.Render(values...) in one allocation (the hit path renders every
+// key after the namespace).
+func (t *Template) RenderAfter(prefix string, values ...string) string {
+	n := len(prefix) + len(t.tail)
 	for i, p := range t.parts {
 		n += len(p) + len(values[t.slots[i]])
 	}
 	var b strings.Builder
 	b.Grow(n)
+	b.WriteString(prefix)
 	for i, p := range t.parts {
 		b.WriteString(p)
 		b.WriteString(values[t.slots[i]])
