@@ -1,6 +1,8 @@
 // Command directvalkey answers GET /v1/sessions/{sid} with one Valkey GET per request, what an
 // app using connect-redis directly does on every request: the floor under cachecar's session
-// reads from Valkey (scenario h), measured on the same machine in the same run.
+// reads from Valkey (scenario h), measured on the same machine in the same run. With -path
+// /v1/courses/{key} it is a bare hand-written cache-aside service's hit, the floor under
+// cachecar's hits from Valkey (scenario k).
 package main
 
 import (
@@ -14,6 +16,7 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -34,13 +37,26 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.SetOutput(stderr)
 	listen := fs.String("listen", "127.0.0.1:18082", "address to listen on")
 	addr := fs.String("valkey-addr", "127.0.0.1:6379", "Valkey or Redis address")
-	prefix := fs.String("key-prefix", "sess:", "key prefix: the session sid is read from PREFIX+sid (connect-redis's default is sess:)")
+	path := fs.String("path", "/v1/sessions/{key}", "route served (GET); its {key} wildcard is appended to -key-prefix")
+	prefix := fs.String("key-prefix", "sess:", "key prefix: {key} is read from PREFIX+{key} (connect-redis's default is sess:)")
+	header := fs.String("header", "X-Session-Store: valkey", `header sent with every answer, "Name: value" (empty: none), as cachecar sends X-Session-Store or X-Cache`)
 	timeout := fs.Duration("timeout", 50*time.Millisecond, "timeout of one GET (cachecar's default Valkey timeout)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if *timeout <= 0 {
 		return fmt.Errorf("timeout %s: must be positive", *timeout)
+	}
+	if !strings.HasPrefix(*path, "/") || !strings.HasSuffix(*path, "/{key}") {
+		return fmt.Errorf("path %q: must start with / and end with /{key}", *path)
+	}
+	var hname, hvalue string
+	if *header != "" {
+		n, v, ok := strings.Cut(*header, ":")
+		if !ok || strings.TrimSpace(n) == "" {
+			return fmt.Errorf("header %q: want \"Name: value\"", *header)
+		}
+		hname, hvalue = http.CanonicalHeaderKey(strings.TrimSpace(n)), strings.TrimSpace(v)
 	}
 	// No client-side cache: every read is a round trip, as connect-redis makes it.
 	vk, err := valkey.NewClient(valkey.ClientOption{InitAddress: []string{*addr}, DisableCache: true})
@@ -50,27 +66,28 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	defer vk.Close()
 
 	mux := http.NewServeMux()
-	mux.Handle("GET /v1/sessions/{sid}", sessionHandler(vk, *prefix, *timeout))
+	mux.Handle("GET "+*path, getHandler(vk, *prefix, *timeout, hname, hvalue))
 
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	fmt.Fprintf(stdout, "directvalkey: listening on %s, keys %s{sid} on %s\n", ln.Addr(), *prefix, *addr)
+	fmt.Fprintf(stdout, "directvalkey: listening on %s, GET %s from keys %s{key} on %s\n", ln.Addr(), *path, *prefix, *addr)
 	return serve(ctx, srv, ln)
 }
 
-// sessionHandler reads one session key per request and writes its bytes as they are, with the
-// X-Session-Store header cachecar sends, so that bench/sessions counts its answers the same way.
-func sessionHandler(vk valkey.Client, prefix string, timeout time.Duration) http.Handler {
+// getHandler reads one key per request and writes its bytes as they are, with the header given
+// (cachecar's X-Session-Store or X-Cache), so that the load generators count its answers the
+// same way.
+func getHandler(vk valkey.Client, prefix string, timeout time.Duration, hname, hvalue string) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), timeout)
 		defer cancel()
-		body, err := vk.Do(ctx, vk.B().Get().Key(prefix+r.PathValue("sid")).Build()).AsBytes()
+		body, err := vk.Do(ctx, vk.B().Get().Key(prefix+r.PathValue("key")).Build()).AsBytes()
 		switch {
 		case valkey.IsValkeyNil(err):
-			writeError(w, http.StatusNotFound, "not_found", "session not found")
+			writeError(w, http.StatusNotFound, "not_found", "no such key")
 			return
 		case err != nil:
 			writeError(w, http.StatusServiceUnavailable, "valkey_unavailable", "valkey read failed")
@@ -79,7 +96,9 @@ func sessionHandler(vk valkey.Client, prefix string, timeout time.Duration) http
 		h := w.Header()
 		h.Set("Content-Type", "application/json")
 		h.Set("Content-Length", strconv.Itoa(len(body)))
-		h.Set("X-Session-Store", "valkey")
+		if hname != "" {
+			h.Set(hname, hvalue)
+		}
 		_, _ = w.Write(body)
 	})
 }
