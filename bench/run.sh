@@ -2,7 +2,8 @@
 # bench/run.sh: cachecar's benchmark. a to e: one load generator (wrk), one concurrency:
 #   a  bench/fixedjson  fixed 1 KB JSON from net/http: the HTTP ceiling of this machine
 #   b  bench/directpg   one SELECT per request through pgxpool (16): the app without a cache
-#   c  cachecar hits    listener live, every course id warmed first, then random ids
+#   c  cachecar hits    listener live, every course id warmed first, then random ids; c/a
+#                       from runs alternating with fixedjson inside c (a c a c)
 #   d  cachecar misses  fresh namespace, every id requested once
 #   e  cachecar hits    as c, with CACHECAR_INVALIDATION_ENABLED=false: what invalidation costs a hit
 #   (c and e run with the in-process tier on, cachecar's default; c's note gives the fraction of
@@ -662,8 +663,24 @@ scenario_c() {
 	hit_fixed_rate c "$CC_URL" || true
 	scrape_into SC_AFTER || true
 	fr_tier_note c
+	# c/a alternates: the bare server and cachecar, each wrk run as long as c's, a c a c (the
+	# last c is the run below), and the target reads the sums: a and c measured minutes apart
+	# drifted by up to 14% on this machine (c/a 0.746 to 0.851 over four runs of the day).
+	if READY_PATH=/v1/courses/1 start_helper ca fixedjson; then
+		run_wrk ca1 "$HELPER_URL" bench/random.lua 1 "$ID_LAST" || true
+		run_wrk cc1 "$CC_URL" bench/random.lua 1 "$ID_LAST" || true
+		run_wrk ca2 "$HELPER_URL" bench/random.lua 1 "$ID_LAST" || true
+		stop_helper c fixedjson "$HELPER_PID"
+	fi
 	NOTE[c]+=" Closed loop (wrk):"
 	hit_measure c WRK_OPTS || return 1
+	if [[ -n ${RPS[ca1]:-} && -n ${RPS[cc1]:-} && -n ${RPS[ca2]:-} && -n ${RPS[c]:-} && -z ${FAILED[ca]:-}${FAILED[ca1]:-}${FAILED[cc1]:-}${FAILED[ca2]:-} ]]; then
+		CA_ALT=$(awk -v a1="${RPS[ca1]}" -v c1="${RPS[cc1]}" -v a2="${RPS[ca2]}" -v c2="${RPS[c]}" \
+			'BEGIN { if (a1 + a2 > 0) printf "%.3f", (c1 + c2) / (a1 + a2) }')
+		NOTE[c]+=" Alternating with fixedjson for c/a, requests/s: fixedjson $(printf '%.0f' "${RPS[ca1]}"), cachecar $(printf '%.0f' "${RPS[cc1]}"), fixedjson $(printf '%.0f' "${RPS[ca2]}"), cachecar $(printf '%.0f' "${RPS[c]}") (the c row)."
+	else
+		NOTE[c]+=" The runs alternating with fixedjson did not all complete${FAILED[ca]:+ (${FAILED[ca]})}: c/a reads the single runs a and c."
+	fi
 	if [[ ${TIER_ON[c]:-} != 1 ]]; then
 		NOTE[c]+=" The in-process tier was not on: c did not measure in-process hits (is CACHECAR_CACHE_TIER_MAX_BYTES set to 0 in the environment?)."
 		log "scenario c: WARNING the in-process tier was not on"
@@ -676,6 +693,7 @@ scenario_c() {
 # alternating cancels the drift that a single pair would take for a difference. The e row of
 # the table shows the last "off" run.
 E_ON=() E_OFF=()
+CA_ALT=""
 scenario_e() {
 	local i
 	for i in 1 2; do
@@ -1581,7 +1599,13 @@ report() {
 	# earlier hit targets (0.45, 2.3, 10 ms), set when every hit was a Valkey round trip, are read
 	# on k, which runs that way.
 	local cfrac="in-process fraction of c's hits ${LOCAL_FRAC[c]:-n/a}"
-	echo "| c/a throughput (in-process-tier hit vs HTTP ceiling; $cfrac) | ${ca:-n/a} | >= 0.85 | $(verdict "$ca" ">=" 0.85) |"
+	# c/a: the alternating runs of c when they completed (see scenario_c), else the single runs.
+	local casrc="c and a, single runs minutes apart"
+	if [[ -n ${CA_ALT:-} && -z ${FAILED[c]:-} ]]; then
+		casrc="sums of alternating runs in c (fixedjson, cachecar, fixedjson, cachecar); the single runs c and a: ${ca:-n/a}"
+		ca=$CA_ALT
+	fi
+	echo "| c/a throughput (in-process-tier hit vs HTTP ceiling; $casrc; $cfrac) | ${ca:-n/a} | >= 0.85 | $(verdict "$ca" ">=" 0.85) |"
 	echo "| c/b throughput (in-process-tier hit vs no cache) | ${cb:-n/a} | >= 4.5 | $(verdict "$cb" ">=" 4.5) |"
 	# c p99: the fixed-rate run's (the latency of a hit at a stated load). With wrk's closed loop
 	# the 2 shared cores are saturated and even the bare server's p99 (a) is queueing, so the
