@@ -83,6 +83,8 @@ bench: check-go
 	@EXTRA_PACKAGES=wrk bash deploy/local/services.sh up
 	@$(MAKE) --no-print-directory migrate
 	$(RUN_ENV) CACHECAR_BIN=bin/cachecar bash bench/run.sh
+	@echo "[bench] Go benchmarks of the hit path (time and allocations per read) and the ETag:"
+	$(TEST_ENV) go test -run '^$$' -bench 'Hit|ETag' -benchmem -count 1 ./cachepolicy/
 
 vet: check-go
 	go vet ./...
