@@ -747,9 +747,13 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 	if len(missing) == 0 {
 		return items, manyResult(state, anyStale), nil
 	}
-	missKeys := make([]string, len(missing))
-	missIDs := make([]int64, len(missing))
-	for j, i := range missing {
+	// The missing keys in key order, so that the same set asked for in another order is the
+	// same load (found is by id, so the order of the load does not matter).
+	order := slices.Clone(missing)
+	slices.SortFunc(order, func(x, y int) int { return strings.Compare(keys[x], keys[y]) })
+	missKeys := make([]string, len(order))
+	missIDs := make([]int64, len(order))
+	for j, i := range order {
 		missKeys[j], missIDs[j] = keys[i], ids[i]
 	}
 	// One load per set of missing ids per process, as for one key: identical batches missing at
@@ -758,6 +762,8 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 	var fk strings.Builder
 	fk.WriteString(strconv.FormatUint(r.epoch.Load(), 36))
 	fk.WriteString("\x00many\x00")
+	fk.WriteString(p.Name)
+	fk.WriteByte(0)
 	fk.WriteString(state)
 	for _, k := range missKeys {
 		fk.WriteByte(0)

@@ -13,6 +13,7 @@ import (
 	"github.com/cachecar/cachecar/internal/testenv"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/rs/zerolog"
 	"github.com/valkey-io/valkey-go"
 )
@@ -1385,7 +1386,8 @@ func TestTierJoinedReadSurvivesLeaderHangingUp(t *testing.T) {
 	}
 }
 
-// Identical batches missing at once share one query, as concurrent misses of one key do.
+// Identical batches missing at once share one query, as concurrent misses of one key do, also
+// when they list the ids in another order.
 func TestGetManyConcurrentBatchesShareOneQuery(t *testing.T) {
 	pool := itemsDB(t)
 	addr, prefix := testenv.Valkey(t)
@@ -1398,18 +1400,29 @@ func TestGetManyConcurrentBatchesShareOneQuery(t *testing.T) {
 		res   Result
 		err   error
 	}
-	batch := func(out chan<- answer) {
-		items, res, err := f.res.GetMany(ctx, p, []int64{2, 3})
+	batch := func(ids []int64, out chan<- answer) {
+		items, res, err := f.res.GetMany(ctx, p, ids)
 		out <- answer{items, res, err}
 	}
 	first, second := make(chan answer, 1), make(chan answer, 1)
-	go batch(first)
-	<-entered // the first batch's query is in flight
-	go batch(second)
+	go batch([]int64{2, 3}, first)
+	select {
+	case <-entered: // the first batch's query is in flight
+	case <-time.After(10 * time.Second):
+		t.Fatal("the first batch never queried")
+	}
+	go batch([]int64{3, 2}, second)
+	// The second batch's lookup has counted its two misses once it is about to join the load;
+	// a query of its own would show on entered.
+	for deadline := time.Now().Add(10 * time.Second); f.res.Stats()["item"].Misses < 4; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the second batch never looked its ids up")
+		}
+	}
 	select {
 	case <-entered:
 		t.Fatal("the second identical batch ran a query of its own")
-	case <-time.After(500 * time.Millisecond):
+	case <-time.After(300 * time.Millisecond):
 	}
 	release()
 	for _, ch := range []chan answer{first, second} {
@@ -1420,5 +1433,8 @@ func TestGetManyConcurrentBatchesShareOneQuery(t *testing.T) {
 	}
 	if n := f.loader.many.Load(); n != 1 {
 		t.Fatalf("%d batch queries for two identical batches missing at once, want 1", n)
+	}
+	if n := testutil.ToFloat64(f.res.m.shared.WithLabelValues("item")); n != 2 {
+		t.Fatalf("cachecar_loads_shared_total %v for the two batches, want 2 (both answered by one load)", n)
 	}
 }
