@@ -681,9 +681,9 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 	stale := map[int]entry{} // entries past stale_while_revalidate kept for stale_if_error
 	state := Bypass
 	anyStale := false
-	if r.store != nil && !r.usable(p) {
+	if r.store != nil && !r.usable(p) && p.StaleIfError > 0 {
 		// As in GetFunc: entries are kept only for stale_if_error while invalidation is away.
-		if vals, pttls, err := r.store.MGet(ctx, keys); p.StaleIfError > 0 && err == nil {
+		if vals, pttls, err := r.store.MGet(ctx, keys); err == nil {
 			for i, v := range vals {
 				if v != nil && !isNegative(v) {
 					if e := p.classifyEntry(keys[i], v, pttls[i]); e.fresh || e.sie {
