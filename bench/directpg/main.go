@@ -20,6 +20,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cachecar/cachecar/bench/internal/benchsrv"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
@@ -80,7 +81,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	fmt.Fprintf(stdout, "directpg: listening on %s, pool size %d\n", ln.Addr(), *poolSize)
-	return serve(ctx, srv, ln)
+	return benchsrv.Serve(ctx, srv, ln)
 }
 
 // rowQuerier is the one pool method the handler uses.
@@ -93,29 +94,30 @@ func courseHandler(db rowQuerier, timeout time.Duration) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		id, err := strconv.ParseInt(r.PathValue("id"), 10, 64)
 		if err != nil || id < 1 {
-			writeError(w, http.StatusBadRequest, "bad_id", "course id must be a positive integer")
+			benchsrv.WriteError(w, http.StatusBadRequest, "bad_id", "course id must be a positive integer")
 			return
 		}
-		ctx, cancel := context.WithTimeout(r.Context(), timeout)
-		defer cancel()
-		var body []byte
-		err = db.QueryRow(ctx, courseQuery, id).Scan(&body)
-		switch {
-		case errors.Is(err, pgx.ErrNoRows):
-			writeError(w, http.StatusNotFound, "not_found", "course not found")
-			return
-		case errors.Is(err, context.DeadlineExceeded):
-			writeError(w, http.StatusGatewayTimeout, "timeout", "database query timed out")
-			return
-		case err != nil:
-			writeError(w, http.StatusServiceUnavailable, "database_unavailable", "database query failed")
-			return
-		}
-		h := w.Header()
-		h.Set("Content-Type", "application/json")
-		h.Set("Content-Length", strconv.Itoa(len(body)))
-		_, _ = w.Write(body)
+		answerRow(w, r, db, timeout, "course", "", courseQuery, id)
 	})
+}
+
+// answerRow runs query, which returns at most one row of one JSON text column, and answers with
+// it (with the header hname: postgres when hname is set), 404 without a row.
+func answerRow(w http.ResponseWriter, r *http.Request, db rowQuerier, timeout time.Duration, what, hname, query string, args ...any) {
+	ctx, cancel := context.WithTimeout(r.Context(), timeout)
+	defer cancel()
+	var body []byte
+	err := db.QueryRow(ctx, query, args...).Scan(&body)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		benchsrv.WriteError(w, http.StatusNotFound, "not_found", what+" not found")
+	case errors.Is(err, context.DeadlineExceeded):
+		benchsrv.WriteError(w, http.StatusGatewayTimeout, "timeout", "database query timed out")
+	case err != nil:
+		benchsrv.WriteError(w, http.StatusServiceUnavailable, "database_unavailable", "database query failed")
+	default:
+		benchsrv.WriteJSON(w, body, hname, "postgres")
+	}
 }
 
 // sessionQuery is the query cachecar's session store runs for a read from PostgreSQL, on table
@@ -130,53 +132,7 @@ func sessionQuery(table string) string {
 // sends, so that bench/sessions counts its answers the same way.
 func sessionHandler(db rowQuerier, query string, timeout time.Duration, now func() time.Time) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		ctx, cancel := context.WithTimeout(r.Context(), timeout)
-		defer cancel()
-		var body []byte
 		nowSec := int64(math.Ceil(float64(now().UnixMilli()) / 1000))
-		err := db.QueryRow(ctx, query, r.PathValue("sid"), nowSec).Scan(&body)
-		switch {
-		case errors.Is(err, pgx.ErrNoRows):
-			writeError(w, http.StatusNotFound, "not_found", "session not found")
-			return
-		case errors.Is(err, context.DeadlineExceeded):
-			writeError(w, http.StatusGatewayTimeout, "timeout", "database query timed out")
-			return
-		case err != nil:
-			writeError(w, http.StatusServiceUnavailable, "database_unavailable", "database query failed")
-			return
-		}
-		h := w.Header()
-		h.Set("Content-Type", "application/json")
-		h.Set("Content-Length", strconv.Itoa(len(body)))
-		h.Set("X-Session-Store", "postgres")
-		_, _ = w.Write(body)
+		answerRow(w, r, db, timeout, "session", "X-Session-Store", query, r.PathValue("sid"), nowSec)
 	})
-}
-
-// writeError writes the project's error shape; messages are fixed strings, never internals.
-func writeError(w http.ResponseWriter, status int, code, message string) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(status)
-	_, _ = fmt.Fprintf(w, `{"error":{"code":%q,"message":%q}}`, code, message)
-}
-
-// serve runs srv on ln until ctx is done, then lets in-flight requests finish.
-func serve(ctx context.Context, srv *http.Server, ln net.Listener) error {
-	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
-	select {
-	case err := <-errc:
-		return fmt.Errorf("serve: %w", err)
-	case <-ctx.Done():
-	}
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := srv.Shutdown(shutdownCtx); err != nil {
-		return fmt.Errorf("shutdown: %w", err)
-	}
-	if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return fmt.Errorf("serve: %w", err)
-	}
-	return nil
 }

@@ -7,7 +7,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -15,11 +14,11 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
+	"github.com/cachecar/cachecar/bench/internal/benchsrv"
 	"github.com/valkey-io/valkey-go"
 )
 
@@ -74,7 +73,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	fmt.Fprintf(stdout, "directvalkey: listening on %s, GET %s from keys %s{key} on %s\n", ln.Addr(), *path, *prefix, *addr)
-	return serve(ctx, srv, ln)
+	return benchsrv.Serve(ctx, srv, ln)
 }
 
 // getHandler reads one key per request and writes its bytes as they are, with the header given
@@ -87,45 +86,12 @@ func getHandler(vk valkey.Client, prefix string, timeout time.Duration, hname, h
 		body, err := vk.Do(ctx, vk.B().Get().Key(prefix+r.PathValue("key")).Build()).AsBytes()
 		switch {
 		case valkey.IsValkeyNil(err):
-			writeError(w, http.StatusNotFound, "not_found", "no such key")
+			benchsrv.WriteError(w, http.StatusNotFound, "not_found", "no such key")
 			return
 		case err != nil:
-			writeError(w, http.StatusServiceUnavailable, "valkey_unavailable", "valkey read failed")
+			benchsrv.WriteError(w, http.StatusServiceUnavailable, "valkey_unavailable", "valkey read failed")
 			return
 		}
-		h := w.Header()
-		h.Set("Content-Type", "application/json")
-		h.Set("Content-Length", strconv.Itoa(len(body)))
-		if hname != "" {
-			h.Set(hname, hvalue)
-		}
-		_, _ = w.Write(body)
+		benchsrv.WriteJSON(w, body, hname, hvalue)
 	})
-}
-
-// writeError writes the project's error shape; messages are fixed strings, never internals.
-func writeError(w http.ResponseWriter, status int, code, message string) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(status)
-	_, _ = fmt.Fprintf(w, `{"error":{"code":%q,"message":%q}}`, code, message)
-}
-
-// serve runs srv on ln until ctx is done, then lets in-flight requests finish.
-func serve(ctx context.Context, srv *http.Server, ln net.Listener) error {
-	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
-	select {
-	case err := <-errc:
-		return fmt.Errorf("serve: %w", err)
-	case <-ctx.Done():
-	}
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := srv.Shutdown(shutdownCtx); err != nil {
-		return fmt.Errorf("shutdown: %w", err)
-	}
-	if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return fmt.Errorf("serve: %w", err)
-	}
-	return nil
 }

@@ -4,7 +4,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -16,6 +15,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/cachecar/cachecar/bench/internal/benchsrv"
 )
 
 func main() {
@@ -50,7 +51,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	fmt.Fprintf(stdout, "fixedjson: listening on %s, body %d bytes\n", ln.Addr(), len(body))
-	return serve(ctx, srv, ln)
+	return benchsrv.Serve(ctx, srv, ln)
 }
 
 // fixedHandler writes the same bytes for every request, like a cache hit that costs nothing.
@@ -73,24 +74,4 @@ func fixedBody(size int) ([]byte, error) {
 		return nil, fmt.Errorf("size %d is below the minimum %d", size, len(head)+len(tail))
 	}
 	return []byte(head + strings.Repeat("x", pad) + tail), nil
-}
-
-// serve runs srv on ln until ctx is done, then lets in-flight requests finish.
-func serve(ctx context.Context, srv *http.Server, ln net.Listener) error {
-	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
-	select {
-	case err := <-errc:
-		return fmt.Errorf("serve: %w", err)
-	case <-ctx.Done():
-	}
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := srv.Shutdown(shutdownCtx); err != nil {
-		return fmt.Errorf("shutdown: %w", err)
-	}
-	if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return fmt.Errorf("serve: %w", err)
-	}
-	return nil
 }
