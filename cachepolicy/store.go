@@ -154,19 +154,7 @@ func (s *Store) Connect() error {
 		// Every pipelined connection gets its own store. One connection (auto-pipelined, so
 		// concurrent calls still share writes) keeps one store: a hit is one lookup, and the
 		// whole tier size is one bound.
-		cached := opt
-		// Copies are right only while invalidation messages arrive. valkey-go PINGs a
-		// connection that received nothing for Dialer.KeepAlive and closes it (flushing its
-		// store) when the PING gets no answer within ConnWriteTimeout; at 30 s a silently dead
-		// connection (a dropped flow, a partition) would keep serving copies that long.
-		cached.Dialer.KeepAlive = tierPingGap
-		cached.DisableCache = false
-		cached.PipelineMultiplex = -1
-		cached.CacheSizeEachConn = s.opts.TierSize
-		cached.NewCacheStoreFn = func(o valkey.CacheStoreOption) valkey.CacheStore {
-			return newLocalStore(o.CacheSizeEachConn, &s.tier)
-		}
-		c, err = valkey.NewClient(cached)
+		c, err = valkey.NewClient(trackedOption(opt, s.opts.TierSize, &s.tier))
 		tier = err == nil
 		if errors.Is(err, valkey.ErrNoCache) {
 			s.log.Warn().Err(err).Msg("valkey does not support client tracking (RESP3 CLIENT TRACKING): running without the in-process tier")

@@ -25,6 +25,59 @@ import (
 // nothing for the collector to scan, and its memory is bounded by its size. Entries larger than
 // fastcache's 64 KiB limit are not kept locally; they are served from Valkey.
 
+// trackedOption returns opt with client tracking on and every reply it caches kept in a
+// localStore of size bytes registered in stats.
+func trackedOption(opt valkey.ClientOption, size int, stats *tierStats) valkey.ClientOption {
+	// Every pipelined connection gets its own store. One connection (auto-pipelined, so
+	// concurrent calls still share writes) keeps one store: a hit is one lookup, and the whole
+	// tier size is one bound. Calls that are not cached use the same connection, so a write's
+	// acknowledgement arrives after every reply this connection read before it.
+	opt.DisableCache = false
+	opt.PipelineMultiplex = -1
+	opt.CacheSizeEachConn = size
+	// Copies are right only while invalidation messages arrive. valkey-go PINGs a connection
+	// that received nothing for Dialer.KeepAlive and closes it (flushing its store) when the PING
+	// gets no answer within ConnWriteTimeout; at 30 s a silently dead connection (a dropped flow,
+	// a partition) would keep serving copies that long.
+	opt.Dialer.KeepAlive = tierPingGap
+	opt.NewCacheStoreFn = func(o valkey.CacheStoreOption) valkey.CacheStore {
+		return newLocalStore(o.CacheSizeEachConn, stats)
+	}
+	return opt
+}
+
+// LocalCopies is an in-process tier for a valkey-go client other than the cache's (the
+// sessions' store): the same bounded, tracked, off-heap copies, in a tier of its own.
+type LocalCopies struct {
+	size  int
+	stats tierStats
+}
+
+// NewLocalCopies returns a tier of size bytes (at least MinTierSize).
+func NewLocalCopies(size int) *LocalCopies {
+	return &LocalCopies{size: max(size, MinTierSize)}
+}
+
+// Option returns opt with client tracking on and the replies of DoCache and DoMultiCache kept
+// in this tier. valkey.NewClient fails with valkey.ErrNoCache when the server cannot track.
+func (l *LocalCopies) Option(opt valkey.ClientOption) valkey.ClientOption {
+	return trackedOption(opt, l.size, &l.stats)
+}
+
+// Forget drops the copies of keys (GETs and MGETs of them) once this process's own change to
+// them is acknowledged; see tierStats.drop.
+func (l *LocalCopies) Forget(keys ...string) { l.stats.drop(keys) }
+
+// Reset drops every copy, and keeps none of the replies of reads in flight.
+func (l *LocalCopies) Reset() {
+	for _, s := range l.stats.list() {
+		s.reset()
+	}
+}
+
+// Stats returns what the tier holds now.
+func (l *LocalCopies) Stats() TierStats { return l.stats.read() }
+
 // tierStats holds every connection's store, for peeks, metrics and stats. The list is copied
 // on change (connections come and go rarely) so that the hit path reads it without a lock.
 type tierStats struct {
@@ -151,8 +204,9 @@ type tierFlight struct {
 	ch     chan struct{}
 	val    valkey.ValkeyMessage
 	err    error
-	xat    int64 // the caller's client-side expiry, Unix ms
-	noKeep bool  // the key was dropped while this load was in flight: serve the reply, keep no copy
+	xat    int64     // the caller's client-side expiry, Unix ms
+	start  time.Time // when the read was asked for, before it was sent
+	noKeep bool      // the key was dropped while this load was in flight: serve the reply, keep no copy
 }
 
 // forget deletes the entry k and marks a load of it in flight as not to be kept.
@@ -193,7 +247,7 @@ func (s *localStore) Flight(key, cmd string, ttl time.Duration, now time.Time) (
 		return valkey.ValkeyMessage{}, f
 	}
 	if !s.closed {
-		s.flights[k] = &tierFlight{ch: make(chan struct{}), xat: now.Add(ttl).UnixMilli()}
+		s.flights[k] = &tierFlight{ch: make(chan struct{}), xat: now.Add(ttl).UnixMilli(), start: now}
 		s.noteCmd(cmd)
 	}
 	return valkey.ValkeyMessage{}, nil
@@ -225,6 +279,13 @@ func (s *localStore) Update(key, cmd string, val valkey.ValkeyMessage) int64 {
 	delete(s.flights, k)
 	sxat := val.CachePXAT() // the key's expiry on the server, read with the value
 	xat := sxat
+	if xat > 0 {
+		// valkey-go adds the PTTL to the time it read the reply, later than the server ran the
+		// command: the copy would outlive the key by the reply's trip. The server ran it after
+		// the read was asked for, so that time plus the PTTL is never past the key's expiry:
+		// take back everything since then, and a millisecond for the rounding.
+		xat -= time.Since(f.start).Milliseconds() + 2
+	}
 	if xat <= 0 || f.xat < xat {
 		xat = f.xat
 	}
@@ -275,6 +336,17 @@ func (s *localStore) Delete(keys []valkey.ValkeyMessage) {
 			s.c.Del([]byte(entryKey(key, cmd)))
 		}
 	}
+}
+
+// reset drops every entry and keeps no copy of the loads in flight (their callers still get
+// their replies).
+func (s *localStore) reset() {
+	s.mu.Lock()
+	for _, f := range s.flights {
+		f.noKeep = true
+	}
+	s.c.Reset()
+	s.mu.Unlock()
 }
 
 // Close flushes everything: the connection broke, so invalidations may have been missed.

@@ -1438,3 +1438,57 @@ func TestGetManyConcurrentBatchesShareOneQuery(t *testing.T) {
 		t.Fatalf("cachecar_loads_shared_total %v for the two batches, want 2 (both answered by one load)", n)
 	}
 }
+
+// valkey-go dates a copy's expiry from when it read the reply (the reply's time plus the key's
+// PTTL), later than the server ran the read: a copy would outlive its key by the reply's trip. A
+// store dates it from when the read was asked for instead, which is never after the server ran
+// it.
+func TestTierCopyNeverOutlivesItsKey(t *testing.T) {
+	addr, prefix := testenv.Valkey(t)
+	stats := &tierStats{}
+	c, err := valkey.NewClient(trackedOption(valkey.ClientOption{InitAddress: []string{addr}}, MinTierSize, stats))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx := context.Background()
+	key := prefix + "expiring"
+	if err := c.Do(ctx, c.B().Set().Key(key).Value("v").Px(time.Minute).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	// A reply as valkey-go hands it to the store: its expiry is when it was read plus the PTTL.
+	reply, err := c.DoCache(ctx, c.B().Get().Key(key).Cache(), time.Hour).ToMessage()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pxat := reply.CachePXAT()
+	if pxat <= 0 {
+		t.Fatalf("the reply carries no expiry (%d)", pxat)
+	}
+
+	// The same reply, for a read asked for 500 ms before it arrived: the server may have run it
+	// at any moment since, so the copy must be gone 500 ms before pxat.
+	const trip = 500 * time.Millisecond
+	st := newLocalStore(1<<20, &tierStats{})
+	defer st.Close(errors.New("test over"))
+	if _, e := st.Flight(key, "GET", time.Hour, time.Now().Add(-trip)); e != nil {
+		t.Fatal("Flight joined a load; want it to start one")
+	}
+	if got := st.Update(key, "GET", reply); got != pxat {
+		t.Fatalf("Update returned %d, want the server's expiry %d (the entry's age is read from it)", got, pxat)
+	}
+	at := func(ms int64) bool {
+		m, e := st.Flight(key, "GET", time.Hour, time.UnixMilli(ms))
+		if e != nil {
+			st.Cancel(key, "GET", errors.New("not loaded"))
+			return false
+		}
+		return m.IsString()
+	}
+	if !at(pxat - trip.Milliseconds() - 100) {
+		t.Fatal("the copy is not served 100 ms before its safe expiry")
+	}
+	if at(pxat - trip.Milliseconds() + 1) {
+		t.Fatalf("the copy is served at pxat-%v+1ms: it may outlive the key", trip)
+	}
+}
