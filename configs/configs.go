@@ -72,6 +72,9 @@ type SessionsConfig struct {
 	// Migration is "", "connect-redis" or "connect-pg-simple": the store some apps still use
 	// directly during a rolling migration to cachecar.
 	Migration string `mapstructure:"migration"`
+	// TierMaxBytes is the memory of the sessions' own in-process tier (tracked copies of
+	// session keys); 0 turns it off.
+	TierMaxBytes int64 `mapstructure:"tier_max_bytes"`
 }
 
 // InvalidationConfig is the LISTEN/NOTIFY invalidation: the triggers migrate installs and the
@@ -772,8 +775,14 @@ func (c *Config) validate() []string {
 	}
 	if c.Cache.TierMaxBytes != 0 && (c.Cache.TierMaxBytes < MinTierBytes || c.Cache.TierMaxBytes > 1<<40) {
 		p = append(p, fmt.Sprintf("cache.tier_max_bytes: must be 0 (no in-process tier) or from %d (32 MiB) to 1 TiB, got %d", MinTierBytes, c.Cache.TierMaxBytes))
-	} else if lim, src := MemoryLimit(); c.Cache.TierMaxBytes > 0 && lim > 0 && c.Cache.TierMaxBytes+64<<20 > lim {
-		p = append(p, fmt.Sprintf("cache.tier_max_bytes (%d) does not fit the memory limit of %d bytes (%s) with 64 MiB for everything else", c.Cache.TierMaxBytes, lim, src))
+	}
+	if c.Sessions.TierMaxBytes != 0 && (c.Sessions.TierMaxBytes < MinTierBytes || c.Sessions.TierMaxBytes > 1<<40) {
+		p = append(p, fmt.Sprintf("sessions.tier_max_bytes: must be 0 (no in-process tier for sessions) or from %d (32 MiB) to 1 TiB, got %d", MinTierBytes, c.Sessions.TierMaxBytes))
+	}
+	if tiers := c.tierBytes(); tiers > 0 {
+		if lim, src := MemoryLimit(); lim > 0 && tiers+64<<20 > lim {
+			p = append(p, fmt.Sprintf("cache.tier_max_bytes (%d) and sessions.tier_max_bytes (%d) do not fit the memory limit of %d bytes (%s) with 64 MiB for everything else", c.Cache.TierMaxBytes, c.Sessions.TierMaxBytes, lim, src))
+		}
 	}
 	if c.Cache.LeaseWait < 0 || (c.Database.QueryTimeout > 0 && 2*c.Cache.LeaseWait > c.Database.QueryTimeout) {
 		// The wait comes out of the load's time: the load that may follow needs the rest.
@@ -1188,4 +1197,17 @@ var MemoryLimit = func() (int64, string) {
 		}
 	}
 	return lim, src
+}
+
+// tierBytes is the memory both in-process tiers may take, when their sizes are valid: the
+// cache's and, with sessions on and Valkey configured, the sessions'.
+func (c *Config) tierBytes() int64 {
+	var n int64
+	if c.Cache.TierMaxBytes >= MinTierBytes && c.Cache.TierMaxBytes <= 1<<40 {
+		n += c.Cache.TierMaxBytes
+	}
+	if c.Sessions.Enabled && len(c.Valkey.Addrs) > 0 && c.Sessions.TierMaxBytes >= MinTierBytes && c.Sessions.TierMaxBytes <= 1<<40 {
+		n += c.Sessions.TierMaxBytes
+	}
+	return n
 }

@@ -375,6 +375,7 @@ func TestEnvOnlyConfig(t *testing.T) {
 		"CACHECAR_SESSIONS_PRUNE_INTERVAL":                "5m",
 		"CACHECAR_SESSIONS_DELETE_UNKNOWN":                "false",
 		"CACHECAR_SESSIONS_MIGRATION":                     "connect-redis",
+		"CACHECAR_SESSIONS_TIER_MAX_BYTES":                "67108864",
 		"CACHECAR_DATABASE_MAX_LOADS":                     "40",
 		"CACHECAR_ADMIN_CLEAR_RATE":                       "2",
 		"CACHECAR_ADMIN_CLEAR_BURST":                      "5",
@@ -418,7 +419,7 @@ func TestEnvOnlyConfig(t *testing.T) {
 		Invalidation: InvalidationConfig{Enabled: false, ListenURL: "postgres://listen:lpw@db.internal:5432/app", Channel: "app1_inv",
 			ReconnectMax: 7 * time.Second, PingInterval: 9 * time.Second, MaxRows: 500},
 		Sessions: SessionsConfig{Enabled: true, Prefix: "s:", TTL: 24 * time.Hour, Table: "user_sessions", Schema: "auth",
-			MaxBodyBytes: 1024, RefreshInterval: time.Second, PruneInterval: 5 * time.Minute, DeleteUnknown: false, Migration: "connect-redis"},
+			MaxBodyBytes: 1024, RefreshInterval: time.Second, PruneInterval: 5 * time.Minute, DeleteUnknown: false, Migration: "connect-redis", TierMaxBytes: 64 << 20},
 	}
 	def := mustLoad(t, Source{})
 	want.Policies = def.Policies
@@ -931,8 +932,36 @@ func TestTierLargerThanMemoryLimit(t *testing.T) {
 	if !errors.As(err, &pe) || len(pe.Problems) != 1 || !strings.Contains(pe.Problems[0], "cache.tier_max_bytes") || !strings.Contains(pe.Problems[0], "cgroup memory.max") {
 		t.Fatalf("tier of 64 MiB in a 96 MiB limit: %v", err)
 	}
-	if _, err := Load(Source{Sets: []string{"cache.tier_max_bytes=33554432"}}); err != nil {
-		t.Fatalf("tier of 32 MiB in a 96 MiB limit: %v", err)
+	// The sessions' tier (32 MiB by default) counts too.
+	_, err = Load(Source{Sets: []string{"cache.tier_max_bytes=33554432"}})
+	if !errors.As(err, &pe) || len(pe.Problems) != 1 || !strings.Contains(pe.Problems[0], "cache.tier_max_bytes (33554432) and sessions.tier_max_bytes (33554432)") {
+		t.Fatalf("tiers of 32 MiB and 32 MiB in a 96 MiB limit: %v", err)
+	}
+	for _, sets := range [][]string{
+		{"cache.tier_max_bytes=33554432", "sessions.tier_max_bytes=0"},
+		{"cache.tier_max_bytes=33554432", "sessions.enabled=false"},
+		{"cache.tier_max_bytes=0"},
+	} {
+		if _, err := Load(Source{Sets: sets}); err != nil {
+			t.Fatalf("%v in a 96 MiB limit: %v", sets, err)
+		}
+	}
+}
+
+func TestSessionsTierSize(t *testing.T) {
+	cfg, err := Load(Source{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Sessions.TierMaxBytes != MinTierBytes {
+		t.Fatalf("default sessions.tier_max_bytes %d, want %d", cfg.Sessions.TierMaxBytes, MinTierBytes)
+	}
+	for _, bad := range []string{"1", "-1", "33554431", "1099511627777"} {
+		_, err := Load(Source{Sets: []string{"sessions.tier_max_bytes=" + bad}})
+		var pe *ProblemsError
+		if !errors.As(err, &pe) || len(pe.Problems) != 1 || !strings.Contains(pe.Problems[0], "sessions.tier_max_bytes") {
+			t.Fatalf("sessions.tier_max_bytes=%s: %v", bad, err)
+		}
 	}
 }
 

@@ -8,6 +8,7 @@ type metrics struct {
 	reconciles *prometheus.CounterVec
 	pruned     prometheus.Counter
 	restored   prometheus.Counter
+	local      prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -32,8 +33,12 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "cachecar_session_restored_total",
 			Help: "Session keys a touch found missing in Valkey while PostgreSQL had the session alive, and put back (expiry rounding at a session's end, or eviction).",
 		}),
+		local: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "cachecar_session_local_reads_total",
+			Help: "Session reads from Valkey answered by this process's tracked copy of the key (and of the sentinel) without a round trip; also counted in cachecar_session_ops_total.",
+		}),
 	}
-	reg.MustRegister(m.ops, m.active, m.reconciles, m.pruned, m.restored)
+	reg.MustRegister(m.ops, m.active, m.reconciles, m.pruned, m.restored, m.local)
 	for _, o := range []string{"ok", "error"} {
 		m.reconciles.WithLabelValues(o)
 	}

@@ -57,14 +57,19 @@ func (s *Store) Get(ctx context.Context, sid string) ([]byte, string, error) {
 	return body, FromPostgres, nil
 }
 
-// getValkey reads the session and the sentinel in one round trip. It returns ErrNotFound for an
-// absent key in a trusted Valkey, and another error when Valkey failed or turned out not to be
-// trusted (the caller reads PostgreSQL).
+// getValkey reads the session and the sentinel in one round trip, or from the client's tracked
+// copies of both (Options.Local) without one. It returns ErrNotFound for an absent key in a
+// trusted Valkey, and another error when Valkey failed or turned out not to be trusted (the
+// caller reads PostgreSQL).
 func (s *Store) getValkey(ctx context.Context, sid string) ([]byte, error) {
 	vctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
 	defer cancel()
 	vk := s.client()
-	vals, err := vk.Do(vctx, vk.B().Mget().Key(s.opts.Prefix+sid, s.opts.SentinelKey).Build()).ToArray()
+	res := vk.DoCache(vctx, vk.B().Mget().Key(s.opts.Prefix+sid, s.opts.SentinelKey).Cache(), localTTL)
+	if res.IsCacheHit() {
+		s.m.local.Inc()
+	}
+	vals, err := res.ToArray()
 	if err == nil && len(vals) != 2 {
 		err = fmt.Errorf("mget: %d values", len(vals))
 	}
@@ -263,6 +268,12 @@ func (s *Store) write(ctx context.Context, op, sid string, destroy bool, step pg
 			touchedValkey = true
 			agrees, err := vkWrite(vctx, vk)
 			cancel()
+			if s.opts.Local != nil {
+				// Whatever the outcome, this process's next read must not find a copy from
+				// before the change. Redis sends this connection the invalidation of its own
+				// write before the write's reply, but nothing here relies on that order.
+				s.opts.Local.Forget(s.opts.Prefix + sid)
+			}
 			switch {
 			case err != nil:
 				s.markDown(op, err)

@@ -103,7 +103,25 @@ type Options struct {
 	// connect-redis: no reads from PostgreSQL when Valkey is down (503), and reconciliation
 	// copies no rows into Valkey, because a row may be a session connect-redis has destroyed.
 	ValkeyOnly bool
+	// Local is the in-process tier of the Valkey client dial returns, when it keeps one
+	// (client tracking: cachepolicy.LocalCopies); nil when it keeps none.
+	Local LocalCopies
 }
+
+// LocalCopies is the Valkey client's in-process tier, as the store needs it: reads use
+// DoCache, so they are answered from a tracked copy when the client keeps one, and the store
+// drops copies itself where waiting for Valkey's invalidation message would be too late.
+type LocalCopies interface {
+	// Forget drops the copies of keys; called once this process's change to them is
+	// acknowledged, so that its next read does not find the old value.
+	Forget(keys ...string)
+	// Reset drops every copy and keeps none of the reads in flight.
+	Reset()
+}
+
+// localTTL bounds how long a tracked copy lives whatever the key's TTL; the key's TTL (a session
+// always has one) and Valkey's invalidation messages normally end it first.
+const localTTL = time.Hour
 
 // pgMigrationMarker is the sentinel while some sidecar runs with ReadPostgres.
 const pgMigrationMarker = "migrating:connect-pg-simple"
@@ -157,6 +175,12 @@ func (s *Store) trustSince(gen uint64) bool {
 	s.trustMu.Lock()
 	ok := s.staleGen == gen
 	if ok {
+		if !s.trusted.Load() && s.opts.Local != nil {
+			// Copies kept from before Valkey stopped being trusted may predate what a
+			// reconciliation wrote since (its invalidation messages may still be on their way):
+			// none is served from now on.
+			s.opts.Local.Reset()
+		}
 		s.trusted.Store(true)
 	}
 	s.trustMu.Unlock()

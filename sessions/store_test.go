@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cachecar/cachecar/cachepolicy"
 	"github.com/cachecar/cachecar/internal/testenv"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
@@ -71,12 +72,20 @@ func (f *fixture) start(t *testing.T, tweak func(*Options)) (*Store, *prometheus
 	t.Helper()
 	opts := Options{Prefix: "sess:", SentinelKey: "cachecar:sessions:epoch", TTL: 7 * 24 * time.Hour, Table: TableName("", "session"),
 		MaxBody: 64 << 10, Timeout: 300 * time.Millisecond, RefreshInterval: 50 * time.Millisecond, PruneInterval: time.Hour, DeleteUnknown: true}
+	// Every store keeps tracked copies, as cachecar does by default (sessions.tier_max_bytes),
+	// unless tweak sets Local to nil.
+	local := cachepolicy.NewLocalCopies(cachepolicy.MinTierSize)
+	opts.Local = local
 	if tweak != nil {
 		tweak(&opts)
 	}
 	addr := f.redis.Addr
 	dial := func() (valkey.Client, error) {
-		return valkey.NewClient(valkey.ClientOption{InitAddress: []string{addr}, DisableCache: true})
+		o := valkey.ClientOption{InitAddress: []string{addr}, DisableCache: true}
+		if opts.Local != nil {
+			o = local.Option(o)
+		}
+		return valkey.NewClient(o)
 	}
 	reg := prometheus.NewRegistry()
 	s := New(opts, dial, f.db, zerolog.Nop(), reg)

@@ -171,14 +171,31 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 	}
 	if cfg.Sessions.Enabled {
 		var dial func() (valkey.Client, error)
+		var local *cachepolicy.LocalCopies
 		if len(cfg.Valkey.Addrs) > 0 {
+			opt := valkey.ClientOption{
+				InitAddress: cfg.Valkey.Addrs, Username: cfg.Valkey.Username, Password: valkeyPassword, TLSConfig: valkeyTLS,
+				SelectDB: cfg.Valkey.DB, DisableCache: true, ClientName: "cachecar-sessions",
+				Dialer:           net.Dialer{Timeout: cfg.Valkey.DialTimeout, KeepAlive: 30 * time.Second},
+				ConnWriteTimeout: cfg.Valkey.Timeout * 20,
+			}
+			if cfg.Sessions.TierMaxBytes > 0 {
+				local = cachepolicy.NewLocalCopies(int(cfg.Sessions.TierMaxBytes))
+			}
+			var warned bool
 			dial = func() (valkey.Client, error) {
-				return valkey.NewClient(valkey.ClientOption{
-					InitAddress: cfg.Valkey.Addrs, Username: cfg.Valkey.Username, Password: valkeyPassword, TLSConfig: valkeyTLS,
-					SelectDB: cfg.Valkey.DB, DisableCache: true, ClientName: "cachecar-sessions",
-					Dialer:           net.Dialer{Timeout: cfg.Valkey.DialTimeout, KeepAlive: 30 * time.Second},
-					ConnWriteTimeout: cfg.Valkey.Timeout * 20,
-				})
+				if local == nil {
+					return valkey.NewClient(opt)
+				}
+				c, err := valkey.NewClient(local.Option(opt))
+				if errors.Is(err, valkey.ErrNoCache) {
+					if !warned {
+						warned = true
+						log.Warn().Err(err).Msg("valkey does not support client tracking (RESP3 CLIENT TRACKING): session reads go to Valkey every time")
+					}
+					c, err = valkey.NewClient(opt)
+				}
+				return c, err
 			}
 		}
 		sess = sessions.New(sessions.Options{
@@ -193,6 +210,7 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 			DeleteUnknown:   cfg.Sessions.DeleteUnknown,
 			ReadPostgres:    cfg.Sessions.Migration == "connect-pg-simple",
 			ValkeyOnly:      cfg.Sessions.Migration == "connect-redis",
+			Local:           sessionCopies(local),
 		}, dial, pool, log.With().Str("component", "sessions").Logger(), reg)
 		defer sess.Close()
 	}
@@ -463,4 +481,13 @@ func warmOnStart(ctx context.Context, cfg *configs.Config, res *cachepolicy.Reso
 		}
 		admin.Warm(ctx, res, p, ids, log.With().Str("component", "warm").Logger())
 	}
+}
+
+// sessionCopies is local as the sessions store takes it: a nil interface, not a nil pointer in
+// one, when there is no tier.
+func sessionCopies(local *cachepolicy.LocalCopies) sessions.LocalCopies {
+	if local == nil {
+		return nil
+	}
+	return local
 }
