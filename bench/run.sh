@@ -199,6 +199,8 @@ random_hex() { od -An -N6 -tx1 /dev/urandom | tr -d ' \n'; }
 declare -A RPS P50 P99 ERRS FAILED NOTE CMD BUSY
 # h, i, j: the fraction of answers from the store the scenario is about.
 declare -A SESS_FRAC
+# h, j: the fraction of the fixed-rate run's reads from Valkey that its in-process copies answered.
+declare -A SESS_LOCAL_FRAC
 # a, c, h, i, j at a fixed rate (bench/rate; bench/sessions -load): their LOAD_RESULT fields, by
 # letter; FR_FAILED when that run failed (the closed-loop row can still stand). LR: the fields
 # of the last LOAD_RESULT line read (load_result). FR_LOCAL_FRAC: c's in-process fraction of
@@ -216,6 +218,7 @@ DESC_j="session GET, Valkey down: from PostgreSQL"
 # The floors under h and j: the same sessions read by a bare Go server with one round trip to the
 # store per request, what an app without cachecar does.
 DESC_h0="floor: bench/directvalkey, one Valkey GET per request (an app using connect-redis)"
+DESC_h1="HTTP floor: fixedjson, a bare Go HTTP server (no store, a fixed 410-byte JSON)"
 DESC_j0="floor: bench/directpg, one SELECT per request (an app using connect-pg-simple)"
 DESC_k="cachecar hit, in-process tier off: from Valkey"
 DESC_k0="floor: bench/directvalkey, one Valkey GET per request (a bare hand-written cache-aside service's hit)"
@@ -1044,18 +1047,60 @@ session_floor() {
 # sample, then GETs random ones of them: first at a fixed rate (bench/sessions -load get), then
 # closed loop with wrk.
 session_read_scenario() {
-	local s=$1 store=$2 prefix
+	local s=$1 store=$2 prefix verify=$SESSION_VERIFY
 	shift 2
 	start_cachecar "$s" "$@" || return 1
 	prefix="bench-$s-$(random_hex)-"
-	session_prepare "$s" "$store" "$prefix" -put || return 1
+	# h reads every session once before it is timed, as c warms every course: cachecar then
+	# holds its copies in memory, as it does for the sessions of users who are active.
+	[[ $s == h ]] && verify=$SESSION_COUNT
+	SESSION_VERIFY=$verify session_prepare "$s" "$store" "$prefix" -put || return 1
+	scrape_into SC_BEFORE || true
 	session_fixed_rate "$s" get "$SESSION_GET_RATE" "$store" "$prefix" || true
+	scrape_into SC_AFTER || true
+	session_local_note "$s"
 	session_floor "$s" "$prefix" || true
+	[[ $s == h ]] && session_http_floor h "$prefix"
 	run_wrk "$s" "$CC_URL" bench/session_get.lua "$prefix" "$SESSION_COUNT" || true
 	session_cleanup "$s" "$prefix"
 	stop_cachecar "$s"
 	[[ -z ${FAILED[$s]:-} ]] || return 1
 	session_counts "$s" "$store"
+}
+
+# session_local_note LETTER: after scrape_into SC_BEFORE and SC_AFTER around a fixed-rate session
+# GET run, sets SESS_LOCAL_FRAC and adds to the note how many of the run's reads Valkey answered
+# and how many of those came from cachecar's in-process copies.
+session_local_note() {
+	local s=$1 gets vk loc
+	[[ -n ${FR_P99[$s]:-} ]] || return 0
+	if [[ -z ${SC_BEFORE[session_gets]:-} || -z ${SC_AFTER[session_gets]:-} ]]; then
+		NOTE[$s]+=" cachecar's /metrics could not be read around the fixed-rate run: how many reads came from memory is unknown."
+		return 0
+	fi
+	gets=$(delta session_gets) vk=$(delta session_gets_valkey) loc=$(delta session_local)
+	SESS_LOCAL_FRAC[$s]=$(awk -v l="$loc" -v v="$vk" 'BEGIN { if (v > 0) printf "%.4f", l / v; else print "n/a" }')
+	NOTE[$s]+=" During the fixed-rate run (and the untimed request on each connection before it), from /metrics: session reads $gets, from Valkey $vk, of which from the in-process copy $loc (in-process fraction ${SESS_LOCAL_FRAC[$s]})."
+}
+
+# session_http_floor LETTER PREFIX: the HTTP floor under the fixed-rate session reads: fixedjson, a
+# bare Go HTTP server with no store at all answering a fixed JSON of a session's size, read by the
+# same bench/sessions load at the same rate over the same connections (key LETTER1). Whatever
+# answers an HTTP request on this machine pays that tail. Its failure is noted, not the
+# scenario's.
+session_http_floor() {
+	local s=$1 prefix=$2
+	if ! READY_PATH="/v1/sessions/${prefix}0" start_helper "${s}1" fixedjson -size 410; then
+		NOTE[$s]+=" The HTTP floor (fixedjson) failed: ${FAILED[${s}1]:-}."
+		return 0
+	fi
+	session_fixed_rate "${s}1" get "$SESSION_GET_RATE" none "$prefix" "$HELPER_URL" || true
+	stop_helper "$s" fixedjson "$HELPER_PID"
+	if [[ -n ${FR_FAILED[${s}1]:-} ]]; then
+		NOTE[$s]+=" The HTTP floor (fixedjson) failed: ${FR_FAILED[${s}1]}."
+	else
+		NOTE[$s]+=" The HTTP floor (fixedjson, a bare Go HTTP server, no store):${NOTE[${s}1]:-}"
+	fi
 }
 
 scenario_h() { session_read_scenario h valkey; }
@@ -1485,7 +1530,7 @@ report() {
 		((BUSY[$s] > 20)) && noisy+="${noisy:+, }$s"
 	done
 	[[ -n $busy ]] && echo "- CPU busy in the second before each scenario: $busy$([[ -n $noisy ]] && printf ' (other work was running before %s: those numbers are not representative)' "$noisy")"
-	echo "- load: \`wrk ${WRK_OPTS[*]}\` in scenarios a to e, h to k and m (closed loop), \`wrk ${WRK_ONE_OPTS[*]}\` in l; course ids 1..$ID_LAST; $SESSION_COUNT sessions in each of h, i and j; m reads dispatch ids 1..$MEM_DISPATCHES and tenant ids 1..$MEM_TENANTS too"
+	echo "- load: \`wrk ${WRK_OPTS[*]}\` in scenarios a to e, h to k and m (closed loop), \`wrk ${WRK_ONE_OPTS[*]}\` in l; course ids 1..$ID_LAST; $SESSION_COUNT sessions in each of h, i and j (h reads each once before its timed runs, as c warms its courses); m reads dispatch ids 1..$MEM_DISPATCHES and tenant ids 1..$MEM_TENANTS too"
 	echo "- n: \`bench/zipf\` with $CONNECTIONS workers for $ZIPF_DURATION, Zipf(s=$ZIPF_S, v=1) course ids 1..$ID_LAST, $(awk -v w="$ZIPF_WRITES" 'BEGIN { printf "%g", 100 * w }')% of operations UPDATEs sent to PostgreSQL, from a cold cache"
 	echo "- a, c also at a fixed rate (\`bench/rate\`, open loop, latency from each request's scheduled send time, run before wrk): GET random course ids at ${HIT_RATE}/s over $CONNECTIONS keep-alive connections for $DURATION"
 	echo "- o: \`bench/rate\` (as in c) GET random course ids at ${CLEAR_READ_RATE}/s over $CONNECTIONS keep-alive connections for $DURATION, twice: idle, then while \`bench/clear\` clears $(thousands "$CLEAR_KEYS") keys \`dispatch:*\` through the admin port, refills them (straight into Redis) and clears again; the during-clear p99 counts the requests whose scheduled send fell inside a clear"
@@ -1494,6 +1539,7 @@ report() {
 		[[ -n ${CMD[$s]:-} ]] && echo "- ${s%0}$([[ $s == l0 ]] && printf ', fixedjson')$([[ $s == k0 ]] && printf ', the floor (bench/directvalkey)'): \`${CMD[$s]}\`"
 		[[ -n ${FR_CMD[$s]:-} ]] && echo "- $s, fixed rate: \`${FR_CMD[$s]}\`"
 		[[ -n ${FR_CMD[${s}0]:-} && $s == [hj] ]] && echo "- $s, the floor ($([[ $s == h ]] && echo bench/directvalkey || echo bench/directpg)), fixed rate: \`${FR_CMD[${s}0]}\`"
+		[[ -n ${FR_CMD[${s}1]:-} && $s == h ]] && echo "- $s, the HTTP floor (fixedjson), fixed rate: \`${FR_CMD[${s}1]}\`"
 	done
 	[[ -n ${FR_CMD[o0]:-} ]] && echo "- o, idle: \`${FR_CMD[o0]}\`"
 	[[ -n ${FR_CMD[o1]:-} ]] && echo "- o, during the clears: \`${FR_CMD[o1]}\`"
@@ -1530,6 +1576,15 @@ report() {
 		if [[ -n ${FR_P99[${s}0]:-} && -z ${FR_FAILED[${s}0]:-} ]]; then
 			echo "| $s | $desc | $(awk -v r="${FR_RATE[${s}0]}" 'BEGIN { printf "%.0f", r }') | ${FR_P50[${s}0]} | ${FR_P99[${s}0]} | ${FR_ERRS[${s}0]} |"
 		elif [[ -n ${FAILED[$s]:-} || -n ${FR_FAILED[${s}0]:-} ]]; then
+			echo "| $s | $desc | failed | | | |"
+		else
+			echo "| $s | $desc | not run | | | |"
+		fi
+		[[ $s == h ]] || continue
+		desc="$DESC_h1: fixed rate $(fr_rate "$s")/s, $CONNECTIONS connections (open loop)"
+		if [[ -n ${FR_P99[h1]:-} && -z ${FR_FAILED[h1]:-} ]]; then
+			echo "| $s | $desc | $(awk -v r="${FR_RATE[h1]}" 'BEGIN { printf "%.0f", r }') | ${FR_P50[h1]} | ${FR_P99[h1]} | ${FR_ERRS[h1]} |"
+		elif [[ -n ${FAILED[$s]:-} || -n ${FAILED[h1]:-} || -n ${FR_FAILED[h1]:-} ]]; then
 			echo "| $s | $desc | failed | | | |"
 		else
 			echo "| $s | $desc | not run | | | |"
@@ -1660,7 +1715,9 @@ report() {
 		FLOOR[$s]=n/a
 		[[ -z ${FR_FAILED[${s}0]:-} && -n ${FR_P99[${s}0]:-} ]] && FLOOR[$s]=${FR_P99[${s}0]}
 	done
-	echo "| h session GET from Valkey p99 ms, fixed rate $(fr_rate h)/s over $CONNECTIONS connections (closed loop, saturating: ${SATP99[h]}; the floor, one Valkey GET per request from a bare server, bench/directvalkey, at the same rate: ${FLOOR[h]}) | ${FRP99[h]:-n/a} | <= 1 | $(verdict "${FRP99[h]}" "<=" 1) |"
+	local HTTP_FLOOR=n/a
+	[[ -z ${FR_FAILED[h1]:-} && -n ${FR_P99[h1]:-} ]] && HTTP_FLOOR=${FR_P99[h1]}
+	echo "| h session GET from Valkey p99 ms, fixed rate $(fr_rate h)/s over $CONNECTIONS connections (every session read once before; in-process fraction of the reads ${SESS_LOCAL_FRAC[h]:-n/a}; closed loop, saturating: ${SATP99[h]}; at the same rate, the floor of one Valkey GET per request from a bare server, bench/directvalkey: ${FLOOR[h]}, and the HTTP floor, fixedjson: ${HTTP_FLOOR:-n/a}) | ${FRP99[h]:-n/a} | <= 1 | $(verdict "${FRP99[h]}" "<=" 1) |"
 	echo "| i session PUT p99 ms (durable: PostgreSQL commit, then Valkey), fixed rate $(fr_rate i)/s over $CONNECTIONS connections (closed loop, saturating: ${SATP99[i]}) | ${FRP99[i]:-n/a} | <= 5 | $(verdict "${FRP99[i]}" "<=" 5) |"
 	echo "| j session GET with Valkey down (from PostgreSQL) p99 ms, fixed rate $(fr_rate j)/s over $CONNECTIONS connections (closed loop, saturating: ${SATP99[j]}; the floor, one SELECT per request from a bare server, bench/directpg, at the same rate: ${FLOOR[j]}) | ${FRP99[j]:-n/a} | <= 3 | $(verdict "${FRP99[j]}" "<=" 3) |"
 	# l: one connection; the p50 of a hit (tier on) over the bare server's, both in the label.

@@ -44,6 +44,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	mux := http.NewServeMux()
 	// The same route pattern as cachecar and directpg, so that routing costs the same everywhere.
 	mux.Handle("GET /v1/courses/{id}", fixedHandler(body))
+	// And the session route's, for the HTTP floor under bench/run.sh's h (bench/sessions -load).
+	mux.Handle("GET /v1/sessions/{sid}", fixedHandler(body))
 
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {

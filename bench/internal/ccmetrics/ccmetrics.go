@@ -28,6 +28,9 @@ type Snapshot struct {
 	// TierEnabled, TierEntries and TierBytes are the gauges cachecar_tier_enabled,
 	// cachecar_tier_entries and cachecar_tier_bytes (-1 when the series is absent).
 	TierEnabled, TierEntries, TierBytes float64
+	// Session reads (cachecar_session_ops_total, op get): all, those Valkey answered, and of
+	// those the ones answered from the in-process copy (cachecar_session_local_reads_total).
+	SessionGets, SessionGetsValkey, SessionLocal float64
 }
 
 // Sub returns the counters of s minus those of before (what happened between the two reads)
@@ -44,6 +47,10 @@ func (s Snapshot) Sub(before Snapshot) Snapshot {
 		TierEnabled:   s.TierEnabled,
 		TierEntries:   s.TierEntries,
 		TierBytes:     s.TierBytes,
+
+		SessionGets:       s.SessionGets - before.SessionGets,
+		SessionGetsValkey: s.SessionGetsValkey - before.SessionGetsValkey,
+		SessionLocal:      s.SessionLocal - before.SessionLocal,
 	}
 }
 
@@ -59,9 +66,11 @@ func (s Snapshot) LocalFraction() (f float64, ok bool) {
 // Fields formats s as "key=value" pairs separated by spaces, for bench/run.sh to read.
 func (s Snapshot) Fields() string {
 	return fmt.Sprintf("lookups_hit=%.0f lookups_miss=%.0f lookups_stale=%.0f lookups_bypass=%.0f lookups_other=%.0f "+
-		"local_hits=%.0f db_queries=%.0f tier_enabled=%.0f tier_entries=%.0f tier_bytes=%.0f",
+		"local_hits=%.0f db_queries=%.0f tier_enabled=%.0f tier_entries=%.0f tier_bytes=%.0f "+
+		"session_gets=%.0f session_gets_valkey=%.0f session_local=%.0f",
 		s.LookupsHit, s.LookupsMiss, s.LookupsStale, s.LookupsBypass, s.LookupsOther,
-		s.LocalHits, s.DBQueries, s.TierEnabled, s.TierEntries, s.TierBytes)
+		s.LocalHits, s.DBQueries, s.TierEnabled, s.TierEntries, s.TierBytes,
+		s.SessionGets, s.SessionGetsValkey, s.SessionLocal)
 }
 
 // Scrape reads health's /metrics (health is the base URL of cachecar's health port).
@@ -105,6 +114,17 @@ func Scrape(ctx context.Context, client *http.Client, health string) (Snapshot, 
 	}
 	s.LocalHits = sum(fams["cachecar_cache_local_hits_total"])
 	s.DBQueries = sum(fams["cachecar_db_queries_total"])
+	for _, m := range fams["cachecar_session_ops_total"].GetMetric() {
+		if label(m, "op") != "get" {
+			continue
+		}
+		v := m.GetCounter().GetValue()
+		s.SessionGets += v
+		if label(m, "store") == "valkey" {
+			s.SessionGetsValkey += v
+		}
+	}
+	s.SessionLocal = sum(fams["cachecar_session_local_reads_total"])
 	for name, dst := range map[string]*float64{
 		"cachecar_tier_enabled": &s.TierEnabled,
 		"cachecar_tier_entries": &s.TierEntries,
