@@ -68,6 +68,13 @@ func (l *LocalCopies) Option(opt valkey.ClientOption) valkey.ClientOption {
 // them is acknowledged; see tierStats.drop.
 func (l *LocalCopies) Forget(keys ...string) { l.stats.drop(keys) }
 
+// Peek returns this tier's live copy of key as a GET (or an MGET's element) read it: a nil
+// reply for an absent key. It never reads Valkey. Copies are dropped in the order Valkey's
+// invalidations arrive, so the copies held at one moment are the server's values at one point
+// of its stream; a caller that needs two keys from one moment peeks one, the other, then the
+// first again, and takes them if the first did not change (see sessions).
+func (l *LocalCopies) Peek(key string) (valkey.ValkeyMessage, bool) { return l.stats.lookup(key) }
+
 // Reset drops every copy, and keeps none of the replies of reads in flight.
 func (l *LocalCopies) Reset() {
 	for _, s := range l.stats.list() {
@@ -124,9 +131,23 @@ func (t *tierStats) list() []*localStore {
 // only in the store of the connection its reads go to, and every store holds only entries its
 // connection's tracking keeps valid, so any store's copy may be served.
 func (t *tierStats) peek(key string) (body []byte, pttl time.Duration, ok bool) {
+	m, ok := t.lookup(key)
+	if !ok || m.IsNil() {
+		return nil, 0, false
+	}
+	str, err := m.ToString()
+	if err != nil {
+		return nil, 0, false
+	}
+	// str is a view of the entry's buffer, which nothing else holds or reuses.
+	return unsafe.Slice(unsafe.StringData(str), len(str)), time.Duration(m.CachePTTL()) * time.Millisecond, true
+}
+
+// lookup returns the live copy of a GET (or an MGET's element) of key, a nil reply included.
+func (t *tierStats) lookup(key string) (valkey.ValkeyMessage, bool) {
 	stores := t.list()
 	if len(stores) == 0 {
-		return nil, 0, false
+		return valkey.ValkeyMessage{}, false
 	}
 	k := []byte(entryKey(key, "GET"))
 	now := time.Now().UnixMilli()
@@ -136,17 +157,12 @@ func (t *tierStats) peek(key string) (body []byte, pttl time.Duration, ok bool) 
 			continue
 		}
 		var m valkey.ValkeyMessage
-		if m.CacheUnmarshalView(buf[8:]) != nil || m.IsNil() {
+		if m.CacheUnmarshalView(buf[8:]) != nil {
 			continue
 		}
-		str, err := m.ToString()
-		if err != nil {
-			continue
-		}
-		// str is a view of buf, which nothing else holds or reuses.
-		return unsafe.Slice(unsafe.StringData(str), len(str)), time.Duration(m.CachePTTL()) * time.Millisecond, true
+		return m, true
 	}
-	return nil, 0, false
+	return valkey.ValkeyMessage{}, false
 }
 
 // drop deletes the local copies of keys from every store, once this process's own change to
@@ -189,12 +205,17 @@ type localStore struct {
 
 	mu      sync.Mutex
 	flights map[string]*tierFlight // loads in flight, by key and command
-	closed  bool
-	cmds    atomic.Pointer[[]string] // the commands ever cached (GET), to delete a key's entries
+	// late counts, by key and command, the loads that failed (Cancel) while their request may
+	// still be on the wire: valkey-go matches replies to loads by key alone, so such a reply
+	// would land in a newer load of the key, dated from that load's start. The next reply of
+	// the key is handed to its callers but not kept.
+	late   map[string]int
+	closed bool
+	cmds   atomic.Pointer[[]string] // the commands ever cached (GET), to delete a key's entries
 }
 
 func newLocalStore(size int, stats *tierStats) *localStore {
-	s := &localStore{c: fastcache.New(size), stats: stats, flights: make(map[string]*tierFlight)}
+	s := &localStore{c: fastcache.New(size), stats: stats, flights: make(map[string]*tierFlight), late: make(map[string]int)}
 	s.cmds.Store(new([]string))
 	stats.add(s)
 	return s
@@ -272,6 +293,12 @@ func (s *localStore) Update(key, cmd string, val valkey.ValkeyMessage) int64 {
 	k := entryKey(key, cmd)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	late := s.late[k] > 0
+	if late {
+		if s.late[k]--; s.late[k] == 0 {
+			delete(s.late, k)
+		}
+	}
 	f := s.flights[k]
 	if f == nil {
 		return 0
@@ -289,7 +316,7 @@ func (s *localStore) Update(key, cmd string, val valkey.ValkeyMessage) int64 {
 	if xat <= 0 || f.xat < xat {
 		xat = f.xat
 	}
-	if !f.noKeep {
+	if !f.noKeep && !late {
 		buf := make([]byte, 8, 8+val.CacheSize())
 		binary.BigEndian.PutUint64(buf, uint64(xat))
 		buf = val.CacheMarshal(buf)
@@ -311,6 +338,9 @@ func (s *localStore) Cancel(key, cmd string, err error) {
 	s.mu.Lock()
 	f := s.flights[k]
 	delete(s.flights, k)
+	if f != nil && !s.closed {
+		s.late[k]++
+	}
 	s.mu.Unlock()
 	if f != nil {
 		f.err = err

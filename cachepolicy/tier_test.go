@@ -1492,3 +1492,60 @@ func TestTierCopyNeverOutlivesItsKey(t *testing.T) {
 		t.Fatalf("the copy is served at pxat-%v+1ms: it may outlive the key", trip)
 	}
 }
+
+// valkey-go matches a reply to the load of its key in flight. A load that failed while its
+// request may still be on the wire (its caller gave up) leaves that reply to land in the next
+// load of the key, dated from that load's start: it is handed to that load's callers but not
+// kept.
+func TestTierLateReplyIsNotKept(t *testing.T) {
+	addr, prefix := testenv.Valkey(t)
+	c, err := valkey.NewClient(valkey.ClientOption{InitAddress: []string{addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx := context.Background()
+	key := prefix + "late"
+	if err := c.Do(ctx, c.B().Set().Key(key).Value("v").Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	reply, err := c.Do(ctx, c.B().Get().Key(key).Build()).ToMessage()
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := newLocalStore(1<<20, &tierStats{})
+	defer st.Close(errors.New("test over"))
+	held := func() bool {
+		m, e := st.Flight(key, "GET", time.Minute, time.Now())
+		if e != nil {
+			t.Fatal("a load of the key is still in flight")
+		}
+		if m.IsString() {
+			return true
+		}
+		return false // Flight started a load: the caller sends the read
+	}
+
+	if held() { // the first load
+		t.Fatal("a copy before any reply")
+	}
+	st.Cancel(key, "GET", context.Canceled) // its caller gave up; its request may be on the wire
+	if held() {                             // the next load of the key
+		t.Fatal("a copy after a failed load")
+	}
+	_, waiter := st.Flight(key, "GET", time.Minute, time.Now())
+	if waiter == nil {
+		t.Fatal("a second reader did not join the load in flight")
+	}
+	st.Update(key, "GET", reply) // the first load's late reply, matched to the second load
+	if got, err := waiter.Wait(ctx); err != nil || !got.IsString() {
+		t.Fatalf("the joined reader got %v, %v", got, err)
+	}
+	if held() {
+		t.Fatal("the late reply was kept")
+	}
+	st.Update(key, "GET", reply) // that load's own reply
+	if !held() {
+		t.Fatal("a reply after the late one was not kept")
+	}
+}
