@@ -781,7 +781,7 @@ func (c *Config) validate() []string {
 	}
 	if tiers := c.tierBytes(); tiers > 0 {
 		if lim, src := MemoryLimit(); lim > 0 && tiers+64<<20 > lim {
-			p = append(p, fmt.Sprintf("cache.tier_max_bytes (%d) and sessions.tier_max_bytes (%d) do not fit the memory limit of %d bytes (%s) with 64 MiB for everything else", c.Cache.TierMaxBytes, c.Sessions.TierMaxBytes, lim, src))
+			p = append(p, fmt.Sprintf("cache.tier_max_bytes (%d) and sessions.tier_max_bytes (%d) do not fit the memory limit of %d bytes (%s) with 64 MiB for everything else (raise the limit, or lower the tiers: sessions.tier_max_bytes: 0 reads sessions from Valkey every time)", c.Cache.TierMaxBytes, c.sessionTierBytes(), lim, src))
 		}
 	}
 	if c.Cache.LeaseWait < 0 || (c.Database.QueryTimeout > 0 && 2*c.Cache.LeaseWait > c.Database.QueryTimeout) {
@@ -1200,14 +1200,27 @@ var MemoryLimit = func() (int64, string) {
 }
 
 // tierBytes is the memory both in-process tiers may take, when their sizes are valid: the
-// cache's and, with sessions on and Valkey configured, the sessions'.
+// cache's and, when session reads can use it, the sessions'.
 func (c *Config) tierBytes() int64 {
 	var n int64
 	if c.Cache.TierMaxBytes >= MinTierBytes && c.Cache.TierMaxBytes <= 1<<40 {
 		n += c.Cache.TierMaxBytes
 	}
-	if c.Sessions.Enabled && len(c.Valkey.Addrs) > 0 && c.Sessions.TierMaxBytes >= MinTierBytes && c.Sessions.TierMaxBytes <= 1<<40 {
-		n += c.Sessions.TierMaxBytes
+	return n + c.sessionTierBytes()
+}
+
+// sessionTierBytes is the sessions' tier when it can be used: sessions on, Valkey configured,
+// reads not all from PostgreSQL (migration connect-pg-simple), and a valid size.
+func (c *Config) sessionTierBytes() int64 {
+	if c.SessionTierUsed() && c.Sessions.TierMaxBytes >= MinTierBytes && c.Sessions.TierMaxBytes <= 1<<40 {
+		return c.Sessions.TierMaxBytes
 	}
-	return n
+	return 0
+}
+
+// SessionTierUsed reports whether session reads can use the sessions' in-process tier: sessions
+// on, Valkey configured, reads not all from PostgreSQL (migration connect-pg-simple), and a
+// size that is not 0.
+func (c *Config) SessionTierUsed() bool {
+	return c.Sessions.Enabled && len(c.Valkey.Addrs) > 0 && c.Sessions.Migration != "connect-pg-simple" && c.Sessions.TierMaxBytes > 0
 }

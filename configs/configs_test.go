@@ -940,6 +940,7 @@ func TestTierLargerThanMemoryLimit(t *testing.T) {
 	for _, sets := range [][]string{
 		{"cache.tier_max_bytes=33554432", "sessions.tier_max_bytes=0"},
 		{"cache.tier_max_bytes=33554432", "sessions.enabled=false"},
+		{"cache.tier_max_bytes=33554432", "sessions.migration=connect-pg-simple"}, // reads from PostgreSQL: no tier
 		{"cache.tier_max_bytes=0"},
 	} {
 		if _, err := Load(Source{Sets: sets}); err != nil {

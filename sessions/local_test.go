@@ -4,10 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/cachecar/cachecar/cachepolicy"
+	"github.com/cachecar/cachecar/internal/testenv"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
@@ -139,36 +142,62 @@ func TestLocalCopiesReadYourOwnWrites(t *testing.T) {
 	}
 }
 
-// A copy is never served once its key expired in Valkey.
+// proxied starts a second store (a sidecar) whose Valkey connection goes through a fault proxy,
+// once the fixture's own store is stopped (so that nobody else reconciles), and waits until it
+// trusts Valkey.
+func (f *fixture) proxied(t *testing.T, tweak func(*Options)) (*Store, *testenv.Proxy) {
+	t.Helper()
+	f.stop()
+	p := testenv.StartProxy(t, f.redis.Addr)
+	g := &fixture{url: f.url, db: f.db, redis: &testenv.Redis{Addr: p.Addr()}, raw: f.raw}
+	s, _, _ := g.start(t, tweak)
+	deadline := time.Now().Add(10 * time.Second)
+	for s.Active() != FromValkey {
+		if time.Now().After(deadline) {
+			t.Fatal("the proxied store never trusted Valkey")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return s, p
+}
+
+// A copy is never served once its key expired in Valkey, however late the reply that brought it
+// arrived: valkey-go dates a copy's expiry from the reply's arrival, 100 ms (the proxy's
+// latency) after the server read the key's PTTL.
 func TestLocalCopyEndsWithItsKey(t *testing.T) {
 	f := newFixture(t, nil)
 	ctx := context.Background()
-	b := string(body("brief", time.Now().Add(1200*time.Millisecond)))
+	b := string(body("brief", time.Now().Add(1500*time.Millisecond)))
 	f.put(t, "brief", []byte(b))
-	before := f.localReads()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		// Checked before the read: a key gone then is gone for the read too.
-		n, err := f.raw.Do(ctx, f.raw.B().Exists().Key("sess:brief").Build()).AsInt64()
-		if err != nil {
-			t.Fatal(err)
-		}
-		got, from, gerr := f.get(t, "brief")
-		if n == 0 {
-			if !errors.Is(gerr, ErrNotFound) {
-				t.Fatalf("the key expired in Valkey, the read still got %q from %s (%v)", got, from, gerr)
-			}
-			break
-		}
-		if gerr != nil && !errors.Is(gerr, ErrNotFound) {
-			t.Fatal(gerr)
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the key never expired")
-		}
+	s, p := f.proxied(t, nil)
+	p.SetLatency(100 * time.Millisecond)
+	if got, _, err := s.Get(ctx, "brief"); err != nil || string(got) != b {
+		t.Fatalf("first read: %q, %v", got, err)
 	}
-	if f.localReads()-before < 10 {
-		t.Fatalf("only %v reads came from the copy while the key lived", f.localReads()-before)
+	// The key's expiry, read straight from Valkey while it is alive (nothing here touches it
+	// once it may have expired: a read of an expired key deletes it and drops the copy).
+	pttl, err := f.raw.Do(ctx, f.raw.B().Pttl().Key("sess:brief").Build()).AsInt64()
+	if err != nil || pttl <= 0 {
+		t.Fatalf("PTTL %d, %v", pttl, err)
+	}
+	// The server read the PTTL before its reply arrived: the key expired by then.
+	gone := time.Now().Add(time.Duration(pttl+2) * time.Millisecond)
+	local := 0
+	for time.Now().Before(gone.Add(150 * time.Millisecond)) {
+		start := time.Now()
+		before := testutil.ToFloat64(s.m.local)
+		got, from, err := s.Get(ctx, "brief")
+		fromCopy := testutil.ToFloat64(s.m.local) > before
+		if fromCopy {
+			local++
+		}
+		if start.After(gone) && err == nil {
+			t.Fatalf("read %v after the key expired: %q from %s (from the copy: %v)", start.Sub(gone), got, from, fromCopy)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if local < 10 {
+		t.Fatalf("only %d reads came from the copy while the key lived", local)
 	}
 }
 
@@ -189,4 +218,120 @@ func TestLocalCopiesDroppedWhenTrustReturns(t *testing.T) {
 		t.Fatalf("the tier still holds %d entries once Valkey was trusted again", n)
 	}
 	f.getWant(t, "kept", b, "read after trust returned")
+}
+
+// valkey-go caches an MGET key by key: with the sentinel held and the session not, it answers the
+// sentinel from its copy and the session from Valkey one trip later. A FLUSHALL in that trip
+// paired an old sentinel (trusted) with the flushed session (nil): a live, acknowledged session
+// answered 404. Now a read takes the pair from copies of one moment, or one MGET.
+func TestLocalCopiesNeverPairAcrossAFlush(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := context.Background()
+	b := string(body("ann", time.Now().Add(time.Hour)))
+	f.put(t, "live", []byte(b))
+	s, p := f.proxied(t, nil)
+	// Another session's read leaves the sentinel's copy behind.
+	if _, _, err := s.Get(ctx, "warm"); !errors.Is(err, ErrNotFound) {
+		t.Fatal(err)
+	}
+	p.SetLatency(100 * time.Millisecond)
+	type result struct {
+		body []byte
+		from string
+		err  error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		b, from, err := s.Get(ctx, "live")
+		ch <- result{b, from, err}
+	}()
+	time.Sleep(20 * time.Millisecond)
+	if err := f.raw.Do(ctx, f.raw.B().Flushall().Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	r := <-ch
+	if r.err != nil || string(r.body) != b {
+		t.Fatalf("read of a live session during a FLUSHALL: %q from %s, %v", r.body, r.from, r.err)
+	}
+}
+
+// forgetting records the keys the store forgets, in front of the real tier.
+type forgetting struct {
+	LocalCopies
+	mu   sync.Mutex
+	keys []string
+}
+
+func (l *forgetting) Forget(keys ...string) {
+	l.mu.Lock()
+	l.keys = append(l.keys, keys...)
+	l.mu.Unlock()
+	l.LocalCopies.Forget(keys...)
+}
+
+// Every write drops this process's copy of its session before it is acknowledged, not waiting
+// for Valkey's invalidation (which Redis sends right after the write's reply).
+func TestWritesForgetTheirCopy(t *testing.T) {
+	var rec *forgetting
+	f := newFixture(t, func(o *Options) {
+		rec = &forgetting{LocalCopies: o.Local}
+		o.Local = rec
+	})
+	ctx := context.Background()
+	sess, err := f.store.Parse(body("ann", time.Now().Add(time.Hour)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, w := range []struct {
+		name string
+		do   func() error
+	}{
+		{"put", func() error { _, err := f.store.Put(ctx, "w", sess); return err }},
+		{"touch", func() error { _, err := f.store.Touch(ctx, "w", sess); return err }},
+		{"delete", func() error { _, err := f.store.Delete(ctx, "w"); return err }},
+	} {
+		rec.mu.Lock()
+		rec.keys = nil
+		rec.mu.Unlock()
+		if err := w.do(); err != nil {
+			t.Fatalf("%s: %v", w.name, err)
+		}
+		rec.mu.Lock()
+		got := slices.Clone(rec.keys)
+		rec.mu.Unlock()
+		if !slices.Equal(got, []string{"sess:w"}) {
+			t.Fatalf("%s forgot %q, want [sess:w]", w.name, got)
+		}
+	}
+}
+
+// A connection that silently stopped delivering (a partition) delivers no invalidation either,
+// and a read from the copies sends nothing that would notice. Once nothing was heard from Valkey
+// for longer than a check interval plus its timeout (Run's check may be late), reads go to
+// Valkey, where the dead connection fails them over to PostgreSQL.
+func TestLocalCopiesNotUsedWhenValkeyFellSilent(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := context.Background()
+	b := string(body("ann", time.Now().Add(time.Hour)))
+	f.put(t, "quiet", []byte(b))
+	s, p := f.proxied(t, nil)
+	for range 2 {
+		if got, from, err := s.Get(ctx, "quiet"); err != nil || string(got) != b || from != FromValkey {
+			t.Fatalf("read before the partition: %q from %s, %v", got, from, err)
+		}
+	}
+	local := testutil.ToFloat64(s.m.local)
+	if local < 1 {
+		t.Fatal("the second read did not come from the copy")
+	}
+	p.Blackhole()
+	time.Sleep(20 * time.Millisecond) // answers already on their way have arrived
+	s.lastHeard.Store(0)              // as if Run's check had been held up since
+	got, from, err := s.Get(ctx, "quiet")
+	if testutil.ToFloat64(s.m.local) != local {
+		t.Fatalf("answered from the copy (%q from %s, %v) though nothing was heard from Valkey", got, from, err)
+	}
+	if err != nil || string(got) != b || from != FromPostgres {
+		t.Fatalf("read during the partition: %q from %s, %v; want the session from PostgreSQL", got, from, err)
+	}
 }

@@ -57,19 +57,41 @@ func (s *Store) Get(ctx context.Context, sid string) ([]byte, string, error) {
 	return body, FromPostgres, nil
 }
 
-// getValkey reads the session and the sentinel in one round trip, or from the client's tracked
-// copies of both (Options.Local) without one. It returns ErrNotFound for an absent key in a
-// trusted Valkey, and another error when Valkey failed or turned out not to be trusted (the
-// caller reads PostgreSQL).
+// getValkey reads the session and the sentinel from one moment: from this process's tracked
+// copies of both (Options.Local) without a round trip, or in one MGET. It returns ErrNotFound
+// for an absent key in a trusted Valkey, and another error when Valkey failed or turned out not
+// to be trusted (the caller reads PostgreSQL).
 func (s *Store) getValkey(ctx context.Context, sid string) ([]byte, error) {
+	key := s.opts.Prefix + sid
+	copies := s.opts.Local != nil && s.copiesCurrent()
+	if copies {
+		if sess, sentinel, ok := s.localPair(key); ok {
+			s.m.local.Inc()
+			return s.judge(sess, sentinel)
+		}
+	}
 	vctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
 	defer cancel()
 	vk := s.client()
-	res := vk.DoCache(vctx, vk.B().Mget().Key(s.opts.Prefix+sid, s.opts.SentinelKey).Cache(), localTTL)
-	if res.IsCacheHit() {
-		s.m.local.Inc()
+	var vals []valkey.ValkeyMessage
+	var err error
+	sent := time.Now()
+	if copies {
+		// DoCache keeps copies of both keys for the next reads. valkey-go caches an MGET key by
+		// key: a key it already held, or was reading for another caller, is answered as it was
+		// then, and the others as Valkey has them now, one trip later. Only a reply read
+		// whole in this call's own MGET is from one moment; otherwise the pair is taken from
+		// the copies (now both held, from one moment), or read again without them.
+		vals, err = vk.DoCache(vctx, vk.B().Mget().Key(key, s.opts.SentinelKey).Cache(), localTTL).ToArray()
+		if err == nil && len(vals) == 2 && (vals[0].IsCacheHit() || vals[1].IsCacheHit()) {
+			if sess, sentinel, ok := s.localPair(key); ok {
+				return s.judge(sess, sentinel)
+			}
+			vals, err = vk.Do(vctx, vk.B().Mget().Key(key, s.opts.SentinelKey).Build()).ToArray()
+		}
+	} else {
+		vals, err = vk.Do(vctx, vk.B().Mget().Key(key, s.opts.SentinelKey).Build()).ToArray()
 	}
-	vals, err := res.ToArray()
 	if err == nil && len(vals) != 2 {
 		err = fmt.Errorf("mget: %d values", len(vals))
 	}
@@ -79,7 +101,33 @@ func (s *Store) getValkey(ctx context.Context, sid string) ([]byte, error) {
 		}
 		return nil, err
 	}
-	sentinel, _ := vals[1].ToString()
+	s.heard(sent)
+	return s.judge(vals[0], vals[1])
+}
+
+// localPair returns the copies of key and of the sentinel if both are held and are from one
+// moment: the sentinel's copy is read before and after the session's and must not have changed
+// (copies are dropped in the order Valkey's invalidations arrive, and a sentinel never takes an
+// old value again), so the session's copy was read while the sentinel had that value.
+func (s *Store) localPair(key string) (sess, sentinel valkey.ValkeyMessage, ok bool) {
+	before, ok := s.opts.Local.Peek(s.opts.SentinelKey)
+	if !ok {
+		return sess, sentinel, false
+	}
+	if sess, ok = s.opts.Local.Peek(key); !ok {
+		return sess, sentinel, false
+	}
+	if sentinel, ok = s.opts.Local.Peek(s.opts.SentinelKey); !ok {
+		return sess, sentinel, false
+	}
+	b, _ := before.ToString()
+	a, _ := sentinel.ToString()
+	return sess, sentinel, a == b && before.IsNil() == sentinel.IsNil()
+}
+
+// judge answers a read from the session's and the sentinel's values, read at one moment.
+func (s *Store) judge(sess, sentinelMsg valkey.ValkeyMessage) ([]byte, error) {
+	sentinel, _ := sentinelMsg.ToString()
 	if sentinel == "" || sentinel != *s.token.Load() {
 		// Emptied, restored from a snapshot, failed over, or written past by a sidecar that
 		// could not reach it: not trusted until reconciled.
@@ -87,10 +135,10 @@ func (s *Store) getValkey(ctx context.Context, sid string) ([]byte, error) {
 		s.setActive()
 		return nil, errors.New("valkey not reconciled")
 	}
-	if vals[0].IsNil() {
+	if sess.IsNil() {
 		return nil, ErrNotFound
 	}
-	body, err := vals[0].AsBytes()
+	body, err := sess.AsBytes()
 	if err != nil {
 		s.markDown("get", err)
 		return nil, err
@@ -271,7 +319,7 @@ func (s *Store) write(ctx context.Context, op, sid string, destroy bool, step pg
 			if s.opts.Local != nil {
 				// Whatever the outcome, this process's next read must not find a copy from
 				// before the change. Redis sends this connection the invalidation of its own
-				// write before the write's reply, but nothing here relies on that order.
+				// write right after the write's reply; this does not wait for it.
 				s.opts.Local.Forget(s.opts.Prefix + sid)
 			}
 			switch {

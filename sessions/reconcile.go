@@ -25,10 +25,26 @@ const (
 // checks (or, while down, probes) Valkey and reconciles it when it is not trusted; every
 // PruneInterval, jittered, it deletes expired rows.
 func (s *Store) Run(ctx context.Context) error {
+	// Pruning runs on its own: a long DELETE must not hold up the checks, which bound how long
+	// a missed write, or a Valkey that stopped answering, goes unnoticed.
+	pruned := make(chan struct{})
+	go func() {
+		defer close(pruned)
+		prune := time.NewTimer(jitter(s.opts.PruneInterval))
+		defer prune.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-prune.C:
+				s.prune(ctx)
+				prune.Reset(jitter(s.opts.PruneInterval))
+			}
+		}
+	}()
+	defer func() { <-pruned }()
 	tick := time.NewTicker(s.opts.RefreshInterval)
 	defer tick.Stop()
-	prune := time.NewTimer(jitter(s.opts.PruneInterval))
-	defer prune.Stop()
 	s.refresh(ctx)
 	for {
 		select {
@@ -36,9 +52,6 @@ func (s *Store) Run(ctx context.Context) error {
 			return nil
 		case <-tick.C:
 			s.refresh(ctx)
-		case <-prune.C:
-			s.prune(ctx)
-			prune.Reset(jitter(s.opts.PruneInterval))
 		}
 	}
 }
@@ -75,6 +88,7 @@ func (s *Store) refresh(ctx context.Context) {
 		vk = c
 	}
 	vctx, vcancel := context.WithTimeout(ctx, s.opts.Timeout*4)
+	sent := time.Now()
 	res := vk.DoMulti(vctx, vk.B().Get().Key(s.opts.SentinelKey).Build(), vk.B().Info().Section("server").Build())
 	vcancel()
 	sentinel, err := res[0].ToString()
@@ -87,6 +101,7 @@ func (s *Store) refresh(ctx context.Context) {
 		s.markDown("probe", err)
 		return
 	}
+	s.heard(sent)
 	// The epoch is read after the sentinel, never before: a write that missed Valkey while
 	// this check waited on it (a paused server answers late) moved the epoch, and must be seen.
 	epoch, err := s.readEpoch(qctx)

@@ -108,15 +108,19 @@ type Options struct {
 	Local LocalCopies
 }
 
-// LocalCopies is the Valkey client's in-process tier, as the store needs it: reads use
-// DoCache, so they are answered from a tracked copy when the client keeps one, and the store
-// drops copies itself where waiting for Valkey's invalidation message would be too late.
+// LocalCopies is the Valkey client's in-process tier, as the store needs it: reads are
+// answered from the tracked copies of the session and the sentinel when both are held (from one
+// moment), else read through DoCache, which keeps copies; and the store drops copies itself
+// where waiting for Valkey's invalidation message would be too late.
 type LocalCopies interface {
 	// Forget drops the copies of keys; called once this process's change to them is
 	// acknowledged, so that its next read does not find the old value.
 	Forget(keys ...string)
 	// Reset drops every copy and keeps none of the reads in flight.
 	Reset()
+	// Peek returns the copy of key as a GET reads it (a nil reply for an absent key), without
+	// reading Valkey; ok is false when there is none.
+	Peek(key string) (valkey.ValkeyMessage, bool)
 }
 
 // localTTL bounds how long a tracked copy lives whatever the key's TTL; the key's TTL (a session
@@ -145,6 +149,9 @@ type Store struct {
 	// pendingStale: a write transaction failed after it had touched Valkey; Run must move the
 	// epoch before this store trusts Valkey again.
 	pendingStale atomic.Bool
+	// lastHeard is when (Unix ns) a call that Valkey answered on the client's connection was
+	// sent: every invalidation Valkey sent before that had arrived by its answer.
+	lastHeard atomic.Int64
 
 	// trustMu orders trusting Valkey against writes that missed it: staleGen counts those
 	// writes (after their commit), and a check may trust Valkey only if none committed since
@@ -218,6 +225,26 @@ func (s *Store) Close() {
 
 // HasValkey reports whether Valkey is configured for sessions.
 func (s *Store) HasValkey() bool { return s.dial != nil }
+
+// heard records that Valkey answered a call sent at sent.
+func (s *Store) heard(sent time.Time) {
+	n := sent.UnixNano()
+	for {
+		cur := s.lastHeard.Load()
+		if cur >= n || s.lastHeard.CompareAndSwap(cur, n) {
+			return
+		}
+	}
+}
+
+// copiesCurrent reports whether the tracked copies may answer: Valkey answered a call sent
+// within the last check interval plus the check's timeout. A connection that silently stopped
+// delivering (a partition) delivers no invalidation either; a read from the copies sends
+// nothing that would notice, and the check that would (Run's) may be late, so past that bound
+// reads go to Valkey, where a dead connection fails them over to PostgreSQL.
+func (s *Store) copiesCurrent() bool {
+	return time.Since(time.Unix(0, s.lastHeard.Load())) <= s.opts.RefreshInterval+4*s.opts.Timeout
+}
 
 // valkeyOK reports whether reads may be served from Valkey now.
 func (s *Store) valkeyOK() bool {

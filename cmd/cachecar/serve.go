@@ -179,7 +179,7 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 				Dialer:           net.Dialer{Timeout: cfg.Valkey.DialTimeout, KeepAlive: 30 * time.Second},
 				ConnWriteTimeout: cfg.Valkey.Timeout * 20,
 			}
-			if cfg.Sessions.TierMaxBytes > 0 {
+			if cfg.SessionTierUsed() {
 				local = cachepolicy.NewLocalCopies(int(cfg.Sessions.TierMaxBytes))
 			}
 			var warned bool
