@@ -242,8 +242,17 @@ func TestServeMissThenHitAndHealth(t *testing.T) {
 	if _, err := time.Parse(time.RFC3339, live.Timestamp); err != nil {
 		t.Fatalf("/health timestamp %q is not RFC 3339", live.Timestamp)
 	}
-	if r, b := get(t, s.health+"/health/detailed"); r.StatusCode != 200 || !strings.Contains(b, `"status":"healthy"`) {
-		t.Fatalf("/health/detailed: %d %s", r.StatusCode, b)
+	// healthy once every service is up: the sessions' store trusts Valkey after its first check
+	// and reconciliation, which may end after the listener went live.
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		r, b := get(t, s.health+"/health/detailed")
+		if r.StatusCode == 200 && strings.Contains(b, `"status":"healthy"`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("/health/detailed not healthy within 10s: %d %s", r.StatusCode, b)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	if r, _ := get(t, s.health+"/ready"); r.StatusCode != 200 {
 		t.Fatalf("/ready: %d", r.StatusCode)
