@@ -28,28 +28,9 @@ func (s *Store) Get(ctx context.Context, sid string) ([]byte, string, error) {
 		case err == nil:
 			s.m.ops.WithLabelValues("get", FromValkey, "ok").Inc()
 			return body, FromValkey, nil
-		case errors.Is(err, ErrNotFound) && s.opts.ValkeyOnly:
-			// Migrating from connect-redis, Valkey is the source of truth: a row in
-			// PostgreSQL may be a session connect-redis has since destroyed.
+		case errors.Is(err, ErrNotFound):
 			s.m.ops.WithLabelValues("get", FromValkey, "not_found").Inc()
 			return nil, FromValkey, err
-		case errors.Is(err, ErrNotFound):
-			// A trusted Valkey holds every live session PostgreSQL has, but a key can still go
-			// without a write: evicted under memory pressure, or run out a moment before its
-			// row (the stores round expiry to the second differently). PostgreSQL, the store
-			// of record, confirms; should it fail, Valkey's answer stands, as it would while
-			// PostgreSQL is down.
-			body, err := s.getPostgres(ctx, sid)
-			switch {
-			case err == nil:
-				s.m.missing.Inc()
-				s.m.ops.WithLabelValues("get", FromPostgres, "ok").Inc()
-				return body, FromPostgres, nil
-			case ctx.Err() != nil:
-				return nil, FromValkey, ctx.Err()
-			}
-			s.m.ops.WithLabelValues("get", FromValkey, "not_found").Inc()
-			return nil, FromValkey, ErrNotFound
 		case ctx.Err() != nil:
 			return nil, FromValkey, ctx.Err()
 		}
@@ -61,32 +42,19 @@ func (s *Store) Get(ctx context.Context, sid string) ([]byte, string, error) {
 		s.m.ops.WithLabelValues("get", FromValkey, "error").Inc()
 		return nil, FromValkey, errValkeyOnlyDown
 	}
-	body, err := s.getPostgres(ctx, sid)
-	switch {
-	case errors.Is(err, ErrNotFound):
-		s.m.ops.WithLabelValues("get", FromPostgres, "not_found").Inc()
-		return nil, FromPostgres, ErrNotFound
-	case err != nil:
-		s.m.ops.WithLabelValues("get", FromPostgres, "error").Inc()
-		return nil, FromPostgres, err
-	}
-	s.m.ops.WithLabelValues("get", FromPostgres, "ok").Inc()
-	return body, FromPostgres, nil
-}
-
-// getPostgres reads a live session from PostgreSQL: ErrNotFound when there is none, an
-// ErrUnavailable error when PostgreSQL failed.
-func (s *Store) getPostgres(ctx context.Context, sid string) ([]byte, error) {
 	var body []byte
 	err := s.db.QueryRow(ctx, `SELECT sess::text FROM `+s.opts.Table+` WHERE sid = $1 AND expire >= to_timestamp($2)`,
 		sid, nowUnix(s.now())).Scan(&body)
-	switch {
-	case errors.Is(err, pgx.ErrNoRows):
-		return nil, ErrNotFound
-	case err != nil:
-		return nil, fmt.Errorf("%w: %w", ErrUnavailable, err)
+	if errors.Is(err, pgx.ErrNoRows) {
+		s.m.ops.WithLabelValues("get", FromPostgres, "not_found").Inc()
+		return nil, FromPostgres, ErrNotFound
 	}
-	return body, nil
+	if err != nil {
+		s.m.ops.WithLabelValues("get", FromPostgres, "error").Inc()
+		return nil, FromPostgres, fmt.Errorf("%w: %w", ErrUnavailable, err)
+	}
+	s.m.ops.WithLabelValues("get", FromPostgres, "ok").Inc()
+	return body, FromPostgres, nil
 }
 
 // getValkey reads the session and the sentinel from one moment: from this process's tracked

@@ -30,9 +30,6 @@ import (
 //     destroy records a tombstone, so that a Valkey that comes back, empty or with old copies, is
 //     not trusted until a reconciliation has copied PostgreSQL into it, deleted the tombstoned
 //     keys and set the sentinel. A restart that empties Valkey loses the sentinel too.
-//   - A trusted Valkey's "absent" is confirmed in PostgreSQL (except while migrating from
-//     connect-redis, when Valkey is the source of truth): a key evicted, or run out a moment
-//     before its row, does not lose its session.
 //   - While Valkey is not trusted, or known down, reads and writes use PostgreSQL only: no
 //     per-request Valkey timeout once the outage is known. A probe every RefreshInterval brings
 //     it back.
