@@ -3,6 +3,7 @@ package cachepolicy
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -310,7 +311,7 @@ func (s *localStore) Update(key, cmd string, val valkey.ValkeyMessage) int64 {
 		// valkey-go adds the PTTL to the time it read the reply, later than the server ran the
 		// command: the copy would outlive the key by the reply's trip. The server ran it after
 		// the read was asked for, so that time plus the PTTL is never past the key's expiry:
-		// take back everything since then, and a millisecond for the rounding.
+		// take back everything since then, and 2 ms for the rounding.
 		xat -= time.Since(f.start).Milliseconds() + 2
 	}
 	if xat <= 0 || f.xat < xat {
@@ -338,7 +339,9 @@ func (s *localStore) Cancel(key, cmd string, err error) {
 	s.mu.Lock()
 	f := s.flights[k]
 	delete(s.flights, k)
-	if f != nil && !s.closed {
+	var verr *valkey.ValkeyError
+	if f != nil && !s.closed && !errors.As(err, &verr) && !errors.Is(err, valkey.ErrDoCacheAborted) {
+		// Not a reply of the server (those have arrived): the request may still be on the wire.
 		s.late[k]++
 	}
 	s.mu.Unlock()

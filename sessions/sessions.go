@@ -149,9 +149,11 @@ type Store struct {
 	// pendingStale: a write transaction failed after it had touched Valkey; Run must move the
 	// epoch before this store trusts Valkey again.
 	pendingStale atomic.Bool
-	// lastHeard is when (Unix ns) a call that Valkey answered on the client's connection was
-	// sent: every invalidation Valkey sent before that had arrived by its answer.
+	// lastHeard is when a call that Valkey answered on the client's connection was sent, in ns
+	// since born (the monotonic clock: a wall clock stepped back must not stretch it): every
+	// invalidation Valkey sent before that had arrived by its answer.
 	lastHeard atomic.Int64
+	born      time.Time
 
 	// trustMu orders trusting Valkey against writes that missed it: staleGen counts those
 	// writes (after their commit), and a check may trust Valkey only if none committed since
@@ -201,7 +203,7 @@ type vkBox struct{ c valkey.Client }
 // by Run until it succeeds, so that a Valkey down at start-up is picked up later). It starts
 // nothing; call Run.
 func New(opts Options, dial func() (valkey.Client, error), db *pgxpool.Pool, log zerolog.Logger, reg prometheus.Registerer) *Store {
-	s := &Store{opts: opts, dial: dial, db: db, log: log, m: newMetrics(reg), now: time.Now}
+	s := &Store{opts: opts, dial: dial, db: db, log: log, m: newMetrics(reg), now: time.Now, born: time.Now()}
 	empty := ""
 	s.token.Store(&empty)
 	s.setActive()
@@ -228,7 +230,7 @@ func (s *Store) HasValkey() bool { return s.dial != nil }
 
 // heard records that Valkey answered a call sent at sent.
 func (s *Store) heard(sent time.Time) {
-	n := sent.UnixNano()
+	n := int64(sent.Sub(s.born))
 	for {
 		cur := s.lastHeard.Load()
 		if cur >= n || s.lastHeard.CompareAndSwap(cur, n) {
@@ -243,7 +245,7 @@ func (s *Store) heard(sent time.Time) {
 // nothing that would notice, and the check that would (Run's) may be late, so past that bound
 // reads go to Valkey, where a dead connection fails them over to PostgreSQL.
 func (s *Store) copiesCurrent() bool {
-	return time.Since(time.Unix(0, s.lastHeard.Load())) <= s.opts.RefreshInterval+4*s.opts.Timeout
+	return time.Since(s.born)-time.Duration(s.lastHeard.Load()) <= s.opts.RefreshInterval+4*s.opts.Timeout
 }
 
 // valkeyOK reports whether reads may be served from Valkey now.
