@@ -36,9 +36,10 @@ func (s *Store) Get(ctx context.Context, sid string) ([]byte, string, error) {
 		}
 		// Not trusted after all, or failed: PostgreSQL answers.
 	}
-	if s.opts.ValkeyOnly {
-		// During a migration from connect-redis, Valkey is the source of truth: a row in
-		// PostgreSQL may be a session connect-redis has since destroyed.
+	if s.valkeyOnly() || (s.HasValkey() && !s.flagRead.Load()) {
+		// During a migration from connect-redis, and after it until PostgreSQL is synced from
+		// Valkey, Valkey is the source of truth: a row in PostgreSQL may be a session
+		// connect-redis has since destroyed. (Before the flag was first read, that is unknown.)
 		s.m.ops.WithLabelValues("get", FromValkey, "error").Inc()
 		return nil, FromValkey, errValkeyOnlyDown
 	}
@@ -197,13 +198,13 @@ func (s *Store) Touch(ctx context.Context, sid string, sess Session) (string, er
 		tell: func(found bool) bool {
 			inPG = found
 			// While migrating from connect-redis, a session may live in Valkey only.
-			return inPG || s.opts.ValkeyOnly
+			return inPG || s.valkeyOnly()
 		},
 	}, func(ctx context.Context, vk valkey.Client) (bool, error) {
 		key := s.opts.Prefix + sid
 		n, err := vk.Do(ctx, vk.B().Expire().Key(key).Seconds(ttl).Build()).AsInt64()
 		if err == nil && n == 0 && inPG {
-			if s.opts.ValkeyOnly {
+			if s.valkeyOnly() {
 				// Valkey is the source of truth while migrating from connect-redis: the
 				// session is gone (a logout through connect-redis), whatever the row says.
 				inPG = false
@@ -224,7 +225,7 @@ func (s *Store) Touch(ctx context.Context, sid string, sess Session) (string, er
 			restored = err == nil
 			return restored, err
 		}
-		if err == nil && n == 1 && !inPG && s.opts.ValkeyOnly {
+		if err == nil && n == 1 && !inPG && s.valkeyOnly() {
 			inPG = true // a connect-redis session: found, and touched where it lives
 		}
 		return true, err
@@ -235,7 +236,7 @@ func (s *Store) Touch(ctx context.Context, sid string, sess Session) (string, er
 	if err != nil {
 		return from, err
 	}
-	if !inPG && s.opts.ValkeyOnly && from != FromValkey {
+	if !inPG && s.valkeyOnly() && from != FromValkey {
 		// The session may live in Valkey only, and Valkey did not answer: as a read would.
 		return from, errValkeyOnlyDown
 	}

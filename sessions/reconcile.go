@@ -77,6 +77,12 @@ func (s *Store) refresh(ctx context.Context) {
 	if s.dial == nil {
 		return
 	}
+	// Before Valkey: while it is down, reads from PostgreSQL need to know whether a migration
+	// from connect-redis left PostgreSQL behind.
+	flagAt, err := s.checkFromRedis(qctx)
+	if err != nil {
+		s.log.Debug().Err(err).Msg("read the connect-redis migration flag")
+	}
 	vk := s.client()
 	if vk == nil {
 		c, err := s.dial()
@@ -131,7 +137,13 @@ func (s *Store) refresh(ctx context.Context) {
 	token := epoch + "|" + runID
 	s.token.Store(&token)
 	if sentinel == token {
-		s.trustSince(gen)
+		if s.trustSince(gen) && flagAt > 0 && time.Since(time.UnixMilli(flagAt)) > s.migrationStale() {
+			// No sidecar has run with ValkeyOnly for a while: the migration from connect-redis
+			// is over, and PostgreSQL learns from the trusted Valkey what connect-redis did.
+			if err := s.syncFromValkey(ctx, vk, flagAt); err != nil {
+				s.log.Warn().Err(err).Msg("sync PostgreSQL from Valkey after the migration from connect-redis failed; retrying")
+			}
+		}
 		return
 	}
 	s.trusted.Store(false)
@@ -254,7 +266,7 @@ func (s *Store) reconcile(ctx context.Context, vk valkey.Client, oldEpoch, runID
 	// destroyed, and Valkey is the source of truth.
 	copied := 0
 	after := ""
-	for !s.opts.ValkeyOnly {
+	for !s.valkeyOnly() {
 		n := 0
 		err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 			rows, err := tx.Query(ctx, `SELECT sid, sess::text,
@@ -303,7 +315,9 @@ func (s *Store) reconcile(ctx context.Context, vk valkey.Client, oldEpoch, runID
 	}
 
 	deleted := 0
-	if s.opts.DeleteUnknown || afterPgMigration {
+	// Not while Valkey is the source of truth (a connect-redis migration, or its end before the
+	// sync): there keys without rows are sessions connect-redis created.
+	if (s.opts.DeleteUnknown && !s.valkeyOnly()) || afterPgMigration {
 		if deleted, err = s.deleteUnknown(ctx, vk, conn); err != nil {
 			return err
 		}

@@ -30,6 +30,8 @@ import (
 //     destroy records a tombstone, so that a Valkey that comes back, empty or with old copies, is
 //     not trusted until a reconciliation has copied PostgreSQL into it, deleted the tombstoned
 //     keys and set the sentinel. A restart that empties Valkey loses the sentinel too.
+//   - After a migration from connect-redis (which wrote Valkey alone), Valkey stays the source
+//     of truth until PostgreSQL has been synced from it (migration.go).
 //   - While Valkey is not trusted, or known down, reads and writes use PostgreSQL only: no
 //     per-request Valkey timeout once the outage is known. A probe every RefreshInterval brings
 //     it back.
@@ -103,6 +105,10 @@ type Options struct {
 	// connect-redis: no reads from PostgreSQL when Valkey is down (503), and reconciliation
 	// copies no rows into Valkey, because a row may be a session connect-redis has destroyed.
 	ValkeyOnly bool
+	// MigrationStale is how long after the last sidecar running with ValkeyOnly set its flag the
+	// others end the migration from connect-redis by syncing PostgreSQL from Valkey (see
+	// migration.go); 0 means 30 s.
+	MigrationStale time.Duration
 	// Local is the in-process tier of the Valkey client dial returns, when it keeps one
 	// (client tracking: cachepolicy.LocalCopies); nil when it keeps none.
 	Local LocalCopies
@@ -154,6 +160,13 @@ type Store struct {
 	// invalidation Valkey sent before that had arrived by its answer.
 	lastHeard atomic.Int64
 	born      time.Time
+
+	// fromRedis: a migration from connect-redis ran and PostgreSQL was not synced from Valkey
+	// since (migration.go); flagRead: the flag was read at least once. flagSet: when this
+	// ValkeyOnly sidecar last set the flag (Run's goroutine only).
+	fromRedis atomic.Bool
+	flagRead  atomic.Bool
+	flagSet   time.Time
 
 	// trustMu orders trusting Valkey against writes that missed it: staleGen counts those
 	// writes (after their commit), and a check may trust Valkey only if none committed since

@@ -794,3 +794,108 @@ func TestPruneSkipsLockedRows(t *testing.T) {
 		t.Fatalf("%d expired rows left once unlocked", n)
 	}
 }
+
+// Ending a migration from connect-redis: PostgreSQL never learned what connect-redis did. While a
+// sidecar runs with ValkeyOnly, the others keep Valkey as the source of truth too; once none has
+// for MigrationStale, one syncs PostgreSQL from Valkey, so that a reconciliation after that (a
+// Valkey restarted empty) brings back neither a session connect-redis destroyed nor loses one it
+// created.
+func TestEndOfConnectRedisMigrationSyncsPostgres(t *testing.T) {
+	const stale = 300 * time.Millisecond
+	f := newFixture(t, func(o *Options) {
+		o.ValkeyOnly, o.DeleteUnknown, o.MigrationStale = true, false, stale
+	})
+	ctx := context.Background()
+	exp := time.Now().Add(time.Hour)
+	kept, destroyed := string(body("kept", exp)), string(body("destroyed", exp))
+	changed, created := string(body("changed", exp)), string(body("created", exp))
+	f.put(t, "kept", []byte(kept))
+	f.put(t, "destroyed", []byte(destroyed))
+	f.put(t, "changed", []byte(body("before", exp)))
+	// connect-redis, in Valkey alone: a login, a logout, a change.
+	for _, cmd := range []valkey.Completed{
+		f.raw.B().Set().Key("sess:created").Value(created).ExSeconds(3600).Build(),
+		f.raw.B().Del().Key("sess:destroyed").Build(),
+		f.raw.B().Set().Key("sess:changed").Value(changed).ExSeconds(3600).Build(),
+	} {
+		if err := f.raw.Do(ctx, cmd).Error(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	flag := func() (n int) {
+		f.db.QueryRow(ctx, `SELECT count(*) FROM cachecar_session_state WHERE store = 'cachecar:sessions:epoch|migrating:connect-redis'`).Scan(&n)
+		return n
+	}
+	if flag() != 1 {
+		t.Fatal("the sidecar migrating from connect-redis set no flag")
+	}
+
+	// A sidecar already without the migration, while one still runs with it: Valkey stays the
+	// source of truth, so with Valkey down it does not answer from the destroyed session's row.
+	other, _, _ := f.start(t, func(o *Options) { o.MigrationStale = stale })
+	for deadline := time.Now().Add(10 * time.Second); other.Active() != FromValkey; {
+		if time.Now().After(deadline) {
+			t.Fatal("the second sidecar never trusted Valkey")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if !other.fromRedis.Load() {
+		t.Fatal("the second sidecar did not see the migration flag")
+	}
+	f.redis.Pause()
+	if _, _, err := other.Get(ctx, "destroyed"); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("read of a session connect-redis destroyed, Valkey down, migration still running: %v, want unavailable", err)
+	}
+	f.redis.Resume()
+
+	// Every sidecar without the migration: after MigrationStale, PostgreSQL is synced.
+	f.stop()
+	for deadline := time.Now().Add(15 * time.Second); flag() != 0; {
+		if time.Now().After(deadline) {
+			t.Fatal("the migration flag is still there: PostgreSQL was not synced")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	rows := map[string]string{}
+	r, err := f.db.Query(ctx, `SELECT sid, sess::text FROM session WHERE expire >= now()`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for r.Next() {
+		var sid, b string
+		if err := r.Scan(&sid, &b); err != nil {
+			t.Fatal(err)
+		}
+		rows[sid] = b
+	}
+	want := map[string]string{"kept": kept, "changed": changed, "created": created}
+	if fmt.Sprint(rows) != fmt.Sprint(want) {
+		t.Fatalf("rows after the sync:\n%v\nwant\n%v", rows, want)
+	}
+	var left float64
+	f.db.QueryRow(ctx, `SELECT extract(epoch FROM expire::timestamptz - now()) FROM session WHERE sid = 'created'`).Scan(&left)
+	if left < 3590 || left > 3610 {
+		t.Fatalf("the created session's row expires in %.0f s, want its key's 3600", left)
+	}
+	if other.fromRedis.Load() {
+		t.Fatal("the second sidecar still treats Valkey as the source of truth")
+	}
+
+	// A Valkey restarted empty is reconciled from PostgreSQL, which now agrees.
+	f.redis.Stop()
+	f.redis.Start(t)
+	for deadline := time.Now().Add(10 * time.Second); other.Active() != FromValkey; {
+		if time.Now().After(deadline) {
+			t.Fatal("Valkey was not reconciled")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	for sid, b := range want {
+		if got, from, err := other.Get(ctx, sid); err != nil || string(got) != b || from != FromValkey {
+			t.Fatalf("%s after the restart: %q from %s, %v", sid, got, from, err)
+		}
+	}
+	if _, _, err := other.Get(ctx, "destroyed"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("the session connect-redis destroyed came back: %v", err)
+	}
+}

@@ -1,0 +1,253 @@
+package sessions
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/valkey-io/valkey-go"
+)
+
+// Ending a migration from connect-redis. While it runs, connect-redis writes Valkey alone: the
+// sessions it creates have no row, and the rows of the sessions it destroys stay alive. Once
+// sessions.migration is back to "", PostgreSQL would decide again: a reconciliation would copy
+// the destroyed sessions back into Valkey and delete the created ones. So every sidecar running
+// with ValkeyOnly keeps a flag in cachecar_session_state (its value: when it was last set, Unix
+// ms). A sidecar without ValkeyOnly that finds the flag keeps Valkey as the source of truth, as
+// ValkeyOnly does; once no sidecar has set the flag for MigrationStale, one of them (the
+// reconciliation lock) syncs PostgreSQL from a trusted Valkey, under each session's write lock,
+// and removes the flag: every session key gets its row (its body and the key's expiry), and
+// every live row without a key is deleted.
+
+// defaultMigrationStale is Options.MigrationStale's default.
+const defaultMigrationStale = 30 * time.Second
+
+// fromRedisKey is the flag's row in cachecar_session_state.
+func (s *Store) fromRedisKey() string { return s.opts.SentinelKey + "|migrating:connect-redis" }
+
+func (s *Store) migrationStale() time.Duration {
+	if s.opts.MigrationStale > 0 {
+		return s.opts.MigrationStale
+	}
+	return defaultMigrationStale
+}
+
+// valkeyOnly reports whether Valkey is the source of truth: migrating from connect-redis, or
+// after such a migration until PostgreSQL is synced from Valkey.
+func (s *Store) valkeyOnly() bool { return s.opts.ValkeyOnly || s.fromRedis.Load() }
+
+// checkFromRedis sets the flag (ValkeyOnly, at most every MigrationStale/6) or reads it (the
+// others); it returns when the flag was last set, 0 when there is none.
+func (s *Store) checkFromRedis(ctx context.Context) (int64, error) {
+	if s.opts.ValkeyOnly {
+		now := time.Now()
+		if now.Sub(s.flagSet) < s.migrationStale()/6 {
+			return 0, nil
+		}
+		if _, err := s.db.Exec(ctx, `INSERT INTO cachecar_session_state (store, epoch) VALUES ($1, $2)
+			ON CONFLICT (store) DO UPDATE SET epoch = EXCLUDED.epoch`, s.fromRedisKey(), strconv.FormatInt(now.UnixMilli(), 10)); err != nil {
+			return 0, err
+		}
+		s.flagSet = now
+		return 0, nil
+	}
+	if s.opts.ReadPostgres {
+		// Migrating from connect-pg-simple: PostgreSQL answers every read anyway.
+		s.flagRead.Store(true)
+		return 0, nil
+	}
+	var v string
+	err := s.db.QueryRow(ctx, `SELECT epoch FROM cachecar_session_state WHERE store = $1`, s.fromRedisKey()).Scan(&v)
+	if errors.Is(err, pgx.ErrNoRows) {
+		s.fromRedis.Store(false)
+		s.flagRead.Store(true)
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	at, err := strconv.ParseInt(v, 10, 64)
+	if err != nil {
+		at = 1 // not ours: treated as set long ago
+	}
+	s.fromRedis.Store(true)
+	s.flagRead.Store(true)
+	return at, nil
+}
+
+// syncFromValkey makes PostgreSQL hold what the trusted Valkey holds, then removes the flag set
+// at flagAt (only if no sidecar set it again meanwhile). It runs under the reconciliation lock;
+// without it (another sidecar syncs or reconciles) it does nothing.
+func (s *Store) syncFromValkey(ctx context.Context, vk valkey.Client, flagAt int64) error {
+	conn, err := s.db.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Release()
+	var locked bool
+	if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1)`, int64(reconcileLock)).Scan(&locked); err != nil || !locked {
+		return err
+	}
+	defer conn.Exec(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, int64(reconcileLock))
+	start := time.Now()
+
+	// Every session key: its row, under its write lock, from the value and PTTL read under it.
+	written, skipped := 0, 0
+	var cursor uint64
+	for {
+		c, cancel := context.WithTimeout(ctx, 10*s.opts.Timeout+time.Second)
+		e, err := vk.Do(c, vk.B().Scan().Cursor(cursor).Match(globEscape(s.opts.Prefix)+"*").Count(500).Build()).AsScanEntry()
+		cancel()
+		if err != nil {
+			return fmt.Errorf("scan: %w", err)
+		}
+		if len(e.Elements) > 0 {
+			sids := make([]string, 0, len(e.Elements))
+			for _, k := range e.Elements {
+				if sid := strings.TrimPrefix(k, s.opts.Prefix); CheckSID(sid) == nil {
+					sids = append(sids, sid)
+				}
+			}
+			w, sk, err := s.syncKeys(ctx, vk, conn, sids)
+			written, skipped = written+w, skipped+sk
+			if err != nil {
+				return err
+			}
+		}
+		if cursor = e.Cursor; cursor == 0 {
+			break
+		}
+	}
+
+	// Every live row without a key: a session connect-redis destroyed.
+	deleted := 0
+	after := ""
+	for {
+		rows, err := conn.Query(ctx, `SELECT sid FROM `+s.opts.Table+` WHERE sid > $1 AND expire >= to_timestamp($2) ORDER BY sid LIMIT 500`,
+			after, nowUnix(s.now()))
+		if err != nil {
+			return err
+		}
+		sids, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		if err != nil {
+			return err
+		}
+		if len(sids) == 0 {
+			break
+		}
+		after = sids[len(sids)-1]
+		n, err := s.deleteKeyless(ctx, vk, conn, sids)
+		deleted += n
+		if err != nil {
+			return err
+		}
+	}
+
+	tag, err := conn.Exec(ctx, `DELETE FROM cachecar_session_state WHERE store = $1 AND epoch = $2`, s.fromRedisKey(), strconv.FormatInt(flagAt, 10))
+	if err != nil {
+		return err
+	}
+	if tag.RowsAffected() == 1 {
+		s.fromRedis.Store(false)
+	}
+	s.log.Info().Int("written", written).Int("skipped", skipped).Int("deleted", deleted).Dur("took", time.Since(start)).
+		Bool("done", tag.RowsAffected() == 1).Msg("migration from connect-redis ended: PostgreSQL synced from Valkey")
+	return nil
+}
+
+// lockSIDs takes the write locks of sids (as write takes one), in sid order, until tx ends.
+func (s *Store) lockSIDs(ctx context.Context, tx pgx.Tx, sids []string) error {
+	_, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtextextended($2 || '|' || u.sid, 0))
+		FROM (SELECT unnest($1::text[]) AS sid ORDER BY 1) u`, sids, s.opts.SentinelKey)
+	return err
+}
+
+// syncKeys writes the rows of sids from their keys, under their write locks. A value that is not
+// a JSON object (PostgreSQL's json column would refuse it) is skipped and counted.
+func (s *Store) syncKeys(ctx context.Context, vk valkey.Client, conn pgConn, sids []string) (written, skipped int, err error) {
+	err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+		if err := s.lockSIDs(ctx, tx, sids); err != nil {
+			return err
+		}
+		cmds := make(valkey.Commands, 0, 2*len(sids))
+		for _, sid := range sids {
+			cmds = append(cmds, vk.B().Get().Key(s.opts.Prefix+sid).Build(), vk.B().Pttl().Key(s.opts.Prefix+sid).Build())
+		}
+		c, cancel := context.WithTimeout(ctx, 10*s.opts.Timeout+time.Second)
+		res := vk.DoMulti(c, cmds...)
+		cancel()
+		now := time.Now()
+		var upSIDs, bodies []string
+		var expires []int64
+		for i, sid := range sids {
+			body, err := res[2*i].ToString()
+			if valkey.IsValkeyNil(err) {
+				continue // gone meanwhile
+			}
+			if err != nil {
+				return fmt.Errorf("get %s: %w", sid, err)
+			}
+			pttl, err := res[2*i+1].AsInt64()
+			if err != nil {
+				return fmt.Errorf("pttl %s: %w", sid, err)
+			}
+			if pttl <= 0 || !utf8.ValidString(body) || !json.Valid([]byte(body)) || !strings.HasPrefix(strings.TrimSpace(body), "{") {
+				skipped++ // expiring now, or no TTL (not written by a session store), or not JSON
+				continue
+			}
+			upSIDs, bodies = append(upSIDs, sid), append(bodies, body)
+			// connect-pg-simple's expire is whole seconds, rounded up.
+			expires = append(expires, (now.UnixMilli()+pttl+999)/1000)
+		}
+		if len(upSIDs) == 0 {
+			return nil
+		}
+		_, err := tx.Exec(ctx, `INSERT INTO `+s.opts.Table+` (sess, expire, sid)
+			SELECT u.sess::json, to_timestamp(u.expire), u.sid FROM unnest($1::text[], $2::bigint[], $3::text[]) AS u(sess, expire, sid)
+			ON CONFLICT (sid) DO UPDATE SET sess = EXCLUDED.sess, expire = EXCLUDED.expire`, bodies, expires, upSIDs)
+		written = len(upSIDs)
+		return err
+	})
+	return written, skipped, err
+}
+
+// deleteKeyless deletes the rows of sids whose keys Valkey does not have, under their write
+// locks.
+func (s *Store) deleteKeyless(ctx context.Context, vk valkey.Client, conn pgConn, sids []string) (int, error) {
+	deleted := 0
+	err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+		if err := s.lockSIDs(ctx, tx, sids); err != nil {
+			return err
+		}
+		cmds := make(valkey.Commands, 0, len(sids))
+		for _, sid := range sids {
+			cmds = append(cmds, vk.B().Exists().Key(s.opts.Prefix+sid).Build())
+		}
+		c, cancel := context.WithTimeout(ctx, 10*s.opts.Timeout+time.Second)
+		res := vk.DoMulti(c, cmds...)
+		cancel()
+		var gone []string
+		for i, sid := range sids {
+			n, err := res[i].AsInt64()
+			if err != nil {
+				return fmt.Errorf("exists %s: %w", sid, err)
+			}
+			if n == 0 {
+				gone = append(gone, sid)
+			}
+		}
+		if len(gone) == 0 {
+			return nil
+		}
+		tag, err := tx.Exec(ctx, `DELETE FROM `+s.opts.Table+` WHERE sid = ANY($1)`, gone)
+		deleted = int(tag.RowsAffected())
+		return err
+	})
+	return deleted, err
+}
