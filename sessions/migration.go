@@ -43,42 +43,46 @@ func (s *Store) migrationStale() time.Duration {
 func (s *Store) valkeyOnly() bool { return s.opts.ValkeyOnly || s.fromRedis.Load() }
 
 // checkFromRedis sets the flag (ValkeyOnly, at most every MigrationStale/6) or reads it (the
-// others); it returns when the flag was last set, 0 when there is none.
-func (s *Store) checkFromRedis(ctx context.Context) (int64, error) {
+// others). For a flag it read, it returns its value and how long ago it was set; flagAt 0 means
+// there is none. Times are PostgreSQL's clock, the one every sidecar shares.
+func (s *Store) checkFromRedis(ctx context.Context) (flagAt int64, age time.Duration, err error) {
 	if s.opts.ValkeyOnly {
 		now := time.Now()
 		if now.Sub(s.flagSet) < s.migrationStale()/6 {
-			return 0, nil
+			return 0, 0, nil
 		}
-		if _, err := s.db.Exec(ctx, `INSERT INTO cachecar_session_state (store, epoch) VALUES ($1, $2)
-			ON CONFLICT (store) DO UPDATE SET epoch = EXCLUDED.epoch`, s.fromRedisKey(), strconv.FormatInt(now.UnixMilli(), 10)); err != nil {
-			return 0, err
+		if _, err := s.db.Exec(ctx, `INSERT INTO cachecar_session_state (store, epoch)
+			VALUES ($1, (extract(epoch FROM clock_timestamp()) * 1000)::bigint::text)
+			ON CONFLICT (store) DO UPDATE SET epoch = EXCLUDED.epoch`, s.fromRedisKey()); err != nil {
+			return 0, 0, err
 		}
 		s.flagSet = now
-		return 0, nil
+		return 0, 0, nil
 	}
 	if s.opts.ReadPostgres {
 		// Migrating from connect-pg-simple: PostgreSQL answers every read anyway.
 		s.flagRead.Store(true)
-		return 0, nil
+		return 0, 0, nil
 	}
 	var v string
-	err := s.db.QueryRow(ctx, `SELECT epoch FROM cachecar_session_state WHERE store = $1`, s.fromRedisKey()).Scan(&v)
+	var now int64
+	err = s.db.QueryRow(ctx, `SELECT epoch, (extract(epoch FROM clock_timestamp()) * 1000)::bigint
+		FROM cachecar_session_state WHERE store = $1`, s.fromRedisKey()).Scan(&v, &now)
 	if errors.Is(err, pgx.ErrNoRows) {
 		s.fromRedis.Store(false)
 		s.flagRead.Store(true)
-		return 0, nil
+		return 0, 0, nil
 	}
 	if err != nil {
-		return 0, err
-	}
-	at, err := strconv.ParseInt(v, 10, 64)
-	if err != nil {
-		at = 1 // not ours: treated as set long ago
+		return 0, 0, err
 	}
 	s.fromRedis.Store(true)
 	s.flagRead.Store(true)
-	return at, nil
+	at, err := strconv.ParseInt(v, 10, 64)
+	if err != nil || at <= 0 {
+		return 0, 0, nil // not a flag this code set: never ends by itself
+	}
+	return at, time.Duration(now-at) * time.Millisecond, nil
 }
 
 // syncFromValkey makes PostgreSQL hold what the trusted Valkey holds, then removes the flag set

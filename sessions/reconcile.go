@@ -79,7 +79,7 @@ func (s *Store) refresh(ctx context.Context) {
 	}
 	// Before Valkey: while it is down, reads from PostgreSQL need to know whether a migration
 	// from connect-redis left PostgreSQL behind.
-	flagAt, err := s.checkFromRedis(qctx)
+	flagAt, flagAge, err := s.checkFromRedis(qctx)
 	if err != nil {
 		s.log.Debug().Err(err).Msg("read the connect-redis migration flag")
 	}
@@ -137,7 +137,7 @@ func (s *Store) refresh(ctx context.Context) {
 	token := epoch + "|" + runID
 	s.token.Store(&token)
 	if sentinel == token {
-		if s.trustSince(gen) && flagAt > 0 && time.Since(time.UnixMilli(flagAt)) > s.migrationStale() {
+		if s.trustSince(gen) && flagAt > 0 && flagAge > s.migrationStale() {
 			// No sidecar has run with ValkeyOnly for a while: the migration from connect-redis
 			// is over, and PostgreSQL learns from the trusted Valkey what connect-redis did.
 			if err := s.syncFromValkey(ctx, vk, flagAt); err != nil {
