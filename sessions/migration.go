@@ -38,9 +38,12 @@ func (s *Store) migrationStale() time.Duration {
 	return defaultMigrationStale
 }
 
-// valkeyOnly reports whether Valkey is the source of truth: migrating from connect-redis, or
-// after such a migration until PostgreSQL is synced from Valkey.
-func (s *Store) valkeyOnly() bool { return s.opts.ValkeyOnly || s.fromRedis.Load() }
+// valkeyOnly reports whether Valkey is the source of truth: migrating from connect-redis, after
+// such a migration until PostgreSQL is synced from Valkey, or (with Valkey configured) before the
+// flag could be read at all.
+func (s *Store) valkeyOnly() bool {
+	return s.opts.ValkeyOnly || s.fromRedis.Load() || (s.dial != nil && !s.opts.ReadPostgres && !s.flagRead.Load())
+}
 
 // checkFromRedis sets the flag (ValkeyOnly, at most every MigrationStale/6) or reads it (the
 // others). For a flag it read, it returns its value and how long ago it was set; flagAt 0 means
@@ -85,10 +88,21 @@ func (s *Store) checkFromRedis(ctx context.Context) (flagAt int64, age time.Dura
 	return at, time.Duration(now-at) * time.Millisecond, nil
 }
 
+// trusted is what a sync trusted Valkey for: the epoch in PostgreSQL and the sentinel (the epoch
+// and the server's run id) it matched.
+type trusted struct{ epoch, runID string }
+
+// errTrustLost stops a sync: Valkey's data or the epoch changed since it was trusted (a restart,
+// a failover, a flush, or a write that missed Valkey), so what it reads may not be the truth.
+var errTrustLost = errors.New("valkey is no longer trusted")
+
 // syncFromValkey makes PostgreSQL hold what the trusted Valkey holds, then removes the flag set
-// at flagAt (only if no sidecar set it again meanwhile). It runs under the reconciliation lock;
-// without it (another sidecar syncs or reconciles) it does nothing.
-func (s *Store) syncFromValkey(ctx context.Context, vk valkey.Client, flagAt int64) error {
+// at flagAt (only if no sidecar set it again meanwhile, and the epoch did not move). Every batch
+// checks, under its sessions' write locks, that the epoch is still tr.epoch and that Valkey still
+// holds the sentinel and run id it was trusted for, and stops with errTrustLost otherwise. It
+// runs under the reconciliation lock; without it (another sidecar syncs or reconciles) it does
+// nothing.
+func (s *Store) syncFromValkey(ctx context.Context, vk valkey.Client, flagAt int64, tr trusted) error {
 	conn, err := s.db.Acquire(ctx)
 	if err != nil {
 		return err
@@ -118,7 +132,7 @@ func (s *Store) syncFromValkey(ctx context.Context, vk valkey.Client, flagAt int
 					sids = append(sids, sid)
 				}
 			}
-			w, sk, err := s.syncKeys(ctx, vk, conn, sids)
+			w, sk, err := s.syncKeys(ctx, vk, conn, sids, tr)
 			written, skipped = written+w, skipped+sk
 			if err != nil {
 				return err
@@ -146,22 +160,48 @@ func (s *Store) syncFromValkey(ctx context.Context, vk valkey.Client, flagAt int
 			break
 		}
 		after = sids[len(sids)-1]
-		n, err := s.deleteKeyless(ctx, vk, conn, sids)
+		n, err := s.deleteKeyless(ctx, vk, conn, sids, tr)
 		deleted += n
 		if err != nil {
 			return err
 		}
 	}
 
-	tag, err := conn.Exec(ctx, `DELETE FROM cachecar_session_state WHERE store = $1 AND epoch = $2`, s.fromRedisKey(), strconv.FormatInt(flagAt, 10))
+	tag, err := conn.Exec(ctx, `DELETE FROM cachecar_session_state WHERE store = $1 AND epoch = $2
+		AND EXISTS (SELECT 1 FROM cachecar_session_state WHERE store = $3 AND epoch = $4)`,
+		s.fromRedisKey(), strconv.FormatInt(flagAt, 10), s.opts.SentinelKey, tr.epoch)
 	if err != nil {
 		return err
 	}
+	ev := s.log.Info().Int("written", written).Int("skipped", skipped).Int("deleted", deleted).Dur("took", time.Since(start))
 	if tag.RowsAffected() == 1 {
 		s.fromRedis.Store(false)
+		ev.Msg("migration from connect-redis ended: PostgreSQL synced from Valkey")
+	} else {
+		ev.Msg("PostgreSQL synced from Valkey, but the migration flag was set again or the epoch moved: the migration from connect-redis goes on")
 	}
-	s.log.Info().Int("written", written).Int("skipped", skipped).Int("deleted", deleted).Dur("took", time.Since(start)).
-		Bool("done", tag.RowsAffected() == 1).Msg("migration from connect-redis ended: PostgreSQL synced from Valkey")
+	return nil
+}
+
+// checkTrust fails with errTrustLost unless, in tx (holding the batch's write locks), the epoch
+// is still tr.epoch, and sentinel and info (Valkey's answers to GET sentinel and INFO server,
+// sent with the batch's reads) still match tr.
+func (s *Store) checkTrust(ctx context.Context, tx pgx.Tx, tr trusted, sentinel, info valkey.ValkeyResult) error {
+	var epoch string
+	if err := tx.QueryRow(ctx, `SELECT epoch FROM cachecar_session_state WHERE store = $1`, s.opts.SentinelKey).Scan(&epoch); err != nil {
+		return err
+	}
+	v, err := sentinel.ToString()
+	if err != nil && !valkey.IsValkeyNil(err) {
+		return err
+	}
+	runID, err := parseRunID(info)
+	if err != nil {
+		return err
+	}
+	if epoch != tr.epoch || v != tr.epoch+"|"+tr.runID || runID != tr.runID {
+		return errTrustLost
+	}
 	return nil
 }
 
@@ -174,18 +214,24 @@ func (s *Store) lockSIDs(ctx context.Context, tx pgx.Tx, sids []string) error {
 
 // syncKeys writes the rows of sids from their keys, under their write locks. A value that is not
 // a JSON object (PostgreSQL's json column would refuse it) is skipped and counted.
-func (s *Store) syncKeys(ctx context.Context, vk valkey.Client, conn pgConn, sids []string) (written, skipped int, err error) {
+func (s *Store) syncKeys(ctx context.Context, vk valkey.Client, conn pgConn, sids []string, tr trusted) (written, skipped int, err error) {
 	err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 		if err := s.lockSIDs(ctx, tx, sids); err != nil {
 			return err
 		}
-		cmds := make(valkey.Commands, 0, 2*len(sids))
+		cmds := make(valkey.Commands, 0, 2*len(sids)+2)
 		for _, sid := range sids {
 			cmds = append(cmds, vk.B().Get().Key(s.opts.Prefix+sid).Build(), vk.B().Pttl().Key(s.opts.Prefix+sid).Build())
 		}
+		cmds = append(cmds, vk.B().Get().Key(s.opts.SentinelKey).Build(), vk.B().Info().Section("server").Build())
 		c, cancel := context.WithTimeout(ctx, 10*s.opts.Timeout+time.Second)
 		res := vk.DoMulti(c, cmds...)
 		cancel()
+		// The reads come before the sentinel and the run id on one connection, in order: if those
+		// still match, nothing reset Valkey before the reads ran.
+		if err := s.checkTrust(ctx, tx, tr, res[len(res)-2], res[len(res)-1]); err != nil {
+			return err
+		}
 		now := time.Now()
 		var upSIDs, bodies []string
 		var expires []int64
@@ -223,19 +269,23 @@ func (s *Store) syncKeys(ctx context.Context, vk valkey.Client, conn pgConn, sid
 
 // deleteKeyless deletes the rows of sids whose keys Valkey does not have, under their write
 // locks.
-func (s *Store) deleteKeyless(ctx context.Context, vk valkey.Client, conn pgConn, sids []string) (int, error) {
+func (s *Store) deleteKeyless(ctx context.Context, vk valkey.Client, conn pgConn, sids []string, tr trusted) (int, error) {
 	deleted := 0
 	err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 		if err := s.lockSIDs(ctx, tx, sids); err != nil {
 			return err
 		}
-		cmds := make(valkey.Commands, 0, len(sids))
+		cmds := make(valkey.Commands, 0, len(sids)+2)
 		for _, sid := range sids {
 			cmds = append(cmds, vk.B().Exists().Key(s.opts.Prefix+sid).Build())
 		}
+		cmds = append(cmds, vk.B().Get().Key(s.opts.SentinelKey).Build(), vk.B().Info().Section("server").Build())
 		c, cancel := context.WithTimeout(ctx, 10*s.opts.Timeout+time.Second)
 		res := vk.DoMulti(c, cmds...)
 		cancel()
+		if err := s.checkTrust(ctx, tx, tr, res[len(res)-2], res[len(res)-1]); err != nil {
+			return err
+		}
 		var gone []string
 		for i, sid := range sids {
 			n, err := res[i].AsInt64()

@@ -36,7 +36,7 @@ func (s *Store) Get(ctx context.Context, sid string) ([]byte, string, error) {
 		}
 		// Not trusted after all, or failed: PostgreSQL answers.
 	}
-	if s.valkeyOnly() || (s.HasValkey() && !s.flagRead.Load()) {
+	if s.valkeyOnly() {
 		// During a migration from connect-redis, and after it until PostgreSQL is synced from
 		// Valkey, Valkey is the source of truth: a row in PostgreSQL may be a session
 		// connect-redis has since destroyed. (Before the flag was first read, that is unknown.)

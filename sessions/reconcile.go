@@ -43,6 +43,7 @@ func (s *Store) Run(ctx context.Context) error {
 		}
 	}()
 	defer func() { <-pruned }()
+	defer s.bg.Wait() // a sync in progress (migration.go) ends with ctx
 	tick := time.NewTicker(s.opts.RefreshInterval)
 	defer tick.Stop()
 	s.refresh(ctx)
@@ -81,7 +82,9 @@ func (s *Store) refresh(ctx context.Context) {
 	// from connect-redis left PostgreSQL behind.
 	flagAt, flagAge, err := s.checkFromRedis(qctx)
 	if err != nil {
+		// Whether Valkey or PostgreSQL is the truth is unknown: decide nothing this time.
 		s.log.Debug().Err(err).Msg("read the connect-redis migration flag")
+		return
 	}
 	vk := s.client()
 	if vk == nil {
@@ -137,12 +140,19 @@ func (s *Store) refresh(ctx context.Context) {
 	token := epoch + "|" + runID
 	s.token.Store(&token)
 	if sentinel == token {
-		if s.trustSince(gen) && flagAt > 0 && flagAge > s.migrationStale() {
+		if s.trustSince(gen) && flagAt > 0 && flagAge > s.migrationStale() && s.syncing.CompareAndSwap(false, true) {
 			// No sidecar has run with ValkeyOnly for a while: the migration from connect-redis
-			// is over, and PostgreSQL learns from the trusted Valkey what connect-redis did.
-			if err := s.syncFromValkey(ctx, vk, flagAt); err != nil {
-				s.log.Warn().Err(err).Msg("sync PostgreSQL from Valkey after the migration from connect-redis failed; retrying")
-			}
+			// is over, and PostgreSQL learns from the trusted Valkey what connect-redis did. On
+			// a goroutine of its own, so that the checks go on meanwhile.
+			tr := trusted{epoch: epoch, runID: runID}
+			s.bg.Add(1)
+			go func() {
+				defer s.bg.Done()
+				defer s.syncing.Store(false)
+				if err := s.syncFromValkey(ctx, vk, flagAt, tr); err != nil {
+					s.log.Warn().Err(err).Msg("sync PostgreSQL from Valkey after the migration from connect-redis stopped; it starts over once Valkey is trusted")
+				}
+			}()
 		}
 		return
 	}

@@ -167,6 +167,8 @@ type Store struct {
 	fromRedis atomic.Bool
 	flagRead  atomic.Bool
 	flagSet   time.Time
+	syncing   atomic.Bool    // a sync from Valkey runs (at most one per process)
+	bg        sync.WaitGroup // that sync's goroutine
 
 	// trustMu orders trusting Valkey against writes that missed it: staleGen counts those
 	// writes (after their commit), and a check may trust Valkey only if none committed since

@@ -11,6 +11,7 @@ import (
 
 	"github.com/cachecar/cachecar/cachepolicy"
 	"github.com/cachecar/cachecar/internal/testenv"
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
@@ -826,19 +827,38 @@ func TestEndOfConnectRedisMigrationSyncsPostgres(t *testing.T) {
 		f.db.QueryRow(ctx, `SELECT count(*) FROM cachecar_session_state WHERE store = 'cachecar:sessions:epoch|migrating:connect-redis'`).Scan(&n)
 		return n
 	}
+	rowsNow := func() map[string]string {
+		out := map[string]string{}
+		r, err := f.db.Query(ctx, `SELECT sid, sess::text FROM session WHERE expire >= now()`)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for r.Next() {
+			var sid, b string
+			if err := r.Scan(&sid, &b); err != nil {
+				t.Fatal(err)
+			}
+			out[sid] = b
+		}
+		return out
+	}
+	waitTrusted := func(s *Store) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); s.Active() != FromValkey; {
+			if time.Now().After(deadline) {
+				t.Fatal("the sidecar never trusted Valkey")
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
 	if flag() != 1 {
 		t.Fatal("the sidecar migrating from connect-redis set no flag")
 	}
 
 	// A sidecar already without the migration, while one still runs with it: Valkey stays the
 	// source of truth, so with Valkey down it does not answer from the destroyed session's row.
-	other, _, _ := f.start(t, func(o *Options) { o.MigrationStale = stale })
-	for deadline := time.Now().Add(10 * time.Second); other.Active() != FromValkey; {
-		if time.Now().After(deadline) {
-			t.Fatal("the second sidecar never trusted Valkey")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	other, _, stopOther := f.start(t, func(o *Options) { o.MigrationStale = time.Hour })
+	waitTrusted(other)
 	if !other.fromRedis.Load() {
 		t.Fatal("the second sidecar did not see the migration flag")
 	}
@@ -848,28 +868,42 @@ func TestEndOfConnectRedisMigrationSyncsPostgres(t *testing.T) {
 	}
 	f.redis.Resume()
 
-	// Every sidecar without the migration: after MigrationStale, PostgreSQL is synced.
+	// The migrating sidecar gone, the flag not yet stale for this one: a reconciliation (a write
+	// missed Valkey: the epoch moved) copies no row into Valkey and deletes no key.
 	f.stop()
+	waitTrusted(other)
+	before := testutil.ToFloat64(other.m.reconciles.WithLabelValues("ok"))
+	if err := pgx.BeginFunc(ctx, f.db, func(tx pgx.Tx) error { return bumpEpoch(ctx, tx, "cachecar:sessions:epoch") }); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); testutil.ToFloat64(other.m.reconciles.WithLabelValues("ok")) == before; {
+		if time.Now().After(deadline) {
+			t.Fatal("no reconciliation after the epoch moved")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, ok := f.rawGet(t, "sess:destroyed"); ok {
+		t.Fatal("the reconciliation copied the destroyed session's row into Valkey")
+	}
+	if v, ok := f.rawGet(t, "sess:created"); !ok || v != created {
+		t.Fatal("the reconciliation deleted the session connect-redis created")
+	}
+	time.Sleep(3 * stale)
+	if flag() != 1 || rowsNow()["destroyed"] != destroyed {
+		t.Fatal("PostgreSQL was synced before the flag was stale for this sidecar")
+	}
+	stopOther()
+
+	// A sidecar for which the flag is stale: PostgreSQL is synced.
+	last, _, _ := f.start(t, func(o *Options) { o.MigrationStale = stale })
 	for deadline := time.Now().Add(15 * time.Second); flag() != 0; {
 		if time.Now().After(deadline) {
 			t.Fatal("the migration flag is still there: PostgreSQL was not synced")
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	rows := map[string]string{}
-	r, err := f.db.Query(ctx, `SELECT sid, sess::text FROM session WHERE expire >= now()`)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for r.Next() {
-		var sid, b string
-		if err := r.Scan(&sid, &b); err != nil {
-			t.Fatal(err)
-		}
-		rows[sid] = b
-	}
 	want := map[string]string{"kept": kept, "changed": changed, "created": created}
-	if fmt.Sprint(rows) != fmt.Sprint(want) {
+	if rows := rowsNow(); fmt.Sprint(rows) != fmt.Sprint(want) {
 		t.Fatalf("rows after the sync:\n%v\nwant\n%v", rows, want)
 	}
 	var left float64
@@ -877,25 +911,81 @@ func TestEndOfConnectRedisMigrationSyncsPostgres(t *testing.T) {
 	if left < 3590 || left > 3610 {
 		t.Fatalf("the created session's row expires in %.0f s, want its key's 3600", left)
 	}
-	if other.fromRedis.Load() {
-		t.Fatal("the second sidecar still treats Valkey as the source of truth")
+	if last.fromRedis.Load() {
+		t.Fatal("the sidecar still treats Valkey as the source of truth")
 	}
 
 	// A Valkey restarted empty is reconciled from PostgreSQL, which now agrees.
+	before = testutil.ToFloat64(last.m.reconciles.WithLabelValues("ok"))
 	f.redis.Stop()
 	f.redis.Start(t)
-	for deadline := time.Now().Add(10 * time.Second); other.Active() != FromValkey; {
+	for deadline := time.Now().Add(10 * time.Second); testutil.ToFloat64(last.m.reconciles.WithLabelValues("ok")) == before || last.Active() != FromValkey; {
 		if time.Now().After(deadline) {
 			t.Fatal("Valkey was not reconciled")
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
 	for sid, b := range want {
-		if got, from, err := other.Get(ctx, sid); err != nil || string(got) != b || from != FromValkey {
+		if got, from, err := last.Get(ctx, sid); err != nil || string(got) != b || from != FromValkey {
 			t.Fatalf("%s after the restart: %q from %s, %v", sid, got, from, err)
 		}
 	}
-	if _, _, err := other.Get(ctx, "destroyed"); !errors.Is(err, ErrNotFound) {
+	if _, _, err := last.Get(ctx, "destroyed"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("the session connect-redis destroyed came back: %v", err)
+	}
+}
+
+// A sync stops, changing nothing, once what it trusted Valkey for no longer holds: the epoch moved
+// (a write missed Valkey) or the sentinel is gone (Valkey restarted empty, or was flushed).
+func TestSyncFromValkeyStopsWhenTrustIsLost(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := context.Background()
+	f.put(t, "a", body("a", time.Now().Add(time.Hour)))
+	if err := f.raw.Do(ctx, f.raw.B().Del().Key("sess:a").Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	var epoch string
+	if err := f.db.QueryRow(ctx, `SELECT epoch FROM cachecar_session_state WHERE store = 'cachecar:sessions:epoch'`).Scan(&epoch); err != nil {
+		t.Fatal(err)
+	}
+	token := *f.store.token.Load()
+	runID := strings.TrimPrefix(token, epoch+"|")
+	f.stop() // no reconciliation of its own meanwhile; the sync reads Valkey through f.raw
+	vk := f.raw
+	for name, tr := range map[string]trusted{
+		"epoch moved":      {epoch: "older", runID: runID},
+		"another server":   {epoch: epoch, runID: "other"},
+		"sentinel as read": {epoch: epoch, runID: runID},
+	} {
+		if name == "sentinel as read" {
+			// Valkey flushed: the sentinel is gone with everything else.
+			if err := f.raw.Do(ctx, f.raw.B().Del().Key("cachecar:sessions:epoch").Build()).Error(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := f.store.syncFromValkey(ctx, vk, 1, tr); !errors.Is(err, errTrustLost) {
+			t.Fatalf("%s: sync returned %v, want errTrustLost", name, err)
+		}
+		var n int
+		f.db.QueryRow(ctx, `SELECT count(*) FROM session WHERE sid = 'a'`).Scan(&n)
+		if n != 1 {
+			t.Fatalf("%s: the sync deleted a row though Valkey was not trusted", name)
+		}
+	}
+}
+
+// Before the flag could be read, Valkey is the source of truth: a sidecar that starts during a
+// migration from connect-redis must not answer from a row first.
+func TestFlagUnknownUntilRead(t *testing.T) {
+	f := newFixture(t, nil)
+	s := New(f.store.opts, func() (valkey.Client, error) { return nil, errors.New("not dialled") }, f.db, zerolog.Nop(), prometheus.NewRegistry())
+	if !s.valkeyOnly() {
+		t.Fatal("a store that has not read the flag takes PostgreSQL as the truth")
+	}
+	if _, _, err := s.checkFromRedis(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if s.valkeyOnly() {
+		t.Fatal("no flag, and Valkey is still the only truth")
 	}
 }
