@@ -9,6 +9,7 @@ type metrics struct {
 	pruned     prometheus.Counter
 	restored   prometheus.Counter
 	local      prometheus.Counter
+	missing    prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -37,8 +38,12 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "cachecar_session_local_reads_total",
 			Help: "Session reads from Valkey answered by this process's tracked copy of the key (and of the sentinel) without a round trip; also counted in cachecar_session_ops_total.",
 		}),
+		missing: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "cachecar_session_valkey_missing_total",
+			Help: "Session reads a trusted Valkey answered absent and PostgreSQL had alive, served from PostgreSQL (a key that ran out a moment before its row, or eviction: a steady climb points at eviction).",
+		}),
 	}
-	reg.MustRegister(m.ops, m.active, m.reconciles, m.pruned, m.restored, m.local)
+	reg.MustRegister(m.ops, m.active, m.reconciles, m.pruned, m.restored, m.local, m.missing)
 	for _, o := range []string{"ok", "error"} {
 		m.reconciles.WithLabelValues(o)
 	}

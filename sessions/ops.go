@@ -28,9 +28,30 @@ func (s *Store) Get(ctx context.Context, sid string) ([]byte, string, error) {
 		case err == nil:
 			s.m.ops.WithLabelValues("get", FromValkey, "ok").Inc()
 			return body, FromValkey, nil
-		case errors.Is(err, ErrNotFound):
+		case errors.Is(err, ErrNotFound) && s.valkeyOnly():
+			// Migrating from connect-redis (or after it, until PostgreSQL is synced), Valkey is
+			// the source of truth: a row may be a session connect-redis has since destroyed.
 			s.m.ops.WithLabelValues("get", FromValkey, "not_found").Inc()
 			return nil, FromValkey, err
+		case errors.Is(err, ErrNotFound):
+			// A trusted Valkey holds every live session PostgreSQL has, but a key can still go
+			// without a write: evicted under memory pressure, or run out a moment before its
+			// row (the stores round expiry to the second differently). PostgreSQL, the store
+			// of record, confirms within a bound of its own; should it fail or be slow,
+			// Valkey's answer stands, as it would while PostgreSQL is down.
+			pctx, cancel := context.WithTimeout(ctx, confirmTimeout)
+			body, err := s.getPostgres(pctx, sid)
+			cancel()
+			switch {
+			case err == nil:
+				s.m.missing.Inc()
+				s.m.ops.WithLabelValues("get", FromPostgres, "ok").Inc()
+				return body, FromPostgres, nil
+			case ctx.Err() != nil:
+				return nil, FromValkey, ctx.Err()
+			}
+			s.m.ops.WithLabelValues("get", FromValkey, "not_found").Inc()
+			return nil, FromValkey, ErrNotFound
 		case ctx.Err() != nil:
 			return nil, FromValkey, ctx.Err()
 		}
@@ -43,19 +64,35 @@ func (s *Store) Get(ctx context.Context, sid string) ([]byte, string, error) {
 		s.m.ops.WithLabelValues("get", FromValkey, "error").Inc()
 		return nil, FromValkey, errValkeyOnlyDown
 	}
-	var body []byte
-	err := s.db.QueryRow(ctx, `SELECT sess::text FROM `+s.opts.Table+` WHERE sid = $1 AND expire >= to_timestamp($2)`,
-		sid, nowUnix(s.now())).Scan(&body)
-	if errors.Is(err, pgx.ErrNoRows) {
+	body, err := s.getPostgres(ctx, sid)
+	switch {
+	case errors.Is(err, ErrNotFound):
 		s.m.ops.WithLabelValues("get", FromPostgres, "not_found").Inc()
 		return nil, FromPostgres, ErrNotFound
-	}
-	if err != nil {
+	case err != nil:
 		s.m.ops.WithLabelValues("get", FromPostgres, "error").Inc()
-		return nil, FromPostgres, fmt.Errorf("%w: %w", ErrUnavailable, err)
+		return nil, FromPostgres, err
 	}
 	s.m.ops.WithLabelValues("get", FromPostgres, "ok").Inc()
 	return body, FromPostgres, nil
+}
+
+// confirmTimeout bounds the PostgreSQL read that confirms a session Valkey answered absent.
+const confirmTimeout = 250 * time.Millisecond
+
+// getPostgres reads a live session from PostgreSQL: ErrNotFound when there is none, an
+// ErrUnavailable error when PostgreSQL failed.
+func (s *Store) getPostgres(ctx context.Context, sid string) ([]byte, error) {
+	var body []byte
+	err := s.db.QueryRow(ctx, `SELECT sess::text FROM `+s.opts.Table+` WHERE sid = $1 AND expire >= to_timestamp($2)`,
+		sid, nowUnix(s.now())).Scan(&body)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		return nil, ErrNotFound
+	case err != nil:
+		return nil, fmt.Errorf("%w: %w", ErrUnavailable, err)
+	}
+	return body, nil
 }
 
 // getValkey reads the session and the sentinel from one moment: from this process's tracked

@@ -32,6 +32,9 @@ import (
 //     keys and set the sentinel. A restart that empties Valkey loses the sentinel too.
 //   - After a migration from connect-redis (which wrote Valkey alone), Valkey stays the source
 //     of truth until PostgreSQL has been synced from it (migration.go).
+//   - A trusted Valkey's "absent" is confirmed in PostgreSQL (except while Valkey is the source
+//     of truth, valkeyOnly): a key evicted, or run out a moment before its row, does not lose
+//     its session.
 //   - While Valkey is not trusted, or known down, reads and writes use PostgreSQL only: no
 //     per-request Valkey timeout once the outage is known. A probe every RefreshInterval brings
 //     it back.

@@ -862,7 +862,17 @@ func TestEndOfConnectRedisMigrationSyncsPostgres(t *testing.T) {
 	if !other.fromRedis.Load() {
 		t.Fatal("the second sidecar did not see the migration flag")
 	}
+	// Valkey answers absent for the session connect-redis destroyed: no row confirms it alive.
+	if _, _, err := other.Get(ctx, "destroyed"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("read of a session connect-redis destroyed, migration still running: %v, want not found", err)
+	}
 	f.redis.Pause()
+	for deadline := time.Now().Add(10 * time.Second); other.Active() == FromValkey; {
+		if time.Now().After(deadline) {
+			t.Fatal("the second sidecar never noticed Valkey was down")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	if _, _, err := other.Get(ctx, "destroyed"); !errors.Is(err, ErrUnavailable) {
 		t.Fatalf("read of a session connect-redis destroyed, Valkey down, migration still running: %v, want unavailable", err)
 	}
@@ -987,5 +997,63 @@ func TestFlagUnknownUntilRead(t *testing.T) {
 	}
 	if s.valkeyOnly() {
 		t.Fatal("no flag, and Valkey is still the only truth")
+	}
+}
+
+// A trusted Valkey holds every live session, but a key can go without a write: evicted under
+// memory pressure (here: deleted behind the store's back, as an eviction does), or run out a
+// moment before its row. PostgreSQL confirms an absent answer, so the session is not lost.
+// While migrating from connect-redis, Valkey is the source of truth and its absent answer stands.
+func TestEvictedSessionServedFromPostgres(t *testing.T) {
+	for _, valkeyOnly := range []bool{false, true} {
+		t.Run(fmt.Sprintf("valkeyOnly=%v", valkeyOnly), func(t *testing.T) {
+			f := newFixture(t, func(o *Options) {
+				o.ValkeyOnly = valkeyOnly
+				o.DeleteUnknown = !valkeyOnly
+			})
+			ctx := context.Background()
+			b := string(body("ann", time.Now().Add(time.Hour)))
+			f.put(t, "ev", []byte(b))
+			if got, from, err := f.get(t, "ev"); err != nil || got != b || from != FromValkey {
+				t.Fatalf("read before the eviction: %q from %s, %v", got, from, err)
+			}
+			if err := f.raw.Do(ctx, f.raw.B().Del().Key("sess:ev").Build()).Error(); err != nil {
+				t.Fatal(err)
+			}
+			missing := func() float64 { return testutil.ToFloat64(f.store.m.missing) }
+			deadline := time.Now().Add(time.Second) // the copy goes with Valkey's invalidation
+			for {
+				got, from, err := f.get(t, "ev")
+				if valkeyOnly {
+					if errors.Is(err, ErrNotFound) {
+						break
+					}
+				} else {
+					if err != nil {
+						t.Fatalf("read after the eviction: %q from %s, %v", got, from, err)
+					}
+					if from == FromPostgres {
+						if got != b {
+							t.Fatalf("read after the eviction: %q from PostgreSQL, want %q", got, b)
+						}
+						break
+					}
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("still %q from %s (%v) a second after the eviction", got, from, err)
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+			if want := map[bool]float64{false: 1, true: 0}[valkeyOnly]; missing() != want {
+				t.Fatalf("cachecar_session_valkey_missing_total %v, want %v", missing(), want)
+			}
+			// A session that never was: absent in both, and not counted.
+			if _, from, err := f.get(t, "never"); !errors.Is(err, ErrNotFound) || from != FromValkey {
+				t.Fatalf("read of an unknown session: from %s, %v", from, err)
+			}
+			if want := map[bool]float64{false: 1, true: 0}[valkeyOnly]; missing() != want {
+				t.Fatalf("an unknown session counted as missing (%v)", missing())
+			}
+		})
 	}
 }
