@@ -841,6 +841,11 @@ func (c *Config) validate() []string {
 	}
 	positive("sessions.ttl", c.Sessions.TTL)
 	positive("sessions.refresh_interval", c.Sessions.RefreshInterval)
+	if c.Sessions.RefreshInterval > 5*time.Second {
+		// Its checks bound how long a missed write goes unseen, and a sidecar migrating from
+		// connect-redis sets its flag on them: the others end the migration after 30 s without.
+		p = append(p, fmt.Sprintf("sessions.refresh_interval: at most 5s, got %s", c.Sessions.RefreshInterval))
+	}
 	positive("sessions.prune_interval", c.Sessions.PruneInterval)
 	if c.Sessions.MaxBodyBytes < 2 || c.Sessions.MaxBodyBytes > 16<<20 {
 		p = append(p, fmt.Sprintf("sessions.max_body_bytes: must be from 2 to 16777216, got %d", c.Sessions.MaxBodyBytes))

@@ -957,6 +957,9 @@ func TestSessionsTierSize(t *testing.T) {
 	if cfg.Sessions.TierMaxBytes != MinTierBytes {
 		t.Fatalf("default sessions.tier_max_bytes %d, want %d", cfg.Sessions.TierMaxBytes, MinTierBytes)
 	}
+	if _, err := Load(Source{Sets: []string{"sessions.refresh_interval=6s"}}); err == nil || !strings.Contains(err.Error(), "sessions.refresh_interval: at most 5s") {
+		t.Fatalf("sessions.refresh_interval=6s: %v", err)
+	}
 	for _, bad := range []string{"1", "-1", "33554431", "1099511627777"} {
 		_, err := Load(Source{Sets: []string{"sessions.tier_max_bytes=" + bad}})
 		var pe *ProblemsError

@@ -114,6 +114,14 @@ func (s *Store) syncFromValkey(ctx context.Context, vk valkey.Client, flagAt int
 	}
 	defer conn.Exec(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, int64(reconcileLock))
 	start := time.Now()
+	// Another sidecar may have ended the migration while this one waited for the lock: then
+	// PostgreSQL is the truth already, and a sync now would delete what it rescues (rows of keys
+	// Valkey lost).
+	var still bool
+	if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM cachecar_session_state WHERE store = $1 AND epoch = $2)`,
+		s.fromRedisKey(), strconv.FormatInt(flagAt, 10)).Scan(&still); err != nil || !still {
+		return err
+	}
 
 	// Every session key: its row, under its write lock, from the value and PTTL read under it.
 	written, skipped := 0, 0
@@ -239,6 +247,11 @@ func (s *Store) syncKeys(ctx context.Context, vk valkey.Client, conn pgConn, sid
 			body, err := res[2*i].ToString()
 			if valkey.IsValkeyNil(err) {
 				continue // gone meanwhile
+			}
+			var verr *valkey.ValkeyError
+			if errors.As(err, &verr) {
+				skipped++ // not a string (WRONGTYPE): not a session a store wrote
+				continue
 			}
 			if err != nil {
 				return fmt.Errorf("get %s: %w", sid, err)

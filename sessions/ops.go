@@ -39,9 +39,7 @@ func (s *Store) Get(ctx context.Context, sid string) ([]byte, string, error) {
 			// row (the stores round expiry to the second differently). PostgreSQL, the store
 			// of record, confirms within a bound of its own; should it fail or be slow,
 			// Valkey's answer stands, as it would while PostgreSQL is down.
-			pctx, cancel := context.WithTimeout(ctx, confirmTimeout)
-			body, err := s.getPostgres(pctx, sid)
-			cancel()
+			body, err := s.confirm(ctx, sid)
 			switch {
 			case err == nil:
 				s.m.missing.Inc()
@@ -77,8 +75,50 @@ func (s *Store) Get(ctx context.Context, sid string) ([]byte, string, error) {
 	return body, FromPostgres, nil
 }
 
-// confirmTimeout bounds the PostgreSQL read that confirms a session Valkey answered absent.
-const confirmTimeout = 250 * time.Millisecond
+// Confirming a session Valkey answered absent: how long a read waits for PostgreSQL, how long
+// the query may run on in the background after that, and how many run at once.
+const (
+	confirmTimeout      = 250 * time.Millisecond
+	confirmQueryTimeout = 5 * time.Second
+	confirmSlots        = 8
+)
+
+var errConfirmSkipped = errors.New("confirmation skipped: PostgreSQL slow or busy")
+
+// confirm reads sid from PostgreSQL to confirm Valkey's absent answer. Past confirmTimeout, or
+// with confirmSlots confirmations already running, it gives up (Valkey's answer stands). A query
+// still running then is not cancelled (pgx would close its pooled connection, and a struggling
+// PostgreSQL would get a reconnect per unknown session) but left to finish within
+// confirmQueryTimeout, holding its slot.
+func (s *Store) confirm(ctx context.Context, sid string) ([]byte, error) {
+	select {
+	case s.confirmSem <- struct{}{}:
+	default:
+		return nil, errConfirmSkipped
+	}
+	type result struct {
+		body []byte
+		err  error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		defer func() { <-s.confirmSem }()
+		qctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), confirmQueryTimeout)
+		defer cancel()
+		b, err := s.getPostgres(qctx, sid)
+		ch <- result{b, err}
+	}()
+	t := time.NewTimer(confirmTimeout)
+	defer t.Stop()
+	select {
+	case r := <-ch:
+		return r.body, r.err
+	case <-t.C:
+		return nil, errConfirmSkipped
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
 
 // getPostgres reads a live session from PostgreSQL: ErrNotFound when there is none, an
 // ErrUnavailable error when PostgreSQL failed.

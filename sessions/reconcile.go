@@ -140,17 +140,18 @@ func (s *Store) refresh(ctx context.Context) {
 	token := epoch + "|" + runID
 	s.token.Store(&token)
 	if sentinel == token {
-		if s.trustSince(gen) && flagAt > 0 && flagAge > s.migrationStale() && s.syncing.CompareAndSwap(false, true) {
+		if s.trustSince(gen) && flagAt > 0 && flagAge > s.migrationStale() && time.Now().After(s.syncAfter) && s.syncing.CompareAndSwap(false, true) {
 			// No sidecar has run with ValkeyOnly for a while: the migration from connect-redis
 			// is over, and PostgreSQL learns from the trusted Valkey what connect-redis did. On
 			// a goroutine of its own, so that the checks go on meanwhile.
 			tr := trusted{epoch: epoch, runID: runID}
 			s.bg.Add(1)
+			s.syncAfter = time.Now().Add(10 * time.Second) // the next try, should this one fail
 			go func() {
 				defer s.bg.Done()
 				defer s.syncing.Store(false)
 				if err := s.syncFromValkey(ctx, vk, flagAt, tr); err != nil {
-					s.log.Warn().Err(err).Msg("sync PostgreSQL from Valkey after the migration from connect-redis stopped; it starts over once Valkey is trusted")
+					s.log.Warn().Err(err).Msg("sync PostgreSQL from Valkey after the migration from connect-redis stopped; it starts over once Valkey is trusted, at the earliest in 10 s")
 				}
 			}()
 		}

@@ -171,7 +171,10 @@ type Store struct {
 	flagRead  atomic.Bool
 	flagSet   time.Time
 	syncing   atomic.Bool    // a sync from Valkey runs (at most one per process)
+	syncAfter time.Time      // no sync starts before (Run's goroutine only)
 	bg        sync.WaitGroup // that sync's goroutine
+	// confirmSem holds a slot per PostgreSQL read confirming a session Valkey answered absent.
+	confirmSem chan struct{}
 
 	// trustMu orders trusting Valkey against writes that missed it: staleGen counts those
 	// writes (after their commit), and a check may trust Valkey only if none committed since
@@ -221,7 +224,7 @@ type vkBox struct{ c valkey.Client }
 // by Run until it succeeds, so that a Valkey down at start-up is picked up later). It starts
 // nothing; call Run.
 func New(opts Options, dial func() (valkey.Client, error), db *pgxpool.Pool, log zerolog.Logger, reg prometheus.Registerer) *Store {
-	s := &Store{opts: opts, dial: dial, db: db, log: log, m: newMetrics(reg), now: time.Now, born: time.Now()}
+	s := &Store{opts: opts, dial: dial, db: db, log: log, m: newMetrics(reg), now: time.Now, born: time.Now(), confirmSem: make(chan struct{}, confirmSlots)}
 	empty := ""
 	s.token.Store(&empty)
 	s.setActive()

@@ -962,16 +962,41 @@ func TestSyncFromValkeyStopsWhenTrustIsLost(t *testing.T) {
 	runID := strings.TrimPrefix(token, epoch+"|")
 	f.stop() // no reconciliation of its own meanwhile; the sync reads Valkey through f.raw
 	vk := f.raw
-	for name, tr := range map[string]trusted{
-		"epoch moved":      {epoch: "older", runID: runID},
-		"another server":   {epoch: epoch, runID: "other"},
-		"sentinel as read": {epoch: epoch, runID: runID},
-	} {
-		if name == "sentinel as read" {
-			// Valkey flushed: the sentinel is gone with everything else.
+	setSentinel := func(v string) {
+		if err := f.raw.Do(ctx, f.raw.B().Set().Key("cachecar:sessions:epoch").Value(v).Build()).Error(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, c := range []struct {
+		name  string
+		tr    trusted
+		setup func()
+	}{
+		{"sentinel of another epoch", trusted{epoch: "older", runID: runID}, nil},
+		{"another server", trusted{epoch: epoch, runID: "other"}, nil},
+		// The sentinel still as trusted, but a write missed Valkey: the epoch moved.
+		{"epoch moved", trusted{epoch: epoch, runID: runID}, func() {
+			if _, err := f.db.Exec(ctx, `UPDATE cachecar_session_state SET epoch = 'moved' WHERE store = 'cachecar:sessions:epoch'`); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		// The sentinel and the epoch as trusted, but another server answers (a failover to a
+		// replica that had the same sentinel).
+		{"run id changed", trusted{epoch: "moved", runID: "other"}, func() { setSentinel("moved|other") }},
+		// Valkey flushed: the sentinel is gone with everything else.
+		{"sentinel gone", trusted{epoch: "moved", runID: runID}, func() {
 			if err := f.raw.Do(ctx, f.raw.B().Del().Key("cachecar:sessions:epoch").Build()).Error(); err != nil {
 				t.Fatal(err)
 			}
+		}},
+	} {
+		name, tr := c.name, c.tr
+		if c.setup != nil {
+			c.setup()
+		}
+		if _, err := f.db.Exec(ctx, `INSERT INTO cachecar_session_state (store, epoch) VALUES ('cachecar:sessions:epoch|migrating:connect-redis', '1')
+			ON CONFLICT (store) DO UPDATE SET epoch = '1'`); err != nil {
+			t.Fatal(err)
 		}
 		if err := f.store.syncFromValkey(ctx, vk, 1, tr); !errors.Is(err, errTrustLost) {
 			t.Fatalf("%s: sync returned %v, want errTrustLost", name, err)
@@ -1055,5 +1080,51 @@ func TestEvictedSessionServedFromPostgres(t *testing.T) {
 				t.Fatalf("an unknown session counted as missing (%v)", missing())
 			}
 		})
+	}
+}
+
+// Keys under the session prefix that are not sessions (not a string, no TTL, not a JSON object)
+// are skipped: the sync still ends the migration.
+func TestSyncSkipsKeysThatAreNotSessions(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := context.Background()
+	good := string(body("good", time.Now().Add(time.Hour)))
+	for _, cmd := range []valkey.Completed{
+		f.raw.B().Set().Key("sess:good").Value(good).ExSeconds(3600).Build(),
+		f.raw.B().Hset().Key("sess:hash").FieldValue().FieldValue("a", "b").Build(),
+		f.raw.B().Set().Key("sess:forever").Value(`{"cookie":{}}`).Build(),
+		f.raw.B().Set().Key("sess:text").Value("not json").ExSeconds(3600).Build(),
+	} {
+		if err := f.raw.Do(ctx, cmd).Error(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var epoch string
+	if err := f.db.QueryRow(ctx, `SELECT epoch FROM cachecar_session_state WHERE store = 'cachecar:sessions:epoch'`).Scan(&epoch); err != nil {
+		t.Fatal(err)
+	}
+	runID := strings.TrimPrefix(*f.store.token.Load(), epoch+"|")
+	f.stop()
+	if _, err := f.db.Exec(ctx, `INSERT INTO cachecar_session_state (store, epoch) VALUES ('cachecar:sessions:epoch|migrating:connect-redis', '1')`); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.store.syncFromValkey(ctx, f.raw, 1, trusted{epoch: epoch, runID: runID}); err != nil {
+		t.Fatalf("sync: %v", err)
+	}
+	var flags int
+	f.db.QueryRow(ctx, `SELECT count(*) FROM cachecar_session_state WHERE store LIKE '%migrating%'`).Scan(&flags)
+	if flags != 0 {
+		t.Fatal("the flag is still there")
+	}
+	var sids []string
+	r, err := f.db.Query(ctx, `SELECT sid FROM session ORDER BY sid`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sids, err = pgx.CollectRows(r, pgx.RowTo[string]); err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(sids) != "[good]" {
+		t.Fatalf("rows after the sync: %v, want [good]", sids)
 	}
 }
