@@ -55,6 +55,7 @@ func (s *Store) Get(ctx context.Context, sid string) ([]byte, string, error) {
 		}
 		// Not trusted after all, or failed: PostgreSQL answers.
 	}
+	s.knowFlag(ctx)
 	if s.valkeyOnly() {
 		// During a migration from connect-redis, and after it until PostgreSQL is synced from
 		// Valkey, Valkey is the source of truth: a row in PostgreSQL may be a session
@@ -266,6 +267,7 @@ func (s *Store) Touch(ctx context.Context, sid string, sess Session) (string, er
 		}
 		return FromPostgres, ErrNotFound
 	}
+	s.knowFlag(ctx)
 	var inPG, restored bool
 	var row []byte // the session as PostgreSQL has it, when the touch found it alive there
 	from, err := s.write(ctx, "touch", sid, false, pgStep{
@@ -321,6 +323,17 @@ func (s *Store) Touch(ctx context.Context, sid string, sess Session) (string, er
 		return from, ErrNotFound
 	}
 	return from, nil
+}
+
+// knowFlag reads the connect-redis migration flag when Run's first check has not yet: a request
+// that comes before it must know whether PostgreSQL may answer (valkeyOnly).
+func (s *Store) knowFlag(ctx context.Context) {
+	if s.flagRead.Load() || s.dial == nil || s.opts.ValkeyOnly {
+		return
+	}
+	if _, _, err := s.checkFromRedis(ctx); err != nil {
+		s.log.Debug().Err(err).Msg("read the connect-redis migration flag")
+	}
 }
 
 // pgStep is a write's statement in PostgreSQL. With returning set, the statement returns at most

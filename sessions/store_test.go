@@ -1017,8 +1017,12 @@ func TestFlagUnknownUntilRead(t *testing.T) {
 	if !s.valkeyOnly() {
 		t.Fatal("a store that has not read the flag takes PostgreSQL as the truth")
 	}
-	if _, _, err := s.checkFromRedis(context.Background()); err != nil {
-		t.Fatal(err)
+	// A read before Run's first check reads the flag itself: there is none, so PostgreSQL
+	// answers (Valkey is not connected).
+	b := string(body("ann", time.Now().Add(time.Hour)))
+	f.put(t, "early", []byte(b))
+	if got, from, err := s.Get(context.Background(), "early"); err != nil || string(got) != b || from != FromPostgres {
+		t.Fatalf("read before the first check: %q from %s, %v", got, from, err)
 	}
 	if s.valkeyOnly() {
 		t.Fatal("no flag, and Valkey is still the only truth")
