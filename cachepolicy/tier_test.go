@@ -1226,21 +1226,8 @@ func TestDBCircuitOpensOnTimeouts(t *testing.T) {
 // the change: its callers get it, but the tier keeps no copy, so a read that starts after the
 // change goes back to Valkey. An undisturbed load is kept.
 func TestTierDropDuringLoadKeepsNoCopy(t *testing.T) {
-	addr, prefix := testenv.Valkey(t)
-	c, err := valkey.NewClient(valkey.ClientOption{InitAddress: []string{addr}, DisableCache: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
 	ctx := context.Background()
-	key := prefix + "dropped"
-	if err := c.Do(ctx, c.B().Set().Key(key).Value("old").Build()).Error(); err != nil {
-		t.Fatal(err)
-	}
-	reply, err := c.Do(ctx, c.B().Get().Key(key).Build()).ToMessage()
-	if err != nil {
-		t.Fatal(err)
-	}
+	key, reply, _ := setAndRead(t, "dropped", "old")
 
 	for _, drop := range []bool{false, true} {
 		stats := &tierStats{}
@@ -1498,21 +1485,8 @@ func TestTierCopyNeverOutlivesItsKey(t *testing.T) {
 // load of the key, dated from that load's start: it is handed to that load's callers but not
 // kept.
 func TestTierLateReplyIsNotKept(t *testing.T) {
-	addr, prefix := testenv.Valkey(t)
-	c, err := valkey.NewClient(valkey.ClientOption{InitAddress: []string{addr}, DisableCache: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
 	ctx := context.Background()
-	key := prefix + "late"
-	if err := c.Do(ctx, c.B().Set().Key(key).Value("v").Build()).Error(); err != nil {
-		t.Fatal(err)
-	}
-	reply, err := c.Do(ctx, c.B().Get().Key(key).Build()).ToMessage()
-	if err != nil {
-		t.Fatal(err)
-	}
+	key, reply, _ := setAndRead(t, "late", "v")
 	st := newLocalStore(1<<20, &tierStats{})
 	defer st.Close(errors.New("test over"))
 	held := func() bool {
@@ -1555,21 +1529,8 @@ func TestTierLateReplyIsNotKept(t *testing.T) {
 
 // A load that failed on the server's own error reply has had its reply: the next one is kept.
 func TestTierServerErrorIsNotALateReply(t *testing.T) {
-	addr, prefix := testenv.Valkey(t)
-	c, err := valkey.NewClient(valkey.ClientOption{InitAddress: []string{addr}, DisableCache: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
 	ctx := context.Background()
-	key := prefix + "errored"
-	if err := c.Do(ctx, c.B().Set().Key(key).Value("v").Build()).Error(); err != nil {
-		t.Fatal(err)
-	}
-	reply, err := c.Do(ctx, c.B().Get().Key(key).Build()).ToMessage()
-	if err != nil {
-		t.Fatal(err)
-	}
+	key, reply, c := setAndRead(t, "errored", "v")
 	serverErr := c.Do(ctx, c.B().Arbitrary("NO-SUCH-COMMAND").Build()).Error()
 	var verr *valkey.ValkeyError
 	if !errors.As(serverErr, &verr) {
@@ -1591,4 +1552,26 @@ func TestTierServerErrorIsNotALateReply(t *testing.T) {
 		}
 		st.Close(errors.New("test over"))
 	}
+}
+
+// setAndRead sets a key (name under the test's prefix) to value in Valkey and returns it with a
+// GET's reply, as valkey-go hands replies to the tier, and the plain client it used.
+func setAndRead(t *testing.T, name, value string) (string, valkey.ValkeyMessage, valkey.Client) {
+	t.Helper()
+	addr, prefix := testenv.Valkey(t)
+	c, err := valkey.NewClient(valkey.ClientOption{InitAddress: []string{addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	ctx := context.Background()
+	key := prefix + name
+	if err := c.Do(ctx, c.B().Set().Key(key).Value(value).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	reply, err := c.Do(ctx, c.B().Get().Key(key).Build()).ToMessage()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return key, reply, c
 }

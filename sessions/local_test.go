@@ -94,9 +94,7 @@ func TestLocalCopiesFollowOtherWriters(t *testing.T) {
 	eventually(v2, "a connect-redis save")
 
 	// Another sidecar's save, then its destroy.
-	for other.Active() != FromValkey {
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitActive(t, other, FromValkey)
 	sess, err := other.Parse(body("v3", time.Now().Add(time.Hour)))
 	if err != nil {
 		t.Fatal(err)
@@ -167,13 +165,7 @@ func (f *fixture) proxied(t *testing.T, tweak func(*Options)) (*Store, *testenv.
 	p := testenv.StartProxy(t, f.redis.Addr)
 	g := &fixture{url: f.url, db: f.db, redis: &testenv.Redis{Addr: p.Addr()}, raw: f.raw}
 	s, _, _ := g.start(t, tweak)
-	deadline := time.Now().Add(10 * time.Second)
-	for s.Active() != FromValkey {
-		if time.Now().After(deadline) {
-			t.Fatal("the proxied store never trusted Valkey")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitActive(t, s, FromValkey)
 	return s, p
 }
 

@@ -220,26 +220,39 @@ func (s *Store) lockSIDs(ctx context.Context, tx pgx.Tx, sids []string) error {
 	return err
 }
 
-// syncKeys writes the rows of sids from their keys, under their write locks. A value that is not
-// a JSON object (PostgreSQL's json column would refuse it) is skipped and counted.
-func (s *Store) syncKeys(ctx context.Context, vk valkey.Client, conn pgConn, sids []string, tr trusted) (written, skipped int, err error) {
-	err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+// lockedBatch runs fn in a transaction holding the write locks of sids, with Valkey's answers to
+// reads(sid) for every sid in order (flattened), read in one pipeline that ends with the sentinel
+// and the run id. The reads run before those, in order on one connection: only if they, and the
+// epoch read under the locks, still match tr did nothing reset Valkey (or miss it) before the
+// reads ran; otherwise it stops with errTrustLost before fn.
+func (s *Store) lockedBatch(ctx context.Context, vk valkey.Client, conn pgConn, sids []string, tr trusted,
+	reads func(sid string) []valkey.Completed, fn func(tx pgx.Tx, res []valkey.ValkeyResult) error) error {
+	return pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 		if err := s.lockSIDs(ctx, tx, sids); err != nil {
 			return err
 		}
-		cmds := make(valkey.Commands, 0, 2*len(sids)+2)
+		var cmds valkey.Commands
 		for _, sid := range sids {
-			cmds = append(cmds, vk.B().Get().Key(s.opts.Prefix+sid).Build(), vk.B().Pttl().Key(s.opts.Prefix+sid).Build())
+			cmds = append(cmds, reads(sid)...)
 		}
 		cmds = append(cmds, vk.B().Get().Key(s.opts.SentinelKey).Build(), vk.B().Info().Section("server").Build())
 		c, cancel := context.WithTimeout(ctx, 10*s.opts.Timeout+time.Second)
 		res := vk.DoMulti(c, cmds...)
 		cancel()
-		// The reads come before the sentinel and the run id on one connection, in order: if those
-		// still match, nothing reset Valkey before the reads ran.
 		if err := s.checkTrust(ctx, tx, tr, res[len(res)-2], res[len(res)-1]); err != nil {
 			return err
 		}
+		return fn(tx, res[:len(res)-2])
+	})
+}
+
+// syncKeys writes the rows of sids from their keys, under their write locks. A key that is not a
+// string, has no TTL or holds no JSON object is skipped and counted.
+func (s *Store) syncKeys(ctx context.Context, vk valkey.Client, conn pgConn, sids []string, tr trusted) (written, skipped int, err error) {
+	reads := func(sid string) []valkey.Completed {
+		return []valkey.Completed{vk.B().Get().Key(s.opts.Prefix + sid).Build(), vk.B().Pttl().Key(s.opts.Prefix + sid).Build()}
+	}
+	err = s.lockedBatch(ctx, vk, conn, sids, tr, reads, func(tx pgx.Tx, res []valkey.ValkeyResult) error {
 		now := time.Now()
 		var upSIDs, bodies []string
 		var expires []int64
@@ -284,21 +297,10 @@ func (s *Store) syncKeys(ctx context.Context, vk valkey.Client, conn pgConn, sid
 // locks.
 func (s *Store) deleteKeyless(ctx context.Context, vk valkey.Client, conn pgConn, sids []string, tr trusted) (int, error) {
 	deleted := 0
-	err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-		if err := s.lockSIDs(ctx, tx, sids); err != nil {
-			return err
-		}
-		cmds := make(valkey.Commands, 0, len(sids)+2)
-		for _, sid := range sids {
-			cmds = append(cmds, vk.B().Exists().Key(s.opts.Prefix+sid).Build())
-		}
-		cmds = append(cmds, vk.B().Get().Key(s.opts.SentinelKey).Build(), vk.B().Info().Section("server").Build())
-		c, cancel := context.WithTimeout(ctx, 10*s.opts.Timeout+time.Second)
-		res := vk.DoMulti(c, cmds...)
-		cancel()
-		if err := s.checkTrust(ctx, tx, tr, res[len(res)-2], res[len(res)-1]); err != nil {
-			return err
-		}
+	reads := func(sid string) []valkey.Completed {
+		return []valkey.Completed{vk.B().Exists().Key(s.opts.Prefix + sid).Build()}
+	}
+	err := s.lockedBatch(ctx, vk, conn, sids, tr, reads, func(tx pgx.Tx, res []valkey.ValkeyResult) error {
 		var gone []string
 		for i, sid := range sids {
 			n, err := res[i].AsInt64()

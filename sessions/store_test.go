@@ -101,10 +101,16 @@ func (f *fixture) start(t *testing.T, tweak func(*Options)) (*Store, *prometheus
 
 func (f *fixture) waitActive(t *testing.T, want string) {
 	t.Helper()
+	waitActive(t, f.store, want)
+}
+
+// waitActive waits up to 10 s until s serves reads from want.
+func waitActive(t *testing.T, s *Store, want string) {
+	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
-	for f.store.Active() != want {
+	for s.Active() != want {
 		if time.Now().After(deadline) {
-			t.Fatalf("store still answers from %s, want %s", f.store.Active(), want)
+			t.Fatalf("store still answers from %s, want %s", s.Active(), want)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -842,15 +848,6 @@ func TestEndOfConnectRedisMigrationSyncsPostgres(t *testing.T) {
 		}
 		return out
 	}
-	waitTrusted := func(s *Store) {
-		t.Helper()
-		for deadline := time.Now().Add(10 * time.Second); s.Active() != FromValkey; {
-			if time.Now().After(deadline) {
-				t.Fatal("the sidecar never trusted Valkey")
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-	}
 	if flag() != 1 {
 		t.Fatal("the sidecar migrating from connect-redis set no flag")
 	}
@@ -858,7 +855,7 @@ func TestEndOfConnectRedisMigrationSyncsPostgres(t *testing.T) {
 	// A sidecar already without the migration, while one still runs with it: Valkey stays the
 	// source of truth, so with Valkey down it does not answer from the destroyed session's row.
 	other, _, stopOther := f.start(t, func(o *Options) { o.MigrationStale = time.Hour })
-	waitTrusted(other)
+	waitActive(t, other, FromValkey)
 	if !other.fromRedis.Load() {
 		t.Fatal("the second sidecar did not see the migration flag")
 	}
@@ -867,12 +864,7 @@ func TestEndOfConnectRedisMigrationSyncsPostgres(t *testing.T) {
 		t.Fatalf("read of a session connect-redis destroyed, migration still running: %v, want not found", err)
 	}
 	f.redis.Pause()
-	for deadline := time.Now().Add(10 * time.Second); other.Active() == FromValkey; {
-		if time.Now().After(deadline) {
-			t.Fatal("the second sidecar never noticed Valkey was down")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitActive(t, other, FromPostgres) // it noticed Valkey is down
 	if _, _, err := other.Get(ctx, "destroyed"); !errors.Is(err, ErrUnavailable) {
 		t.Fatalf("read of a session connect-redis destroyed, Valkey down, migration still running: %v, want unavailable", err)
 	}
@@ -881,7 +873,7 @@ func TestEndOfConnectRedisMigrationSyncsPostgres(t *testing.T) {
 	// The migrating sidecar gone, the flag not yet stale for this one: a reconciliation (a write
 	// missed Valkey: the epoch moved) copies no row into Valkey and deletes no key.
 	f.stop()
-	waitTrusted(other)
+	waitActive(t, other, FromValkey)
 	before := testutil.ToFloat64(other.m.reconciles.WithLabelValues("ok"))
 	if err := pgx.BeginFunc(ctx, f.db, func(tx pgx.Tx) error { return bumpEpoch(ctx, tx, "cachecar:sessions:epoch") }); err != nil {
 		t.Fatal(err)
