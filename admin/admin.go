@@ -141,6 +141,10 @@ type ServiceStatus struct {
 	LastNotification string `json:"lastNotification,omitempty"`
 	// Store is the sessions': the store that serves reads now.
 	Store string `json:"store,omitempty"`
+	// PostgresCopies is the sessions' copies of PostgreSQL's answers: "up" while kept (the
+	// LISTEN connection listens and the session table's notify triggers are in place), "down"
+	// while not; absent when turned off.
+	PostgresCopies string `json:"postgresCopies,omitempty"`
 	// Circuit is the breaker in front of the service: closed, half-open or open.
 	Circuit string `json:"circuit,omitempty"`
 	// Tier is the cache's in-process tier.
@@ -228,6 +232,9 @@ func (h *Health) detailed(w http.ResponseWriter, r *http.Request) {
 		// up: served from Valkey (or from PostgreSQL, with no Valkey configured); degraded:
 		// Valkey is configured but down or not yet reconciled, PostgreSQL serves.
 		sessions = ServiceStatus{Status: "up", Store: h.opts.Sessions.Active()}
+		if pc, ok := h.opts.Sessions.(interface{ PostgresCopies() string }); ok {
+			sessions.PostgresCopies = pc.PostgresCopies()
+		}
 		if h.opts.Sessions.HasValkey() && sessions.Store != "valkey" {
 			sessions.Status = "degraded"
 		}

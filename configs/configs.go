@@ -72,8 +72,9 @@ type SessionsConfig struct {
 	// Migration is "", "connect-redis" or "connect-pg-simple": the store some apps still use
 	// directly during a rolling migration to cachecar.
 	Migration string `mapstructure:"migration"`
-	// TierMaxBytes is the memory of the sessions' own in-process tier (tracked copies of
-	// session keys); 0 turns it off.
+	// TierMaxBytes bounds each of the sessions' in-process tiers (tracked copies of session
+	// keys; copies of PostgreSQL's answers, kept correct by the table's notify triggers); 0
+	// turns both off.
 	TierMaxBytes int64 `mapstructure:"tier_max_bytes"`
 }
 
@@ -781,7 +782,7 @@ func (c *Config) validate() []string {
 	}
 	if tiers := c.tierBytes(); tiers > 0 {
 		if lim, src := MemoryLimit(); lim > 0 && tiers+64<<20 > lim {
-			p = append(p, fmt.Sprintf("cache.tier_max_bytes (%d) and sessions.tier_max_bytes (%d) do not fit the memory limit of %d bytes (%s) with 64 MiB for everything else (raise the limit, or lower the tiers: sessions.tier_max_bytes: 0 reads sessions from Valkey every time)", c.Cache.TierMaxBytes, c.sessionTierBytes(), lim, src))
+			p = append(p, fmt.Sprintf("cache.tier_max_bytes (%d) and sessions.tier_max_bytes (%d, counted once per session tier in use: %d) do not fit the memory limit of %d bytes (%s) with 64 MiB for everything else (raise the limit, or lower the tiers: sessions.tier_max_bytes: 0 keeps no session in memory)", c.Cache.TierMaxBytes, c.Sessions.TierMaxBytes, c.sessionTierBytes(), lim, src))
 		}
 	}
 	if c.Cache.LeaseWait < 0 || (c.Database.QueryTimeout > 0 && 2*c.Cache.LeaseWait > c.Database.QueryTimeout) {
@@ -1214,13 +1215,28 @@ func (c *Config) tierBytes() int64 {
 	return n + c.sessionTierBytes()
 }
 
-// sessionTierBytes is the sessions' tier when it can be used: sessions on, Valkey configured,
-// reads not all from PostgreSQL (migration connect-pg-simple), and a valid size.
+// sessionTierBytes is the memory of the sessions' two tiers, each bounded by
+// sessions.tier_max_bytes, when its size is valid: the tracked copies of Valkey's answers when
+// they can be used (SessionTierUsed), and the copies of PostgreSQL's (SessionPostgresCopiesUsed).
 func (c *Config) sessionTierBytes() int64 {
-	if c.SessionTierUsed() && c.Sessions.TierMaxBytes >= MinTierBytes && c.Sessions.TierMaxBytes <= 1<<40 {
-		return c.Sessions.TierMaxBytes
+	if c.Sessions.TierMaxBytes < MinTierBytes || c.Sessions.TierMaxBytes > 1<<40 {
+		return 0
 	}
-	return 0
+	var n int64
+	if c.SessionTierUsed() {
+		n += c.Sessions.TierMaxBytes
+	}
+	if c.SessionPostgresCopiesUsed() {
+		n += c.Sessions.TierMaxBytes
+	}
+	return n
+}
+
+// SessionPostgresCopiesUsed reports whether session reads PostgreSQL serves can be answered from
+// copies in memory (kept correct by the session table's notify triggers): sessions on, not
+// migrating from connect-redis (PostgreSQL is not the truth then), and a size that is not 0.
+func (c *Config) SessionPostgresCopiesUsed() bool {
+	return c.Sessions.Enabled && c.Sessions.Migration != "connect-redis" && c.Sessions.TierMaxBytes > 0
 }
 
 // SessionTierUsed reports whether session reads can use the sessions' in-process tier: sessions

@@ -932,19 +932,38 @@ func TestTierLargerThanMemoryLimit(t *testing.T) {
 	if !errors.As(err, &pe) || len(pe.Problems) != 1 || !strings.Contains(pe.Problems[0], "cache.tier_max_bytes") || !strings.Contains(pe.Problems[0], "cgroup memory.max") {
 		t.Fatalf("tier of 64 MiB in a 96 MiB limit: %v", err)
 	}
-	// The sessions' tier (32 MiB by default) counts too.
+	// The sessions' tiers (32 MiB each by default) count too: the copies of Valkey's answers and
+	// those of PostgreSQL's.
 	_, err = Load(Source{Sets: []string{"cache.tier_max_bytes=33554432"}})
-	if !errors.As(err, &pe) || len(pe.Problems) != 1 || !strings.Contains(pe.Problems[0], "cache.tier_max_bytes (33554432) and sessions.tier_max_bytes (33554432)") {
-		t.Fatalf("tiers of 32 MiB and 32 MiB in a 96 MiB limit: %v", err)
+	if !errors.As(err, &pe) || len(pe.Problems) != 1 || !strings.Contains(pe.Problems[0], "cache.tier_max_bytes (33554432) and sessions.tier_max_bytes (33554432, counted once per session tier in use: 67108864)") {
+		t.Fatalf("tiers of 32 MiB and 2 x 32 MiB in a 96 MiB limit: %v", err)
 	}
 	for _, sets := range [][]string{
 		{"cache.tier_max_bytes=33554432", "sessions.tier_max_bytes=0"},
 		{"cache.tier_max_bytes=33554432", "sessions.enabled=false"},
-		{"cache.tier_max_bytes=33554432", "sessions.migration=connect-pg-simple"}, // reads from PostgreSQL: no tier
-		{"cache.tier_max_bytes=0"},
+		{"cache.tier_max_bytes=0", "sessions.migration=connect-pg-simple"},                              // PostgreSQL's copies only
+		{"cache.tier_max_bytes=0", "sessions.migration=connect-redis", "sessions.delete_unknown=false"}, // Valkey's copies only
 	} {
 		if _, err := Load(Source{Sets: sets}); err != nil {
 			t.Fatalf("%v in a 96 MiB limit: %v", sets, err)
+		}
+	}
+	noValkey := func(k string) string {
+		if k == "CACHECAR_VALKEY_ADDRS" {
+			return " "
+		}
+		return ""
+	}
+	if cfg, err := Load(Source{Getenv: noValkey, Sets: []string{"cache.tier_max_bytes=0"}}); err != nil || len(cfg.Valkey.Addrs) != 0 {
+		t.Fatalf("no Valkey (PostgreSQL's copies only) in a 96 MiB limit: %v", err)
+	}
+	for _, sets := range [][]string{
+		{"cache.tier_max_bytes=0"}, // both session tiers
+		{"cache.tier_max_bytes=33554432", "sessions.migration=connect-pg-simple"},
+		{"cache.tier_max_bytes=33554432", "sessions.migration=connect-redis", "sessions.delete_unknown=false"},
+	} {
+		if _, err := Load(Source{Sets: sets}); err == nil {
+			t.Fatalf("%v in a 96 MiB limit: no problem reported", sets)
 		}
 	}
 }

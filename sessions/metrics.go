@@ -10,6 +10,7 @@ type metrics struct {
 	restored   prometheus.Counter
 	local      prometheus.Counter
 	missing    prometheus.Counter
+	pgLocal    prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -42,8 +43,12 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "cachecar_session_valkey_missing_total",
 			Help: "Session reads a trusted Valkey answered absent and PostgreSQL had alive, served from PostgreSQL (a key that ran out a moment before its row, or eviction: a steady climb points at eviction).",
 		}),
+		pgLocal: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "cachecar_session_postgres_local_reads_total",
+			Help: "Session reads PostgreSQL serves (Valkey down or not reconciled, no Valkey, a migration from connect-pg-simple) answered by this process's copy, kept correct by the session table's notify triggers; also counted in cachecar_session_ops_total.",
+		}),
 	}
-	reg.MustRegister(m.ops, m.active, m.reconciles, m.pruned, m.restored, m.local, m.missing)
+	reg.MustRegister(m.ops, m.active, m.reconciles, m.pruned, m.restored, m.local, m.missing, m.pgLocal)
 	for _, o := range []string{"ok", "error"} {
 		m.reconciles.WithLabelValues(o)
 	}

@@ -72,14 +72,14 @@ func (s *Store) checkFromRedis(ctx context.Context) (flagAt int64, age time.Dura
 	err = s.db.QueryRow(ctx, `SELECT epoch, (extract(epoch FROM clock_timestamp()) * 1000)::bigint
 		FROM cachecar_session_state WHERE store = $1`, s.fromRedisKey()).Scan(&v, &now)
 	if errors.Is(err, pgx.ErrNoRows) {
-		s.fromRedis.Store(false)
+		s.setFromRedis(false)
 		s.flagRead.Store(true)
 		return 0, 0, nil
 	}
 	if err != nil {
 		return 0, 0, err
 	}
-	s.fromRedis.Store(true)
+	s.setFromRedis(true)
 	s.flagRead.Store(true)
 	at, err := strconv.ParseInt(v, 10, 64)
 	if err != nil || at <= 0 {
@@ -183,12 +183,22 @@ func (s *Store) syncFromValkey(ctx context.Context, vk valkey.Client, flagAt int
 	}
 	ev := s.log.Info().Int("written", written).Int("skipped", skipped).Int("deleted", deleted).Dur("took", time.Since(start))
 	if tag.RowsAffected() == 1 {
-		s.fromRedis.Store(false)
+		s.setFromRedis(false)
 		ev.Msg("migration from connect-redis ended: PostgreSQL synced from Valkey")
 	} else {
 		ev.Msg("PostgreSQL synced from Valkey, but the migration flag was set again or the epoch moved: the migration from connect-redis goes on")
 	}
 	return nil
+}
+
+// setFromRedis records whether a migration from connect-redis left PostgreSQL behind Valkey.
+// Either way it changes, copies of PostgreSQL's answers go: kept before, they may be of rows
+// connect-redis has since changed in Valkey alone; read during, one that began before the flag
+// was known may be; after, the sync's own notifications may still be on their way.
+func (s *Store) setFromRedis(v bool) {
+	if s.fromRedis.Swap(v) != v && s.pg != nil {
+		s.pg.reset()
+	}
 }
 
 // checkTrust fails with errTrustLost unless, in tx (holding the batch's write locks), the epoch

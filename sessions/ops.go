@@ -63,7 +63,7 @@ func (s *Store) Get(ctx context.Context, sid string) ([]byte, string, error) {
 		s.m.ops.WithLabelValues("get", FromValkey, "error").Inc()
 		return nil, FromValkey, errValkeyOnlyDown
 	}
-	body, err := s.getPostgres(ctx, sid)
+	body, err := s.readPostgres(ctx, sid)
 	switch {
 	case errors.Is(err, ErrNotFound):
 		s.m.ops.WithLabelValues("get", FromPostgres, "not_found").Inc()
@@ -106,7 +106,7 @@ func (s *Store) confirm(ctx context.Context, sid string) ([]byte, error) {
 		defer func() { <-s.confirmSem }()
 		qctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), confirmQueryTimeout)
 		defer cancel()
-		b, err := s.getPostgres(qctx, sid)
+		b, _, err := s.getPostgres(qctx, sid)
 		ch <- result{b, err}
 	}()
 	t := time.NewTimer(confirmTimeout)
@@ -121,19 +121,39 @@ func (s *Store) confirm(ctx context.Context, sid string) ([]byte, error) {
 	}
 }
 
-// getPostgres reads a live session from PostgreSQL: ErrNotFound when there is none, an
-// ErrUnavailable error when PostgreSQL failed.
-func (s *Store) getPostgres(ctx context.Context, sid string) ([]byte, error) {
+// readPostgres answers a read PostgreSQL serves: from this process's copy when it holds one
+// (pgcopies.go), else from PostgreSQL, keeping a copy of the answer.
+func (s *Store) readPostgres(ctx context.Context, sid string) ([]byte, error) {
+	if s.pg == nil {
+		body, _, err := s.getPostgres(ctx, sid)
+		return body, err
+	}
+	if body, ok := s.pg.get(sid, nowUnix(s.now())); ok {
+		s.m.pgLocal.Inc()
+		return body, nil
+	}
+	tok := s.pg.begin(sid)
+	body, expire, err := s.getPostgres(ctx, sid)
+	s.pg.end(sid, tok, body, expire, err == nil)
+	return body, err
+}
+
+// getPostgres reads a live session from PostgreSQL, and its row's expire in Unix seconds:
+// ErrNotFound when there is none, an ErrUnavailable error when PostgreSQL failed.
+func (s *Store) getPostgres(ctx context.Context, sid string) ([]byte, float64, error) {
 	var body []byte
-	err := s.db.QueryRow(ctx, `SELECT sess::text FROM `+s.opts.Table+` WHERE sid = $1 AND expire >= to_timestamp($2)`,
-		sid, nowUnix(s.now())).Scan(&body)
+	var expire float64
+	// expire is a timestamp without time zone, read in the connection's TimeZone both in the
+	// comparison and in the cast, as connect-pg-simple writes and compares it.
+	err := s.db.QueryRow(ctx, `SELECT sess::text, extract(epoch FROM expire::timestamptz)::float8 FROM `+s.opts.Table+` WHERE sid = $1 AND expire >= to_timestamp($2)`,
+		sid, nowUnix(s.now())).Scan(&body, &expire)
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
-		return nil, ErrNotFound
+		return nil, 0, ErrNotFound
 	case err != nil:
-		return nil, fmt.Errorf("%w: %w", ErrUnavailable, err)
+		return nil, 0, fmt.Errorf("%w: %w", ErrUnavailable, err)
 	}
-	return body, nil
+	return body, expire, nil
 }
 
 // getValkey reads the session and the sentinel from one moment: from this process's tracked
@@ -430,6 +450,12 @@ func (s *Store) write(ctx context.Context, op, sid string, destroy bool, step pg
 		}
 		return nil
 	})
+	if s.pg != nil {
+		// Committed or not (a failed COMMIT may still have committed), this process's next
+		// read must not find a copy from before the change; the notification of the commit is
+		// not waited for.
+		s.pg.forget(sid)
+	}
 	if err != nil {
 		if touchedValkey {
 			// Valkey may hold a change PostgreSQL does not: stop trusting it here at once, and

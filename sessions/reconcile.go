@@ -43,6 +43,14 @@ func (s *Store) Run(ctx context.Context) error {
 		}
 	}()
 	defer func() { <-pruned }()
+	if s.pg != nil {
+		listened := make(chan struct{})
+		go func() {
+			defer close(listened)
+			s.listenCopies(ctx)
+		}()
+		defer func() { <-listened }()
+	}
 	defer s.bg.Wait() // a sync in progress (migration.go) ends with ctx
 	tick := time.NewTicker(s.opts.RefreshInterval)
 	defer tick.Stop()

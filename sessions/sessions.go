@@ -115,6 +115,9 @@ type Options struct {
 	// Local is the in-process tier of the Valkey client dial returns, when it keeps one
 	// (client tracking: cachepolicy.LocalCopies); nil when it keeps none.
 	Local LocalCopies
+	// PostgresCopies bounds the copies of sessions read from PostgreSQL (pgcopies.go), in
+	// bytes; 0 keeps none. They are never kept with ValkeyOnly.
+	PostgresCopies int64
 }
 
 // LocalCopies is the Valkey client's in-process tier, as the store needs it: reads are
@@ -175,6 +178,8 @@ type Store struct {
 	bg        sync.WaitGroup // that sync's goroutine
 	// confirmSem holds a slot per PostgreSQL read confirming a session Valkey answered absent.
 	confirmSem chan struct{}
+	// pg holds copies of sessions read from PostgreSQL; nil when none are kept.
+	pg *pgCopies
 
 	// trustMu orders trusting Valkey against writes that missed it: staleGen counts those
 	// writes (after their commit), and a check may trust Valkey only if none committed since
@@ -211,6 +216,11 @@ func (s *Store) trustSince(gen uint64) bool {
 			// none is served from now on.
 			s.opts.Local.Reset()
 		}
+		if !s.trusted.Load() && s.pg != nil {
+			// Valkey answers the reads from now on: the copies of PostgreSQL's answers would
+			// only take memory (they stay correct, and fill again in the next outage).
+			s.pg.reset()
+		}
 		s.trusted.Store(true)
 	}
 	s.trustMu.Unlock()
@@ -225,6 +235,9 @@ type vkBox struct{ c valkey.Client }
 // nothing; call Run.
 func New(opts Options, dial func() (valkey.Client, error), db *pgxpool.Pool, log zerolog.Logger, reg prometheus.Registerer) *Store {
 	s := &Store{opts: opts, dial: dial, db: db, log: log, m: newMetrics(reg), now: time.Now, born: time.Now(), confirmSem: make(chan struct{}, confirmSlots)}
+	if opts.PostgresCopies > 0 && !opts.ValkeyOnly {
+		s.pg = newPGCopies(opts.PostgresCopies)
+	}
 	empty := ""
 	s.token.Store(&empty)
 	s.setActive()

@@ -46,7 +46,7 @@ func newFixture(t *testing.T, tweak func(*Options)) *fixture {
 		t.Fatal(err)
 	}
 	t.Cleanup(db.Close)
-	if _, err := db.Exec(context.Background(), StateSQL+";"+TableSQL("", "session")); err != nil {
+	if _, err := db.Exec(context.Background(), StateSQL+";"+TableSQL("", "session")+";"+NotifySQL("", "session")); err != nil {
 		t.Fatal(err)
 	}
 	r := testenv.StartRedis(t)
@@ -77,6 +77,8 @@ func (f *fixture) start(t *testing.T, tweak func(*Options)) (*Store, *prometheus
 	// unless tweak sets Local to nil.
 	local := cachepolicy.NewLocalCopies(cachepolicy.MinTierSize)
 	opts.Local = local
+	// And copies of PostgreSQL's answers, unless tweak sets PostgresCopies to 0.
+	opts.PostgresCopies = 32 << 20
 	if tweak != nil {
 		tweak(&opts)
 	}

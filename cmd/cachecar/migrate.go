@@ -38,6 +38,11 @@ func migrate(ctx context.Context, cfg *configs.Config, reference, demo bool, std
 				if _, err := tx.Exec(ctx, sessions.TableSQL(cfg.Sessions.Schema, cfg.Sessions.Table)); err != nil {
 					return fmt.Errorf("session table: %w", err)
 				}
+				// Its notify triggers, which keep the sidecars' copies of sessions read from
+				// PostgreSQL correct whoever writes the table.
+				if _, err := tx.Exec(ctx, sessions.NotifySQL(cfg.Sessions.Schema, cfg.Sessions.Table)); err != nil {
+					return fmt.Errorf("session table notify triggers: %w", err)
+				}
 			}
 			var err error
 			trig, err = invalidation.Install(ctx, tx, spec)
@@ -71,7 +76,7 @@ func migrate(ctx context.Context, cfg *configs.Config, reference, demo bool, std
 		fmt.Fprintln(stdout, "migrations applied:", strings.Join(rep.Applied, ", "))
 	}
 	if cfg.Sessions.Enabled {
-		fmt.Fprintf(stdout, "session table: %s present\n", sessions.TableName(cfg.Sessions.Schema, cfg.Sessions.Table))
+		fmt.Fprintf(stdout, "session table: %s present, notify triggers (channel %s) installed\n", sessions.TableName(cfg.Sessions.Schema, cfg.Sessions.Table), sessions.NotifyChannel)
 	}
 	if len(trig.Installed) > 0 {
 		fmt.Fprintf(stdout, "invalidation triggers (channel %s): %s\n", spec.Channel, strings.Join(trig.Installed, ", "))

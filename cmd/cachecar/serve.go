@@ -211,6 +211,7 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 			ReadPostgres:    cfg.Sessions.Migration == "connect-pg-simple",
 			ValkeyOnly:      cfg.Sessions.Migration == "connect-redis",
 			Local:           sessionCopies(local),
+			PostgresCopies:  postgresCopies(cfg),
 		}, dial, pool, log.With().Str("component", "sessions").Logger(), reg)
 		defer sess.Close()
 	}
@@ -490,4 +491,12 @@ func sessionCopies(local *cachepolicy.LocalCopies) sessions.LocalCopies {
 		return nil
 	}
 	return local
+}
+
+// postgresCopies is the bound of the sessions' copies of PostgreSQL's answers; 0 keeps none.
+func postgresCopies(cfg *configs.Config) int64 {
+	if !cfg.SessionPostgresCopiesUsed() {
+		return 0
+	}
+	return cfg.Sessions.TierMaxBytes
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"net/http"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -38,8 +39,8 @@ func TestSessionsEndToEnd(t *testing.T) {
 		deadline := time.Now().Add(10 * time.Second)
 		for {
 			_, h := get(t, s.health+"/health/detailed")
-			if strings.Contains(h, `"sessions":{"status":"up","store":"`+want+`"}`) ||
-				strings.Contains(h, `"sessions":{"status":"degraded","store":"`+want+`"}`) {
+			if strings.Contains(h, `"sessions":{"status":"up","store":"`+want+`"`) ||
+				strings.Contains(h, `"sessions":{"status":"degraded","store":"`+want+`"`) {
 				return
 			}
 			if time.Now().After(deadline) {
@@ -114,6 +115,83 @@ func TestMigrateCreatesConfiguredSessionTable(t *testing.T) {
 		FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0`, schema+".user_sessions").Scan(&cols)
 	if err != nil || cols != "sid character varying, sess json, expire timestamp(6) without time zone" {
 		t.Fatalf("columns %q (%v)", cols, err)
+	}
+	// Its notify triggers, with their function in the same schema.
+	var n int
+	err = pool.QueryRow(context.Background(), `SELECT count(*) FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+		WHERE t.tgrelid = to_regclass($1) AND t.tgname LIKE 'cachecar_session_notify_%' AND p.pronamespace = $2::regnamespace`,
+		schema+".user_sessions", schema).Scan(&n)
+	if err != nil || n != 4 {
+		t.Fatalf("notify triggers on the session table: %d (%v)", n, err)
+	}
+}
+
+// TestSessionsFromPostgresCopiesWhileValkeyIsDown: with Valkey unreachable, session reads are
+// answered from the sidecar's copies of PostgreSQL's answers, and a change made straight in the
+// table (as connect-pg-simple makes it) is served within a second.
+func TestSessionsFromPostgresCopiesWhileValkeyIsDown(t *testing.T) {
+	url := referenceDB(t)
+	s := startSidecar(t, map[string]string{"DATABASE_URL": url, "CACHECAR_VALKEY_ADDRS": testenv.ClosedAddr(t), "CACHECAR_INVALIDATION_ENABLED": "false"})
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, h := get(t, s.health+"/health/detailed")
+		if strings.Contains(h, `"store":"postgres","postgresCopies":"up"`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("copies of PostgreSQL's answers never up: %s", h)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	base := s.api + "/v1/sessions/"
+	sess := `{"cookie":{"originalMaxAge":null,"expires":null,"httpOnly":true,"path":"/"},"user":"v1"}`
+	if r, b := do(t, "PUT", base+"pc1", sess); r.StatusCode != 204 || r.Header.Get("X-Session-Store") != "postgres" {
+		t.Fatalf("PUT: %d %s %s", r.StatusCode, r.Header.Get("X-Session-Store"), b)
+	}
+	copyReads := func() float64 {
+		_, m := get(t, s.health+"/metrics")
+		for _, line := range strings.Split(m, "\n") {
+			if v, ok := strings.CutPrefix(line, "cachecar_session_postgres_local_reads_total "); ok {
+				f, _ := strconv.ParseFloat(v, 64)
+				return f
+			}
+		}
+		t.Fatal("/metrics lacks cachecar_session_postgres_local_reads_total")
+		return 0
+	}
+	for i := 0; i < 20; i++ {
+		if r, b := get(t, base+"pc1"); r.StatusCode != 200 || b != sess || r.Header.Get("X-Session-Store") != "postgres" {
+			t.Fatalf("GET %d: %d %s %q", i, r.StatusCode, r.Header.Get("X-Session-Store"), b)
+		}
+	}
+	if n := copyReads(); n < 10 {
+		t.Fatalf("%v of 20 reads answered from copies", n)
+	}
+	pool := openPool(t, url)
+	if _, err := pool.Exec(context.Background(), `UPDATE session SET sess = '{"user":"v2"}' WHERE sid = 'pc1'`); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(time.Second)
+	for {
+		r, b := get(t, base+"pc1")
+		if r.StatusCode == 200 && b == `{"user":"v2"}` {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("a change made in the table not served within a second: %d %q", r.StatusCode, b)
+		}
+	}
+	if _, err := pool.Exec(context.Background(), `DELETE FROM session WHERE sid = 'pc1'`); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(time.Second)
+	for {
+		if r, _ := get(t, base+"pc1"); r.StatusCode == 404 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("a session deleted in the table still served after a second")
+		}
 	}
 }
 
