@@ -1047,14 +1047,14 @@ session_floor() {
 # sample, then GETs random ones of them: first at a fixed rate (bench/sessions -load get), then
 # closed loop with wrk.
 session_read_scenario() {
-	local s=$1 store=$2 prefix verify=$SESSION_VERIFY
+	local s=$1 store=$2 prefix
 	shift 2
 	start_cachecar "$s" "$@" || return 1
 	prefix="bench-$s-$(random_hex)-"
-	# h reads every session once before it is timed, as c warms every course: cachecar then
-	# holds its copies in memory, as it does for the sessions of users who are active.
-	[[ $s == h ]] && verify=$SESSION_COUNT
-	SESSION_VERIFY=$verify session_prepare "$s" "$store" "$prefix" -put || return 1
+	# h and j read every session once before they are timed, as c warms every course: cachecar
+	# then holds its copies in memory (of Valkey's answers in h, of PostgreSQL's in j), as it
+	# does for the sessions of users who are active.
+	SESSION_VERIFY=$SESSION_COUNT session_prepare "$s" "$store" "$prefix" -put || return 1
 	scrape_into SC_BEFORE || true
 	session_fixed_rate "$s" get "$SESSION_GET_RATE" "$store" "$prefix" || true
 	scrape_into SC_AFTER || true
@@ -1072,13 +1072,19 @@ session_read_scenario() {
 # GET run, sets SESS_LOCAL_FRAC and adds to the note how many of the run's reads Valkey answered
 # and how many of those came from cachecar's in-process copies.
 session_local_note() {
-	local s=$1 gets vk loc
+	local s=$1 gets vk loc pg pgloc
 	[[ -n ${FR_P99[$s]:-} ]] || return 0
 	if [[ -z ${SC_BEFORE[session_gets]:-} || -z ${SC_AFTER[session_gets]:-} ]]; then
 		NOTE[$s]+=" cachecar's /metrics could not be read around the fixed-rate run: how many reads came from memory is unknown."
 		return 0
 	fi
 	gets=$(delta session_gets) vk=$(delta session_gets_valkey) loc=$(delta session_local)
+	pg=$(delta session_gets_postgres) pgloc=$(delta session_pg_local)
+	if [[ $s == j ]]; then
+		SESS_LOCAL_FRAC[$s]=$(awk -v l="$pgloc" -v v="$pg" 'BEGIN { if (v > 0) printf "%.4f", l / v; else print "n/a" }')
+		NOTE[$s]+=" During the fixed-rate run (and the untimed request on each connection before it), from /metrics: session reads $gets, from PostgreSQL $pg, of which from the in-process copy of PostgreSQL's answer $pgloc (in-process fraction ${SESS_LOCAL_FRAC[$s]})."
+		return 0
+	fi
 	SESS_LOCAL_FRAC[$s]=$(awk -v l="$loc" -v v="$vk" 'BEGIN { if (v > 0) printf "%.4f", l / v; else print "n/a" }')
 	NOTE[$s]+=" During the fixed-rate run (and the untimed request on each connection before it), from /metrics: session reads $gets, from Valkey $vk, of which from the in-process copy $loc (in-process fraction ${SESS_LOCAL_FRAC[$s]})."
 }
@@ -1530,7 +1536,7 @@ report() {
 		((BUSY[$s] > 20)) && noisy+="${noisy:+, }$s"
 	done
 	[[ -n $busy ]] && echo "- CPU busy in the second before each scenario: $busy$([[ -n $noisy ]] && printf ' (other work was running before %s: those numbers are not representative)' "$noisy")"
-	echo "- load: \`wrk ${WRK_OPTS[*]}\` in scenarios a to e, h to k and m (closed loop), \`wrk ${WRK_ONE_OPTS[*]}\` in l; course ids 1..$ID_LAST; $SESSION_COUNT sessions in each of h, i and j (h reads each once before its timed runs, as c warms its courses); m reads dispatch ids 1..$MEM_DISPATCHES and tenant ids 1..$MEM_TENANTS too"
+	echo "- load: \`wrk ${WRK_OPTS[*]}\` in scenarios a to e, h to k and m (closed loop), \`wrk ${WRK_ONE_OPTS[*]}\` in l; course ids 1..$ID_LAST; $SESSION_COUNT sessions in each of h, i and j (h and j read each once before their timed runs, as c warms its courses); m reads dispatch ids 1..$MEM_DISPATCHES and tenant ids 1..$MEM_TENANTS too"
 	echo "- n: \`bench/zipf\` with $CONNECTIONS workers for $ZIPF_DURATION, Zipf(s=$ZIPF_S, v=1) course ids 1..$ID_LAST, $(awk -v w="$ZIPF_WRITES" 'BEGIN { printf "%g", 100 * w }')% of operations UPDATEs sent to PostgreSQL, from a cold cache"
 	echo "- a, c also at a fixed rate (\`bench/rate\`, open loop, latency from each request's scheduled send time, run before wrk): GET random course ids at ${HIT_RATE}/s over $CONNECTIONS keep-alive connections for $DURATION"
 	echo "- o: \`bench/rate\` (as in c) GET random course ids at ${CLEAR_READ_RATE}/s over $CONNECTIONS keep-alive connections for $DURATION, twice: idle, then while \`bench/clear\` clears $(thousands "$CLEAR_KEYS") keys \`dispatch:*\` through the admin port, refills them (straight into Redis) and clears again; the during-clear p99 counts the requests whose scheduled send fell inside a clear"
@@ -1719,7 +1725,7 @@ report() {
 	[[ -z ${FR_FAILED[h1]:-} && -n ${FR_P99[h1]:-} ]] && HTTP_FLOOR=${FR_P99[h1]}
 	echo "| h session GET from Valkey p99 ms, fixed rate $(fr_rate h)/s over $CONNECTIONS connections (every session read once before; in-process fraction of the reads ${SESS_LOCAL_FRAC[h]:-n/a}; closed loop, saturating: ${SATP99[h]}; at the same rate, the floor of one Valkey GET per request from a bare server, bench/directvalkey: ${FLOOR[h]}, and the HTTP floor, fixedjson: ${HTTP_FLOOR:-n/a}) | ${FRP99[h]:-n/a} | <= 1 | $(verdict "${FRP99[h]}" "<=" 1) |"
 	echo "| i session PUT p99 ms (durable: PostgreSQL commit, then Valkey), fixed rate $(fr_rate i)/s over $CONNECTIONS connections (closed loop, saturating: ${SATP99[i]}) | ${FRP99[i]:-n/a} | <= 5 | $(verdict "${FRP99[i]}" "<=" 5) |"
-	echo "| j session GET with Valkey down (from PostgreSQL) p99 ms, fixed rate $(fr_rate j)/s over $CONNECTIONS connections (closed loop, saturating: ${SATP99[j]}; the floor, one SELECT per request from a bare server, bench/directpg, at the same rate: ${FLOOR[j]}) | ${FRP99[j]:-n/a} | <= 3 | $(verdict "${FRP99[j]}" "<=" 3) |"
+	echo "| j session GET with Valkey down (from PostgreSQL) p99 ms, fixed rate $(fr_rate j)/s over $CONNECTIONS connections (every session read once before; in-process fraction of the reads ${SESS_LOCAL_FRAC[j]:-n/a}; closed loop, saturating: ${SATP99[j]}; the floor, one SELECT per request from a bare server, bench/directpg, at the same rate: ${FLOOR[j]}) | ${FRP99[j]:-n/a} | <= 3 | $(verdict "${FRP99[j]}" "<=" 3) |"
 	# l: one connection; the p50 of a hit (tier on) over the bare server's, both in the label.
 	local l50="" lbare="" lhit=""
 	if [[ -z ${FAILED[l]:-} ]]; then

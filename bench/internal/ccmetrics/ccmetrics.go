@@ -31,6 +31,10 @@ type Snapshot struct {
 	// Session reads (cachecar_session_ops_total, op get): all, those Valkey answered, and of
 	// those the ones answered from the in-process copy (cachecar_session_local_reads_total).
 	SessionGets, SessionGetsValkey, SessionLocal float64
+	// SessionGetsPostgres are the session reads PostgreSQL served, and SessionPGLocal those of
+	// them answered from the copies of PostgreSQL's answers
+	// (cachecar_session_postgres_local_reads_total).
+	SessionGetsPostgres, SessionPGLocal float64
 }
 
 // Sub returns the counters of s minus those of before (what happened between the two reads)
@@ -51,6 +55,9 @@ func (s Snapshot) Sub(before Snapshot) Snapshot {
 		SessionGets:       s.SessionGets - before.SessionGets,
 		SessionGetsValkey: s.SessionGetsValkey - before.SessionGetsValkey,
 		SessionLocal:      s.SessionLocal - before.SessionLocal,
+
+		SessionGetsPostgres: s.SessionGetsPostgres - before.SessionGetsPostgres,
+		SessionPGLocal:      s.SessionPGLocal - before.SessionPGLocal,
 	}
 }
 
@@ -67,10 +74,10 @@ func (s Snapshot) LocalFraction() (f float64, ok bool) {
 func (s Snapshot) Fields() string {
 	return fmt.Sprintf("lookups_hit=%.0f lookups_miss=%.0f lookups_stale=%.0f lookups_bypass=%.0f lookups_other=%.0f "+
 		"local_hits=%.0f db_queries=%.0f tier_enabled=%.0f tier_entries=%.0f tier_bytes=%.0f "+
-		"session_gets=%.0f session_gets_valkey=%.0f session_local=%.0f",
+		"session_gets=%.0f session_gets_valkey=%.0f session_local=%.0f session_gets_postgres=%.0f session_pg_local=%.0f",
 		s.LookupsHit, s.LookupsMiss, s.LookupsStale, s.LookupsBypass, s.LookupsOther,
 		s.LocalHits, s.DBQueries, s.TierEnabled, s.TierEntries, s.TierBytes,
-		s.SessionGets, s.SessionGetsValkey, s.SessionLocal)
+		s.SessionGets, s.SessionGetsValkey, s.SessionLocal, s.SessionGetsPostgres, s.SessionPGLocal)
 }
 
 // Scrape reads health's /metrics (health is the base URL of cachecar's health port).
@@ -120,11 +127,15 @@ func Scrape(ctx context.Context, client *http.Client, health string) (Snapshot, 
 		}
 		v := m.GetCounter().GetValue()
 		s.SessionGets += v
-		if label(m, "store") == "valkey" {
+		switch label(m, "store") {
+		case "valkey":
 			s.SessionGetsValkey += v
+		case "postgres":
+			s.SessionGetsPostgres += v
 		}
 	}
 	s.SessionLocal = sum(fams["cachecar_session_local_reads_total"])
+	s.SessionPGLocal = sum(fams["cachecar_session_postgres_local_reads_total"])
 	for name, dst := range map[string]*float64{
 		"cachecar_tier_enabled": &s.TierEnabled,
 		"cachecar_tier_entries": &s.TierEntries,

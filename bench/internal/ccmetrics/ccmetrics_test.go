@@ -22,6 +22,8 @@ cachecar_session_ops_total{op="get",outcome="ok",store="postgres"} 3
 cachecar_session_ops_total{op="put",outcome="ok",store="valkey"} 100
 # TYPE cachecar_session_local_reads_total counter
 cachecar_session_local_reads_total 6
+# TYPE cachecar_session_postgres_local_reads_total counter
+cachecar_session_postgres_local_reads_total 2
 # TYPE cachecar_tier_enabled gauge
 cachecar_tier_enabled 1
 `
@@ -40,12 +42,12 @@ func TestScrapeSumsTheCounters(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := Snapshot{LookupsHit: 15, LookupsMiss: 2, LocalHits: 9, DBQueries: 2, TierEnabled: 1, TierEntries: -1, TierBytes: -1,
-		SessionGets: 11, SessionGetsValkey: 8, SessionLocal: 6}
+		SessionGets: 11, SessionGetsValkey: 8, SessionLocal: 6, SessionGetsPostgres: 3, SessionPGLocal: 2}
 	if s != want {
 		t.Fatalf("scraped %+v\nwant    %+v", s, want)
 	}
-	d := s.Sub(Snapshot{SessionGets: 1, SessionGetsValkey: 1, SessionLocal: 1})
-	if d.SessionGets != 10 || d.SessionGetsValkey != 7 || d.SessionLocal != 5 {
+	d := s.Sub(Snapshot{SessionGets: 1, SessionGetsValkey: 1, SessionLocal: 1, SessionGetsPostgres: 1, SessionPGLocal: 1})
+	if d.SessionGets != 10 || d.SessionGetsValkey != 7 || d.SessionLocal != 5 || d.SessionGetsPostgres != 2 || d.SessionPGLocal != 1 {
 		t.Fatalf("Sub: %+v", d)
 	}
 }
