@@ -226,6 +226,12 @@ func (e *invalidateError) Error() string { return e.msg }
 
 // session runs one connection. wasLive reports whether the cache was let serve during it.
 func (l *Listener) session(ctx context.Context) (wasLive bool, err error) {
+	// The cache server first: without it the session would end at the resync anyway, and a
+	// PostgreSQL connection (authentication included) per attempt, from every sidecar, for as
+	// long as Valkey is down, is a reconnect storm on the database.
+	if _, err := l.cache.ServerID(ctx); err != nil {
+		return false, &invalidateError{"cache server unreachable"}
+	}
 	cfg, err := pgx.ParseConfig(l.opts.URL)
 	if err != nil {
 		return false, &SchemaError{Problems: []string{"invalidation.listen_url is not a valid PostgreSQL URL"}}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	neturl "net/url"
 	"slices"
 	"sort"
 	"strings"
@@ -31,6 +32,7 @@ type recordingCache struct {
 	resyncs     int
 	failNext    int
 	serverID    string
+	serverErr   error
 	changed     chan struct{}
 }
 
@@ -77,7 +79,7 @@ func (c *recordingCache) Resync(ctx context.Context) (int, error) {
 func (c *recordingCache) ServerID(ctx context.Context) (string, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.serverID, nil
+	return c.serverID, c.serverErr
 }
 
 func (c *recordingCache) SetLive(live bool) {
@@ -424,5 +426,61 @@ func TestListenerSchemaErrorNeverLive(t *testing.T) {
 	defer f.cache.mu.Unlock()
 	if slices.Contains(f.cache.liveChanges, true) || f.cache.resyncs != 0 {
 		t.Errorf("went live (%v) or resynced (%d) without its triggers", f.cache.liveChanges, f.cache.resyncs)
+	}
+}
+
+// TestListenerWaitsForTheCacheServer: while the cache server is unreachable, the listener opens
+// no PostgreSQL connection (one per attempt, from every sidecar, for as long as Valkey is down,
+// would be a reconnect storm on the database); once it answers, the listener connects and goes
+// live.
+func TestListenerWaitsForTheCacheServer(t *testing.T) {
+	ctx := context.Background()
+	url := testenv.PostgresURL(t)
+	db, err := pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close(context.Background()) })
+	s := testSpec("c_" + testenv.Suffix())
+	if _, err := db.Exec(ctx, `CREATE TABLE courses (id bigint PRIMARY KEY, tenant_id bigint, title text NOT NULL);`+BookkeepingSQL); err != nil {
+		t.Fatal(err)
+	}
+	if err := pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error { _, err := Install(ctx, tx, s); return err }); err != nil {
+		t.Fatal(err)
+	}
+	u, err := neturl.Parse(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := testenv.StartProxy(t, u.Host)
+	u.Host = proxy.Addr()
+	cache := newRecordingCache()
+	cache.serverErr = errors.New("valkey down")
+	l := New(Options{URL: u.String(), ConnectTimeout: 2 * time.Second, ReconnectMax: 50 * time.Millisecond,
+		PingInterval: time.Second, CacheTimeout: time.Second, ResyncTimeout: 5 * time.Second},
+		s, cache, zerolog.Nop(), prometheus.NewRegistry())
+	rctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { l.Run(rctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	deadline := time.Now().Add(5 * time.Second)
+	for l.Status().Reconnects < 3 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the listener did not retry: %+v", l.Status())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := proxy.Accepted(); n != 0 {
+		t.Fatalf("%d PostgreSQL connections opened while the cache server was unreachable", n)
+	}
+	if st := l.Status(); st.Error != "cache server unreachable" {
+		t.Fatalf("status %+v", st)
+	}
+	cache.mu.Lock()
+	cache.serverErr = nil
+	cache.mu.Unlock()
+	cache.waitFor(t, "the listener to go live", func() bool { return cache.live })
+	if proxy.Accepted() == 0 {
+		t.Fatal("live without a PostgreSQL connection")
 	}
 }

@@ -32,6 +32,7 @@ type Proxy struct {
 	changed chan struct{} // closed and replaced when latency or blackholing changes: wakes held chunks
 	links   map[*link]struct{}
 	closed  bool
+	accepts int // connections accepted, ever
 }
 
 // link is one proxied connection.
@@ -116,6 +117,14 @@ func (p *Proxy) Conns() int {
 	return len(p.links)
 }
 
+// Accepted returns the number of connections accepted since the proxy started, refused ones
+// (while cutting) included.
+func (p *Proxy) Accepted() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.accepts
+}
+
 // Close closes the listener and every connection and waits for the proxy's goroutines to end.
 // It is idempotent.
 func (p *Proxy) Close() {
@@ -140,6 +149,7 @@ func (p *Proxy) accept() {
 			return // Close closed the listener
 		}
 		p.mu.Lock()
+		p.accepts++
 		if p.closed || p.mode == cutting {
 			p.mu.Unlock()
 			c.Close()
