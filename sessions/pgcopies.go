@@ -6,10 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"strconv"
 	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // Copies of sessions read from PostgreSQL.
@@ -37,10 +39,17 @@ const (
 
 var notifyTriggers = []string{"cachecar_session_notify_ins", "cachecar_session_notify_upd", "cachecar_session_notify_del", "cachecar_session_notify_trunc"}
 
+// notifyMaxSIDs is the most sids one statement's notifications name; beyond it, one message
+// drops every copy.
+const notifyMaxSIDs = 10000
+
 // NotifySQL installs (or replaces) the triggers on connect-pg-simple's table that let every
 // sidecar keep copies of sessions read from PostgreSQL: one statement-level trigger per
-// operation, notifying the sids of the rows the statement changed (a whole-table message when
-// they do not fit in a NOTIFY payload, and for TRUNCATE). Idempotent.
+// operation, notifying the sids of the rows the statement changed, as many per message as fit
+// in a NOTIFY payload (a whole-table message for TRUNCATE, for more than notifyMaxSIDs rows, and
+// for a sid too long for a payload). The triggers fire ALWAYS: also under
+// session_replication_role = replica (logical replication's apply, pg_restore), whose writes
+// would otherwise go unnoticed. Idempotent.
 func NotifySQL(schema, table string) string {
 	fn := pgx.Identifier{notifyFunc}.Sanitize()
 	if schema != "" {
@@ -50,23 +59,36 @@ func NotifySQL(schema, table string) string {
 	q := func(s string) string { return pgx.Identifier{s}.Sanitize() }
 	return fmt.Sprintf(`CREATE OR REPLACE FUNCTION %[1]s() RETURNS trigger LANGUAGE plpgsql AS $fn$
 DECLARE
-	ids text;
-	tbl text := to_json(TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME)::text;
+	head text := '{"v":%[3]d,"t":' || to_json(TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME)::text;
+	buf text := '';
+	piece text;
+	n int := 0;
+	r record;
 BEGIN
-	IF TG_OP = 'INSERT' THEN
-		SELECT json_agg(DISTINCT sid)::text INTO ids FROM cachecar_new;
-	ELSIF TG_OP = 'UPDATE' THEN
-		SELECT json_agg(DISTINCT sid)::text INTO ids FROM (SELECT sid FROM cachecar_old UNION SELECT sid FROM cachecar_new) u;
-	ELSIF TG_OP = 'DELETE' THEN
-		SELECT json_agg(DISTINCT sid)::text INTO ids FROM cachecar_old;
+	-- %[10]s
+	IF TG_OP = 'TRUNCATE' THEN
+		PERFORM pg_notify('%[2]s', head || ',"all":true}');
+		RETURN NULL;
 	END IF;
-	IF TG_OP <> 'TRUNCATE' AND ids IS NULL THEN
-		RETURN NULL; -- no row changed
-	END IF;
-	IF TG_OP = 'TRUNCATE' OR octet_length(ids) > 7800 THEN
-		PERFORM pg_notify('%[2]s', '{"v":%[3]d,"t":' || tbl || ',"all":true}');
-	ELSE
-		PERFORM pg_notify('%[2]s', '{"v":%[3]d,"t":' || tbl || ',"s":' || ids || '}');
+	FOR r IN EXECUTE CASE TG_OP
+		WHEN 'INSERT' THEN 'SELECT DISTINCT sid FROM cachecar_new'
+		WHEN 'DELETE' THEN 'SELECT DISTINCT sid FROM cachecar_old'
+		ELSE 'SELECT sid FROM cachecar_old UNION SELECT sid FROM cachecar_new' END
+	LOOP
+		n := n + 1;
+		piece := to_json(r.sid)::text;
+		IF n > %[9]d OR octet_length(head) + octet_length(piece) > 7800 THEN
+			PERFORM pg_notify('%[2]s', head || ',"all":true}');
+			RETURN NULL;
+		END IF;
+		IF buf <> '' AND octet_length(head) + octet_length(buf) + octet_length(piece) > 7800 THEN
+			PERFORM pg_notify('%[2]s', head || ',"s":[' || buf || ']}');
+			buf := '';
+		END IF;
+		buf := CASE WHEN buf = '' THEN piece ELSE buf || ',' || piece END;
+	END LOOP;
+	IF buf <> '' THEN
+		PERFORM pg_notify('%[2]s', head || ',"s":[' || buf || ']}');
 	END IF;
 	RETURN NULL;
 END
@@ -78,20 +100,62 @@ CREATE TRIGGER %[6]s AFTER UPDATE ON %[4]s REFERENCING OLD TABLE AS cachecar_old
 DROP TRIGGER IF EXISTS %[7]s ON %[4]s;
 CREATE TRIGGER %[7]s AFTER DELETE ON %[4]s REFERENCING OLD TABLE AS cachecar_old FOR EACH STATEMENT EXECUTE FUNCTION %[1]s();
 DROP TRIGGER IF EXISTS %[8]s ON %[4]s;
-CREATE TRIGGER %[8]s AFTER TRUNCATE ON %[4]s FOR EACH STATEMENT EXECUTE FUNCTION %[1]s();`,
-		fn, NotifyChannel, notifyVersion, t, q(notifyTriggers[0]), q(notifyTriggers[1]), q(notifyTriggers[2]), q(notifyTriggers[3]))
+CREATE TRIGGER %[8]s AFTER TRUNCATE ON %[4]s FOR EACH STATEMENT EXECUTE FUNCTION %[1]s();
+ALTER TABLE %[4]s ENABLE ALWAYS TRIGGER %[5]s;
+ALTER TABLE %[4]s ENABLE ALWAYS TRIGGER %[6]s;
+ALTER TABLE %[4]s ENABLE ALWAYS TRIGGER %[7]s;
+ALTER TABLE %[4]s ENABLE ALWAYS TRIGGER %[8]s;`,
+		fn, NotifyChannel, notifyVersion, t, q(notifyTriggers[0]), q(notifyTriggers[1]), q(notifyTriggers[2]), q(notifyTriggers[3]), notifyMaxSIDs, notifyMarker)
+}
+
+// notifyMarker is in the trigger function's body: the function of this version.
+const notifyMarker = "cachecar session notify v1"
+
+// ErrNotifyPrivilege: the role migrate runs as may not create triggers on the session table (it
+// is not its owner, as when connect-pg-simple's role created it).
+var ErrNotifyPrivilege = errors.New("no privilege to install the session table's notify triggers")
+
+// InstallNotify installs NotifySQL's triggers in tx unless those of this version are in place
+// (replacing them takes a lock that blocks the table's readers until tx ends). It runs under a
+// savepoint: without the privilege it returns ErrNotifyPrivilege and tx goes on, since the
+// copies are optional. installed reports whether it (re)installed them.
+func InstallNotify(ctx context.Context, tx pgx.Tx, schema, table string) (installed bool, err error) {
+	var current bool
+	err = tx.QueryRow(ctx, `SELECT count(*) = $3 FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+		WHERE t.tgrelid = to_regclass($1) AND t.tgname = ANY($2) AND t.tgenabled = 'A' AND p.prosrc LIKE '%' || $4 || '%'`,
+		TableName(schema, table), notifyTriggers, len(notifyTriggers), notifyMarker).Scan(&current)
+	if err != nil || current {
+		return false, err
+	}
+	sp, err := tx.Begin(ctx)
+	if err != nil {
+		return false, err
+	}
+	if _, err := sp.Exec(ctx, NotifySQL(schema, table)); err != nil {
+		sp.Rollback(ctx)
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "42501" { // insufficient_privilege, must be owner
+			return false, fmt.Errorf("%w: %s", ErrNotifyPrivilege, pgErr.Message)
+		}
+		return false, err
+	}
+	return true, sp.Commit(ctx)
 }
 
 // pgCopies holds the copies. Safe for concurrent use.
 type pgCopies struct {
 	max int64 // bytes, roughly: bodies, sids and a fixed overhead per copy
 
-	mu    sync.Mutex
-	live  bool   // the LISTEN connection listens, the triggers are in place
-	gen   uint64 // moves whenever every copy is dropped: reads begun before keep nothing
-	bytes int64
-	m     map[string]pgCopy
-	reads map[string]*readMark // reads in flight, by sid
+	mu   sync.Mutex
+	live bool   // the LISTEN connection listens, the triggers are in place
+	gen  uint64 // moves whenever every copy is dropped: reads begun before keep nothing
+	// proven is when the last probe that came back through the LISTEN connection was sent:
+	// every change committed before it has been applied. Copies answer only while it is
+	// within copiesFresh.
+	proven time.Time
+	bytes  int64
+	m      map[string]pgCopy
+	reads  map[string]*readMark // reads in flight, by sid
 }
 
 type pgCopy struct {
@@ -111,7 +175,10 @@ type readToken struct {
 	gen, mgen uint64
 }
 
-const copyOverhead = 96
+// copyOverhead is what a copy costs beyond its sid and body: the map entry, the slice header,
+// the allocations' rounding (measured: the live heap was 1.1 to 1.3 times the accounted bytes
+// with 96).
+const copyOverhead = 128
 
 func newPGCopies(maxBytes int64) *pgCopies {
 	return &pgCopies{max: maxBytes, m: map[string]pgCopy{}, reads: map[string]*readMark{}}
@@ -122,7 +189,7 @@ func newPGCopies(maxBytes int64) *pgCopies {
 func (c *pgCopies) get(sid string, now int64) ([]byte, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if !c.live {
+	if !c.live || time.Since(c.proven) > copiesFresh {
 		return nil, false
 	}
 	cp, ok := c.m[sid]
@@ -161,7 +228,7 @@ func (c *pgCopies) end(sid string, tok readToken, body []byte, expire float64, f
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	mk := c.reads[sid]
-	if mk == nil { // dropped by reset: keep nothing
+	if mk == nil { // begin registered it; only end deletes it
 		return
 	}
 	unchanged := mk.gen == tok.mgen
@@ -232,6 +299,7 @@ func (c *pgCopies) setLive(live bool) {
 	defer c.mu.Unlock()
 	if c.live != live {
 		c.live = live
+		c.proven = time.Time{} // proven anew on this connection
 		c.resetLocked()
 	}
 }
@@ -240,6 +308,15 @@ func (c *pgCopies) isLive() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.live
+}
+
+// provenAt records that a probe sent at sent came back.
+func (c *pgCopies) provenAt(sent time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if sent.After(c.proven) {
+		c.proven = sent
+	}
 }
 
 // PostgresCopies reports the copies of PostgreSQL's answers for health: "up" while they are
@@ -271,14 +348,19 @@ type notifyMessage struct {
 // apply applies one notification payload of table (schema.table, as the triggers name it).
 func (c *pgCopies) apply(table, payload string) {
 	var msg notifyMessage
-	if err := json.Unmarshal([]byte(payload), &msg); err != nil || msg.V != notifyVersion {
-		// Not what these triggers send (a hand-run NOTIFY, or another version's trigger):
-		// dropping everything is always safe.
+	if err := json.Unmarshal([]byte(payload), &msg); err != nil {
+		// Not what the triggers send (a hand-run NOTIFY): dropping everything is always safe.
 		c.reset()
 		return
 	}
 	if msg.T != table {
 		return // another deployment's session table in the same database
+	}
+	if msg.V != notifyVersion {
+		// Another version's trigger on this table: what it names cannot be trusted to be read
+		// right.
+		c.reset()
+		return
 	}
 	if msg.All {
 		c.reset()
@@ -288,8 +370,8 @@ func (c *pgCopies) apply(table, payload string) {
 }
 
 // errNoTriggers: the session table lacks NotifySQL's triggers (migrate not run, or they were
-// dropped or disabled): copies are not kept.
-var errNoTriggers = errors.New("the session table's notify triggers are missing or disabled (run `cachecar migrate`)")
+// dropped, disabled or set to fire only in some replication role): copies are not kept.
+var errNoTriggers = errors.New("the session table's notify triggers are missing, or not enabled ALWAYS (run `cachecar migrate`)")
 
 // checkTriggers returns the table as the triggers name it (schema.table), or errNoTriggers.
 func checkTriggers(ctx context.Context, conn *pgx.Conn, table string) (string, error) {
@@ -297,7 +379,7 @@ func checkTriggers(ctx context.Context, conn *pgx.Conn, table string) (string, e
 	var n int
 	err := conn.QueryRow(ctx, `SELECT n.nspname || '.' || c.relname,
 			(SELECT count(*) FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
-			  WHERE t.tgrelid = c.oid AND t.tgname = ANY($2) AND t.tgenabled <> 'D' AND p.proname = $3)
+			  WHERE t.tgrelid = c.oid AND t.tgname = ANY($2) AND t.tgenabled = 'A' AND p.proname = $3)
 		FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 		WHERE c.oid = to_regclass($1)`, table, notifyTriggers, notifyFunc).Scan(&name, &n)
 	if errors.Is(err, pgx.ErrNoRows) {
@@ -312,10 +394,14 @@ func checkTriggers(ctx context.Context, conn *pgx.Conn, table string) (string, e
 	return *name, nil
 }
 
-// Copies' LISTEN connection: how often it re-checks the triggers (which also proves the
-// connection alive), and bounds on set-up steps and reconnect back-off.
+// Copies' LISTEN connection: how often it re-checks the triggers, how often it sends itself a
+// probe and how recent the last one that came back must be for copies to answer (a connection
+// that silently stopped delivering, a partition, delivers no probe either), and bounds on
+// set-up steps and reconnect back-off.
 const (
 	copiesCheckInterval = 2 * time.Second
+	copiesProbeInterval = 200 * time.Millisecond
+	copiesFresh         = 600 * time.Millisecond
 	copiesSetupTimeout  = 2 * time.Second
 	copiesBackoffMax    = 5 * time.Second
 )
@@ -332,6 +418,7 @@ func (s *Store) listenCopies(ctx context.Context) {
 		}
 		if wasLive {
 			backoff = 100 * time.Millisecond
+			warned = false
 		}
 		switch {
 		case errors.Is(err, errNoTriggers):
@@ -354,25 +441,43 @@ func (s *Store) listenCopies(ctx context.Context) {
 	}
 }
 
-// copiesSession runs one LISTEN connection, taken out of the pool: LISTEN first, then the
-// trigger check, then copies go live until the connection fails or a check does.
+// listenConn opens the copies' LISTEN connection: Options.Listen, else one taken out of the pool.
+func (s *Store) listenConn(ctx context.Context) (*pgx.Conn, error) {
+	if s.opts.Listen != nil {
+		return s.opts.Listen(ctx)
+	}
+	pc, err := s.db.Acquire(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return pc.Hijack(), nil
+}
+
+// copiesSession runs one LISTEN connection: LISTEN on the triggers' channel and on a channel of
+// its own for probes, then the trigger check; copies go live with the first probe back, and stay
+// live until the connection fails, a check or a probe does.
 func (s *Store) copiesSession(ctx context.Context) (wasLive bool, err error) {
 	actx, cancel := context.WithTimeout(ctx, copiesSetupTimeout)
-	pc, err := s.db.Acquire(actx)
+	conn, err := s.listenConn(actx)
 	cancel()
 	if err != nil {
 		return false, err
 	}
-	conn := pc.Hijack()
 	defer func() {
 		cctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
 		conn.Close(cctx)
+		select { // a close after a failed query finishes in the background
+		case <-conn.PgConn().CleanupDone():
+		case <-time.After(2 * time.Second):
+		}
 	}()
 	defer s.pg.setLive(false) // before the close: copies stop the moment the session ends
+	probeChannel := fmt.Sprintf("cachecar_probe_%016x", rand.Uint64())
 	sctx, cancel := context.WithTimeout(ctx, copiesSetupTimeout)
 	// Named for pg_stat_activity: this connection stays open, listening.
-	_, err = conn.Exec(sctx, "SET application_name = 'cachecar-session-copies'; LISTEN "+pgx.Identifier{NotifyChannel}.Sanitize())
+	_, err = conn.Exec(sctx, "SET application_name = 'cachecar-session-copies'; LISTEN "+pgx.Identifier{NotifyChannel}.Sanitize()+
+		"; LISTEN "+pgx.Identifier{probeChannel}.Sanitize())
 	var table string
 	if err == nil {
 		table, err = checkTriggers(sctx, conn, s.opts.Table)
@@ -381,10 +486,31 @@ func (s *Store) copiesSession(ctx context.Context) (wasLive bool, err error) {
 	if err != nil {
 		return false, err
 	}
+	// Probes are numbered; sent maps those in flight to when they were sent. Copies answer only
+	// while one sent within copiesFresh came back (pgCopies.get); one that has not come back
+	// after copiesSetupTimeout ends the session.
+	var seq uint64
+	sent := map[uint64]time.Time{}
+	probe := func() error {
+		seq++
+		pctx, cancel := context.WithTimeout(ctx, copiesSetupTimeout)
+		defer cancel()
+		sent[seq] = time.Now()
+		_, err := conn.Exec(pctx, "SELECT pg_notify($1, $2)", probeChannel, strconv.FormatUint(seq, 10))
+		return err
+	}
+	if err := probe(); err != nil {
+		return false, err
+	}
 	s.pg.setLive(true)
-	next := time.Now().Add(copiesCheckInterval)
+	nextCheck := time.Now().Add(copiesCheckInterval)
+	nextProbe := time.Now().Add(copiesProbeInterval)
 	for {
-		wctx, cancel := context.WithDeadline(ctx, next)
+		wake := nextProbe
+		if nextCheck.Before(wake) {
+			wake = nextCheck
+		}
+		wctx, cancel := context.WithDeadline(ctx, wake)
 		n, err := conn.WaitForNotification(wctx)
 		timedOut := wctx.Err() != nil
 		cancel()
@@ -395,16 +521,42 @@ func (s *Store) copiesSession(ctx context.Context) (wasLive bool, err error) {
 			return true, err
 		}
 		if n != nil {
-			s.pg.apply(table, n.Payload)
+			if n.Channel == probeChannel {
+				k, _ := strconv.ParseUint(n.Payload, 10, 64)
+				if at, ok := sent[k]; ok {
+					// Notifications come in commit order: every change committed before this
+					// probe was sent has been applied.
+					s.pg.provenAt(at)
+					for i := range sent {
+						if i <= k {
+							delete(sent, i)
+						}
+					}
+				}
+			} else {
+				s.pg.apply(table, n.Payload)
+			}
 		}
-		if !time.Now().Before(next) {
+		now := time.Now()
+		for _, at := range sent {
+			if now.Sub(at) > copiesSetupTimeout {
+				return true, errors.New("a probe did not come back in time")
+			}
+		}
+		if !now.Before(nextProbe) {
+			if err := probe(); err != nil {
+				return true, err
+			}
+			nextProbe = now.Add(copiesProbeInterval)
+		}
+		if !now.Before(nextCheck) {
 			cctx, cancel := context.WithTimeout(ctx, copiesSetupTimeout)
 			_, err := checkTriggers(cctx, conn, s.opts.Table)
 			cancel()
 			if err != nil {
 				return true, err
 			}
-			next = time.Now().Add(copiesCheckInterval)
+			nextCheck = time.Now().Add(copiesCheckInterval)
 		}
 	}
 }

@@ -3,11 +3,14 @@ package sessions
 import (
 	"context"
 	"errors"
+	"net/url"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/cachecar/cachecar/internal/testenv"
+	"github.com/jackc/pgx/v5"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/rs/zerolog"
@@ -206,7 +209,7 @@ func TestPostgresCopiesNeedTheTriggers(t *testing.T) {
 		t.Fatalf("copies %q, copy reads %v, with a trigger disabled", a.PostgresCopies(), testutil.ToFloat64(a.m.pgLocal))
 	}
 	// Enabled again, copies start within the listener's back-off.
-	if _, err := f.db.Exec(ctx, `ALTER TABLE session ENABLE TRIGGER cachecar_session_notify_del`); err != nil {
+	if _, err := f.db.Exec(ctx, `ALTER TABLE session ENABLE ALWAYS TRIGGER cachecar_session_notify_del`); err != nil {
 		t.Fatal(err)
 	}
 	waitCopies(t, a, "up")
@@ -232,7 +235,8 @@ func TestPostgresCopyOfOwnWrite(t *testing.T) {
 	s := New(Options{Prefix: "sess:", SentinelKey: "cachecar:sessions:epoch", TTL: 7 * 24 * time.Hour, Table: TableName("", "session"),
 		MaxBody: 64 << 10, Timeout: 300 * time.Millisecond, RefreshInterval: 50 * time.Millisecond, PruneInterval: time.Hour,
 		PostgresCopies: 32 << 20}, nil, f.db, zerolog.Nop(), prometheus.NewRegistry())
-	s.pg.setLive(true) // as if the listener listened, but it hears nothing
+	s.pg.setLive(true) // as if the listener listened and had its probes back, but it hears nothing
+	s.pg.provenAt(time.Now().Add(time.Hour))
 	ctx := context.Background()
 	exp := time.Now().Add(time.Hour)
 	putVia(t, s, "o1", body("v1", exp))
@@ -268,7 +272,8 @@ func TestPostgresCopyOfOwnWrite(t *testing.T) {
 // drop of every copy or a break of the LISTEN connection keeps no copy; the bound holds.
 func TestPostgresCopiesKeepNoOverlappedRead(t *testing.T) {
 	c := newPGCopies(1 << 20)
-	c.setLive(true)
+	live := func() { c.setLive(true); c.provenAt(time.Now().Add(time.Hour)) }
+	live()
 	now := time.Now().Unix()
 	exp := float64(now + 60)
 	keep := func(sid string, between func()) bool {
@@ -290,7 +295,7 @@ func TestPostgresCopiesKeepNoOverlappedRead(t *testing.T) {
 	if keep("d", c.reset) {
 		t.Fatal("kept a read that overlapped a drop of every copy")
 	}
-	if keep("e", func() { c.setLive(false); c.setLive(true) }) {
+	if keep("e", func() { c.setLive(false); live() }) {
 		t.Fatal("kept a read that overlapped a break of the LISTEN connection")
 	}
 	// Two overlapping reads: the change between them stops both.
@@ -314,7 +319,7 @@ func TestPostgresCopiesKeepNoOverlappedRead(t *testing.T) {
 		t.Fatal("kept a copy while not live")
 	}
 	// The bound, under concurrent fills.
-	c.setLive(true)
+	live()
 	big := make([]byte, 10<<10)
 	var wg sync.WaitGroup
 	for w := 0; w < 4; w++ {
@@ -335,5 +340,80 @@ func TestPostgresCopiesKeepNoOverlappedRead(t *testing.T) {
 	c.end("h", c.begin("h"), []byte(`{}`), float64(now-1), true)
 	if _, ok := c.get("h", now); ok {
 		t.Fatal("served an expired copy")
+	}
+	// Nor a copy whose connection has not proven delivery lately (no probe back).
+	c.end("i", c.begin("i"), []byte(`{}`), exp, true)
+	if _, ok := c.get("i", now); !ok {
+		t.Fatal("no copy kept")
+	}
+	c.proven = time.Now().Add(-copiesFresh - time.Millisecond)
+	if _, ok := c.get("i", now); ok {
+		t.Fatal("served a copy without a recent probe back")
+	}
+}
+
+// TestPostgresCopiesStopWhenTheConnectionFallsSilent: a LISTEN connection that silently stops
+// delivering (a partition, a half-open connection after a failover) delivers no probe either:
+// copies stop answering within copiesFresh, so a session another writer destroyed meanwhile is
+// not served from one, and the connection is given up.
+func TestPostgresCopiesStopWhenTheConnectionFallsSilent(t *testing.T) {
+	f := newFixture(t, nil)
+	f.stop()
+	u, err := url.Parse(f.url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := testenv.StartProxy(t, u.Host)
+	u.Host = proxy.Addr()
+	a, _ := f.startPostgresOnly(t, func(o *Options) {
+		o.Listen = func(ctx context.Context) (*pgx.Conn, error) { return pgx.Connect(ctx, u.String()) }
+	})
+	waitCopies(t, a, "up")
+	if proxy.Conns() != 1 {
+		t.Fatalf("%d connections through the proxy, want the LISTEN connection only", proxy.Conns())
+	}
+	ctx := context.Background()
+	putVia(t, a, "p1", body("v1", time.Now().Add(time.Hour)))
+	readUntil(t, a, "p1", time.Second, "a copy kept", func(string, error) bool { return testutil.ToFloat64(a.m.pgLocal) > 0 })
+	proxy.Blackhole()
+	if _, err := f.db.Exec(ctx, `DELETE FROM session WHERE sid = 'p1'`); err != nil {
+		t.Fatal(err)
+	}
+	deleted := time.Now()
+	readUntil(t, a, "p1", time.Second, "a destroyed session over a silent LISTEN connection", func(_ string, err error) bool { return errors.Is(err, ErrNotFound) })
+	if d := time.Since(deleted); d > copiesFresh+200*time.Millisecond {
+		t.Fatalf("served from a copy for %s after the DELETE", d)
+	}
+	waitCopies(t, a, "down")
+	proxy.Restore()
+	waitCopies(t, a, "up")
+}
+
+// TestPostgresCopiesNeedTriggersThatAlwaysFire: a trigger set to fire only in one replication
+// role does not fire for ordinary writes, and one left as ENABLE, not ALWAYS, does not fire for
+// logical replication's apply: either way, copies stop.
+func TestPostgresCopiesNeedTriggersThatAlwaysFire(t *testing.T) {
+	f := newFixture(t, nil)
+	f.stop()
+	a, _ := f.startPostgresOnly(t, nil)
+	waitCopies(t, a, "up")
+	ctx := context.Background()
+	// (Setting session_replication_role, to see them fire as a replica applies changes, takes a
+	// superuser; the tests' role is not one.)
+	for _, mode := range []string{"ENABLE REPLICA", "ENABLE"} {
+		if _, err := f.db.Exec(ctx, `ALTER TABLE session `+mode+` TRIGGER cachecar_session_notify_upd`); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(copiesCheckInterval + 3*time.Second)
+		for a.PostgresCopies() != "down" {
+			if time.Now().After(deadline) {
+				t.Fatalf("copies still kept after %s TRIGGER", mode)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		if _, err := f.db.Exec(ctx, `ALTER TABLE session ENABLE ALWAYS TRIGGER cachecar_session_notify_upd`); err != nil {
+			t.Fatal(err)
+		}
+		waitCopies(t, a, "up")
 	}
 }

@@ -4,6 +4,7 @@ package sessions
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -14,6 +15,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
@@ -118,6 +120,9 @@ type Options struct {
 	// PostgresCopies bounds the copies of sessions read from PostgreSQL (pgcopies.go), in
 	// bytes; 0 keeps none. They are never kept with ValkeyOnly.
 	PostgresCopies int64
+	// Listen opens the copies' LISTEN connection: a direct session (LISTEN does not survive
+	// transaction pooling). nil takes one out of the pool.
+	Listen func(context.Context) (*pgx.Conn, error)
 }
 
 // LocalCopies is the Valkey client's in-process tier, as the store needs it: reads are

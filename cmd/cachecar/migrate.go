@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -31,6 +32,8 @@ func migrate(ctx context.Context, cfg *configs.Config, reference, demo bool, std
 		return &exitError{code: 2, err: err}
 	}
 	var trig invalidation.InstallReport
+	var sessNotify bool
+	var sessNotifyErr error
 	rep, err := schema.Migrate(ctx, pool, schema.Options{Reference: reference, Demo: demo,
 		After: func(ctx context.Context, tx pgx.Tx) error {
 			if cfg.Sessions.Enabled {
@@ -39,8 +42,14 @@ func migrate(ctx context.Context, cfg *configs.Config, reference, demo bool, std
 					return fmt.Errorf("session table: %w", err)
 				}
 				// Its notify triggers, which keep the sidecars' copies of sessions read from
-				// PostgreSQL correct whoever writes the table.
-				if _, err := tx.Exec(ctx, sessions.NotifySQL(cfg.Sessions.Schema, cfg.Sessions.Table)); err != nil {
+				// PostgreSQL correct whoever writes the table; optional, so a role that may not
+				// create them only gets a warning.
+				var err error
+				sessNotify, err = sessions.InstallNotify(ctx, tx, cfg.Sessions.Schema, cfg.Sessions.Table)
+				if errors.Is(err, sessions.ErrNotifyPrivilege) {
+					sessNotifyErr, err = err, nil
+				}
+				if err != nil {
 					return fmt.Errorf("session table notify triggers: %w", err)
 				}
 			}
@@ -76,7 +85,15 @@ func migrate(ctx context.Context, cfg *configs.Config, reference, demo bool, std
 		fmt.Fprintln(stdout, "migrations applied:", strings.Join(rep.Applied, ", "))
 	}
 	if cfg.Sessions.Enabled {
-		fmt.Fprintf(stdout, "session table: %s present, notify triggers (channel %s) installed\n", sessions.TableName(cfg.Sessions.Schema, cfg.Sessions.Table), sessions.NotifyChannel)
+		t := sessions.TableName(cfg.Sessions.Schema, cfg.Sessions.Table)
+		switch {
+		case sessNotifyErr != nil:
+			fmt.Fprintf(stdout, "session table: %s present; WARNING: its notify triggers are not installed (%v): session reads PostgreSQL serves keep no in-process copies; have the table's owner run the script of `cachecar migrate --print-sql`\n", t, sessNotifyErr)
+		case sessNotify:
+			fmt.Fprintf(stdout, "session table: %s present, notify triggers (channel %s) installed\n", t, sessions.NotifyChannel)
+		default:
+			fmt.Fprintf(stdout, "session table: %s present, notify triggers (channel %s) up to date\n", t, sessions.NotifyChannel)
+		}
 	}
 	if len(trig.Installed) > 0 {
 		fmt.Fprintf(stdout, "invalidation triggers (channel %s): %s\n", spec.Channel, strings.Join(trig.Installed, ", "))
@@ -116,8 +133,13 @@ func newPool(ctx context.Context, cfg *configs.Config) (*pgxpool.Pool, error) {
 	return pool, nil
 }
 
-// printTriggerSQL prints the invalidation triggers' SQL for the configured policies.
+// printTriggerSQL prints the invalidation triggers' SQL for the configured policies, and the
+// session table's notify triggers when sessions are on.
 func printTriggerSQL(cfg *configs.Config, stdout io.Writer) error {
+	if cfg.Sessions.Enabled {
+		fmt.Fprintf(stdout, "-- session table %s (connect-pg-simple's, if absent) and its notify triggers for the sidecars' copies of sessions read from PostgreSQL\n%s;\n%s\n\n",
+			sessions.TableName(cfg.Sessions.Schema, cfg.Sessions.Table), sessions.TableSQL(cfg.Sessions.Schema, cfg.Sessions.Table), sessions.NotifySQL(cfg.Sessions.Schema, cfg.Sessions.Table))
+	}
 	pol, err := compilePolicies(cfg)
 	if err != nil {
 		return &exitError{code: 2, err: err}

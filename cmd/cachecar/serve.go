@@ -17,6 +17,7 @@ import (
 	"github.com/cachecar/cachecar/invalidation"
 	"github.com/cachecar/cachecar/proxy"
 	"github.com/cachecar/cachecar/sessions"
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -212,6 +213,7 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 			ValkeyOnly:      cfg.Sessions.Migration == "connect-redis",
 			Local:           sessionCopies(local),
 			PostgresCopies:  postgresCopies(cfg),
+			Listen:          listenConn(cfg, dbPassword, "cachecar-session-copies"),
 		}, dial, pool, log.With().Str("component", "sessions").Logger(), reg)
 		defer sess.Close()
 	}
@@ -499,4 +501,22 @@ func postgresCopies(cfg *configs.Config) int64 {
 		return 0
 	}
 	return cfg.Sessions.TierMaxBytes
+}
+
+// listenConn dials a LISTEN connection as the invalidation listener does: to
+// invalidation.listen_url (else database.url), a direct session, since LISTEN does not survive
+// transaction pooling.
+func listenConn(cfg *configs.Config, password, name string) func(context.Context) (*pgx.Conn, error) {
+	return func(ctx context.Context) (*pgx.Conn, error) {
+		c, err := pgx.ParseConfig(cfg.Invalidation.EffectiveListenURL(cfg.Database.URL))
+		if err != nil {
+			return nil, errors.New("invalidation.listen_url is not a valid PostgreSQL URL")
+		}
+		c.ConnectTimeout = cfg.Database.ConnectTimeout
+		if password != "" {
+			c.Password = password
+		}
+		c.RuntimeParams["application_name"] = name
+		return pgx.ConnectConfig(ctx, c)
+	}
 }

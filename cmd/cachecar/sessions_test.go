@@ -107,6 +107,11 @@ func TestMigrateCreatesConfiguredSessionTable(t *testing.T) {
 		if err := run(context.Background(), []string{"migrate", "--reference-schema"}, envFunc(env), &out, &out); err != nil {
 			t.Fatalf("migrate %d: %v\n%s", i+1, err, &out)
 		}
+		// The notify triggers are installed once, then left alone (replacing them would lock
+		// the table's readers out for the migration).
+		if want := []string{"installed", "up to date"}[i]; !strings.Contains(out.String(), "notify triggers (channel cachecar_sessions) "+want) {
+			t.Fatalf("migrate %d: want notify triggers %s:\n%s", i+1, want, &out)
+		}
 	}
 	pool := openPool(t, url)
 	t.Cleanup(func() { pool.Exec(context.Background(), "DROP SCHEMA "+schema+" CASCADE") })
