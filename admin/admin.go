@@ -142,8 +142,9 @@ type ServiceStatus struct {
 	// Store is the sessions': the store that serves reads now.
 	Store string `json:"store,omitempty"`
 	// PostgresCopies is the sessions' copies of PostgreSQL's answers: "up" while kept (the
-	// LISTEN connection listens and the session table's notify triggers are in place), "down"
-	// while not; absent when turned off.
+	// LISTEN connection listens, the session table's notify triggers are in place, and
+	// PostgreSQL answers the reads), "standby" while Valkey answers them, "down" while they
+	// cannot be kept; absent when turned off.
 	PostgresCopies string `json:"postgresCopies,omitempty"`
 	// Circuit is the breaker in front of the service: closed, half-open or open.
 	Circuit string `json:"circuit,omitempty"`

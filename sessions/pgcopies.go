@@ -59,13 +59,24 @@ func NotifySQL(schema, table string) string {
 	q := func(s string) string { return pgx.Identifier{s}.Sanitize() }
 	return fmt.Sprintf(`CREATE OR REPLACE FUNCTION %[1]s() RETURNS trigger LANGUAGE plpgsql AS $fn$
 DECLARE
-	head text := '{"v":%[3]d,"t":' || to_json(TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME)::text;
+	tbl text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
+	head text := '{"v":%[3]d,"t":' || to_json(tbl)::text;
 	buf text := '';
 	piece text;
 	n int := 0;
 	r record;
 BEGIN
 	-- %[10]s
+	-- The writers' lock, shared, until this transaction ends: a sidecar arming its copies takes
+	-- it exclusively for a moment, and so waits for every writer that found no reader.
+	PERFORM pg_advisory_xact_lock_shared(hashtextextended('%[11]s' || tbl, 0));
+	-- Sidecars keeping copies hold the readers' lock, shared. Without one, nobody needs the
+	-- notifications, and a NOTIFY serializes commits (PostgreSQL holds a lock from the NOTIFY's
+	-- queue entry to the end of the commit).
+	IF pg_try_advisory_lock(hashtextextended('%[12]s' || tbl, 0)) THEN
+		PERFORM pg_advisory_unlock(hashtextextended('%[12]s' || tbl, 0));
+		RETURN NULL;
+	END IF;
 	IF TG_OP = 'TRUNCATE' THEN
 		PERFORM pg_notify('%[2]s', head || ',"all":true}');
 		RETURN NULL;
@@ -105,11 +116,18 @@ ALTER TABLE %[4]s ENABLE ALWAYS TRIGGER %[5]s;
 ALTER TABLE %[4]s ENABLE ALWAYS TRIGGER %[6]s;
 ALTER TABLE %[4]s ENABLE ALWAYS TRIGGER %[7]s;
 ALTER TABLE %[4]s ENABLE ALWAYS TRIGGER %[8]s;`,
-		fn, NotifyChannel, notifyVersion, t, q(notifyTriggers[0]), q(notifyTriggers[1]), q(notifyTriggers[2]), q(notifyTriggers[3]), notifyMaxSIDs, notifyMarker)
+		fn, NotifyChannel, notifyVersion, t, q(notifyTriggers[0]), q(notifyTriggers[1]), q(notifyTriggers[2]), q(notifyTriggers[3]), notifyMaxSIDs, notifyMarker, writersLockPrefix, readersLockPrefix)
 }
 
 // notifyMarker is in the trigger function's body: the function of this version.
-const notifyMarker = "cachecar session notify v1"
+const notifyMarker = "cachecar session notify v2"
+
+// The advisory locks between writers and the sidecars keeping copies, keyed by
+// hashtextextended(prefix || 'schema.table', 0).
+const (
+	writersLockPrefix = "cachecar session copies writers "
+	readersLockPrefix = "cachecar session copies readers "
+)
 
 // ErrNotifyPrivilege: the role migrate runs as may not create triggers on the session table (it
 // is not its owner, as when connect-pg-simple's role created it).
@@ -146,9 +164,10 @@ func InstallNotify(ctx context.Context, tx pgx.Tx, schema, table string) (instal
 type pgCopies struct {
 	max int64 // bytes, roughly: bodies, sids and a fixed overhead per copy
 
-	mu   sync.Mutex
-	live bool   // the LISTEN connection listens, the triggers are in place
-	gen  uint64 // moves whenever every copy is dropped: reads begun before keep nothing
+	mu    sync.Mutex
+	live  bool   // the LISTEN connection listens, the triggers are in place
+	armed bool   // writers notify this process: it holds the readers' lock (NotifySQL)
+	gen   uint64 // moves whenever every copy is dropped: reads begun before keep nothing
 	// proven is when the last probe that came back through the LISTEN connection was sent:
 	// every change committed before it has been applied. Copies answer only while it is
 	// within copiesFresh.
@@ -189,7 +208,7 @@ func newPGCopies(maxBytes int64) *pgCopies {
 func (c *pgCopies) get(sid string, now int64) ([]byte, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if !c.live || time.Since(c.proven) > copiesFresh {
+	if !c.live || !c.armed || time.Since(c.proven) > copiesFresh {
 		return nil, false
 	}
 	cp, ok := c.m[sid]
@@ -207,7 +226,7 @@ func (c *pgCopies) get(sid string, now int64) ([]byte, bool) {
 func (c *pgCopies) begin(sid string) readToken {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if !c.live {
+	if !c.live || !c.armed {
 		return readToken{}
 	}
 	mk := c.reads[sid]
@@ -235,7 +254,7 @@ func (c *pgCopies) end(sid string, tok readToken, body []byte, expire float64, f
 	if mk.n--; mk.n == 0 {
 		delete(c.reads, sid)
 	}
-	if !found || !unchanged || !c.live || c.gen != tok.gen {
+	if !found || !unchanged || !c.live || !c.armed || c.gen != tok.gen {
 		return
 	}
 	size := int64(len(sid) + len(body) + copyOverhead)
@@ -299,15 +318,35 @@ func (c *pgCopies) setLive(live bool) {
 	defer c.mu.Unlock()
 	if c.live != live {
 		c.live = live
-		c.proven = time.Time{} // proven anew on this connection
+		c.armed = false // armed anew on this connection
+		c.proven = time.Time{}
 		c.resetLocked()
 	}
 }
 
-func (c *pgCopies) isLive() bool {
+// setArmed says whether writers notify this process (it holds the readers' lock, see
+// NotifySQL): only then are copies kept and served. Any change drops every copy.
+func (c *pgCopies) setArmed(armed bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.live
+	if c.armed != armed {
+		c.armed = armed
+		c.resetLocked()
+	}
+}
+
+// state is "up" (live and armed), "standby" (live, not armed: Valkey answers the reads) or
+// "down".
+func (c *pgCopies) state() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch {
+	case c.live && c.armed:
+		return "up"
+	case c.live:
+		return "standby"
+	}
+	return "down"
 }
 
 // provenAt records that a probe sent at sent came back.
@@ -320,15 +359,13 @@ func (c *pgCopies) provenAt(sent time.Time) {
 }
 
 // PostgresCopies reports the copies of PostgreSQL's answers for health: "up" while they are
-// kept, "down" while not (LISTEN connection down, triggers missing), "" when turned off.
+// kept, "standby" while not needed (Valkey answers the reads; writers do not notify), "down"
+// while they cannot be kept (LISTEN connection down, triggers missing), "" when turned off.
 func (s *Store) PostgresCopies() string {
-	switch {
-	case s.pg == nil:
+	if s.pg == nil {
 		return ""
-	case s.pg.isLive():
-		return "up"
 	}
-	return "down"
+	return s.pg.state()
 }
 
 func (c *pgCopies) stats() (n int, bytes int64) {
@@ -476,8 +513,9 @@ func (s *Store) copiesSession(ctx context.Context) (wasLive bool, err error) {
 	probeChannel := fmt.Sprintf("cachecar_probe_%016x", rand.Uint64())
 	sctx, cancel := context.WithTimeout(ctx, copiesSetupTimeout)
 	// Named for pg_stat_activity: this connection stays open, listening.
-	_, err = conn.Exec(sctx, "SET application_name = 'cachecar-session-copies'; LISTEN "+pgx.Identifier{NotifyChannel}.Sanitize()+
-		"; LISTEN "+pgx.Identifier{probeChannel}.Sanitize())
+	// lock_timeout bounds the wait for the writers' lock when arming (below).
+	_, err = conn.Exec(sctx, "SET application_name = 'cachecar-session-copies'; SET lock_timeout = '50ms'; LISTEN "+
+		pgx.Identifier{NotifyChannel}.Sanitize()+"; LISTEN "+pgx.Identifier{probeChannel}.Sanitize())
 	var table string
 	if err == nil {
 		table, err = checkTriggers(sctx, conn, s.opts.Table)
@@ -501,6 +539,52 @@ func (s *Store) copiesSession(ctx context.Context) (wasLive bool, err error) {
 	}
 	if err := probe(); err != nil {
 		return false, err
+	}
+	// Arming: while PostgreSQL answers session reads, this connection holds the readers' lock
+	// (shared), so that every writer's trigger notifies; then it takes the writers' lock
+	// exclusively for a moment, which waits for the writers that found no reader (they hold it
+	// shared until they end). Only then are copies kept: every change committed from then on is
+	// notified. A writer slower than lock_timeout makes it try again a second later (a waiting
+	// exclusive request would hold up every writer queued behind it).
+	readers, armed := false, false
+	var nextArm time.Time
+	lockArgs := func(prefix string) []any { return []any{prefix + table} }
+	arm := func(now time.Time) error {
+		if !readers {
+			if _, err := conn.Exec(ctx, "SELECT pg_advisory_lock_shared(hashtextextended($1, 0))", lockArgs(readersLockPrefix)...); err != nil {
+				return err
+			}
+			readers = true
+		}
+		if now.Before(nextArm) {
+			return nil
+		}
+		_, err := conn.Exec(ctx, "SELECT pg_advisory_lock(hashtextextended($1, 0))", lockArgs(writersLockPrefix)...)
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "55P03" { // lock_not_available: a writer is slow
+			nextArm = now.Add(time.Second)
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if _, err := conn.Exec(ctx, "SELECT pg_advisory_unlock(hashtextextended($1, 0))", lockArgs(writersLockPrefix)...); err != nil {
+			return err
+		}
+		armed = true
+		s.pg.setArmed(true)
+		return nil
+	}
+	disarm := func() error {
+		armed = false
+		s.pg.setArmed(false)
+		if readers {
+			if _, err := conn.Exec(ctx, "SELECT pg_advisory_unlock_shared(hashtextextended($1, 0))", lockArgs(readersLockPrefix)...); err != nil {
+				return err
+			}
+			readers = false
+		}
+		return nil
 	}
 	s.pg.setLive(true)
 	nextCheck := time.Now().Add(copiesCheckInterval)
@@ -538,14 +622,28 @@ func (s *Store) copiesSession(ctx context.Context) (wasLive bool, err error) {
 			}
 		}
 		now := time.Now()
+		switch wanted := !s.valkeyOK(); {
+		case wanted && !armed:
+			if err := arm(now); err != nil {
+				return true, err
+			}
+		case !wanted && readers:
+			if err := disarm(); err != nil {
+				return true, err
+			}
+		}
 		for _, at := range sent {
 			if now.Sub(at) > copiesSetupTimeout {
 				return true, errors.New("a probe did not come back in time")
 			}
 		}
 		if !now.Before(nextProbe) {
-			if err := probe(); err != nil {
-				return true, err
+			// Only while PostgreSQL answers reads: while Valkey does, the copies are not read,
+			// and every probe wakes every listening backend of the database.
+			if !s.valkeyOK() {
+				if err := probe(); err != nil {
+					return true, err
+				}
 			}
 			nextProbe = now.Add(copiesProbeInterval)
 		}

@@ -235,7 +235,9 @@ func TestPostgresCopyOfOwnWrite(t *testing.T) {
 	s := New(Options{Prefix: "sess:", SentinelKey: "cachecar:sessions:epoch", TTL: 7 * 24 * time.Hour, Table: TableName("", "session"),
 		MaxBody: 64 << 10, Timeout: 300 * time.Millisecond, RefreshInterval: 50 * time.Millisecond, PruneInterval: time.Hour,
 		PostgresCopies: 32 << 20}, nil, f.db, zerolog.Nop(), prometheus.NewRegistry())
-	s.pg.setLive(true) // as if the listener listened and had its probes back, but it hears nothing
+	// As if the listener listened, armed, and had its probes back, but it hears nothing.
+	s.pg.setLive(true)
+	s.pg.setArmed(true)
 	s.pg.provenAt(time.Now().Add(time.Hour))
 	ctx := context.Background()
 	exp := time.Now().Add(time.Hour)
@@ -272,7 +274,7 @@ func TestPostgresCopyOfOwnWrite(t *testing.T) {
 // drop of every copy or a break of the LISTEN connection keeps no copy; the bound holds.
 func TestPostgresCopiesKeepNoOverlappedRead(t *testing.T) {
 	c := newPGCopies(1 << 20)
-	live := func() { c.setLive(true); c.provenAt(time.Now().Add(time.Hour)) }
+	live := func() { c.setLive(true); c.setArmed(true); c.provenAt(time.Now().Add(time.Hour)) }
 	live()
 	now := time.Now().Unix()
 	exp := float64(now + 60)
@@ -297,6 +299,9 @@ func TestPostgresCopiesKeepNoOverlappedRead(t *testing.T) {
 	}
 	if keep("e", func() { c.setLive(false); live() }) {
 		t.Fatal("kept a read that overlapped a break of the LISTEN connection")
+	}
+	if keep("e2", func() { c.setArmed(false); c.setArmed(true) }) {
+		t.Fatal("kept a read that overlapped a disarm (writers stopped notifying)")
 	}
 	// Two overlapping reads: the change between them stops both.
 	t1 := c.begin("f")
@@ -416,4 +421,100 @@ func TestPostgresCopiesNeedTriggersThatAlwaysFire(t *testing.T) {
 		}
 		waitCopies(t, a, "up")
 	}
+}
+
+// listenNotes LISTENs on the triggers' channel on a connection of its own and returns a
+// function that reports whether a notification naming sid arrived within d.
+func listenNotes(t *testing.T, f *fixture) func(sid string, d time.Duration) bool {
+	t.Helper()
+	conn, err := pgx.Connect(context.Background(), f.url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close(context.Background()) })
+	if _, err := conn.Exec(context.Background(), "LISTEN "+NotifyChannel); err != nil {
+		t.Fatal(err)
+	}
+	return func(sid string, d time.Duration) bool {
+		deadline := time.Now().Add(d)
+		for {
+			ctx, cancel := context.WithDeadline(context.Background(), deadline)
+			n, err := conn.WaitForNotification(ctx)
+			cancel()
+			if err != nil {
+				return false
+			}
+			if strings.Contains(n.Payload, `"`+sid+`"`) {
+				return true
+			}
+		}
+	}
+}
+
+// TestWritersNotifyOnlyWhileCopiesAreKept: while Valkey answers the reads, no sidecar keeps
+// copies of PostgreSQL's answers and writes send no notification (a NOTIFY serializes commits);
+// once Valkey is down and a sidecar keeps copies, every write notifies; when Valkey is back,
+// writes stop notifying again.
+func TestWritersNotifyOnlyWhileCopiesAreKept(t *testing.T) {
+	f := newFixture(t, nil)
+	heard := listenNotes(t, f)
+	waitCopies(t, f.store, "standby")
+	exp := time.Now().Add(time.Hour)
+	f.put(t, "n1", body("v1", exp))
+	if heard("n1", 300*time.Millisecond) {
+		t.Fatal("a write notified while Valkey answered the reads")
+	}
+	f.redis.Pause()
+	f.get(t, "n1") // finds Valkey down
+	f.waitActive(t, FromPostgres)
+	waitCopies(t, f.store, "up")
+	f.put(t, "n2", body("v2", exp))
+	if !heard("n2", time.Second) {
+		t.Fatal("a write did not notify while a sidecar kept copies")
+	}
+	f.redis.Resume()
+	f.waitActive(t, FromValkey)
+	waitCopies(t, f.store, "standby")
+	heard("", 100*time.Millisecond) // drain
+	f.put(t, "n3", body("v3", exp))
+	if heard("n3", 300*time.Millisecond) {
+		t.Fatal("a write notified after Valkey answered the reads again")
+	}
+}
+
+// TestArmingWaitsForWritersThatFoundNoReader: a transaction whose trigger ran before any
+// sidecar kept copies sent no notification; a sidecar starting to keep copies meanwhile must
+// not keep any until that transaction ended, or it could keep the old row and never hear of
+// the change.
+func TestArmingWaitsForWritersThatFoundNoReader(t *testing.T) {
+	f := newFixture(t, nil)
+	f.stop()
+	ctx := context.Background()
+	if _, err := f.db.Exec(ctx, `INSERT INTO session (sid, sess, expire) VALUES ('w1', '{"user":"old"}', now() + interval '1 hour')`); err != nil {
+		t.Fatal(err)
+	}
+	tx, err := f.db.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback(ctx)
+	if _, err := tx.Exec(ctx, `UPDATE session SET sess = '{"user":"new"}' WHERE sid = 'w1'`); err != nil {
+		t.Fatal(err)
+	}
+	a, _ := f.startPostgresOnly(t, nil)
+	waitCopies(t, a, "standby")
+	for i := 0; i < 30; i++ { // 1.5 s: the store tries again every second
+		if got, _, err := a.Get(ctx, "w1"); err != nil || !strings.Contains(string(got), "old") {
+			t.Fatalf("before the writer committed: %q, %v", got, err)
+		}
+		if st := a.PostgresCopies(); st == "up" {
+			t.Fatal("copies kept while a writer that found no reader was still running")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitCopies(t, a, "up")
+	readUntil(t, a, "w1", time.Second, "after the writer committed", func(b string, err error) bool { return err == nil && strings.Contains(b, "new") })
 }
