@@ -73,8 +73,10 @@ BEGIN
 	-- Sidecars keeping copies hold the readers' lock, shared. Without one, nobody needs the
 	-- notifications, and a NOTIFY serializes commits (PostgreSQL holds a lock from the NOTIFY's
 	-- queue entry to the end of the commit).
-	IF pg_try_advisory_lock(hashtextextended('%[12]s' || tbl, 0)) THEN
-		PERFORM pg_advisory_unlock(hashtextextended('%[12]s' || tbl, 0));
+	-- (Taken and released in one expression: a session-level lock left held by a statement
+	-- cancelled in between would outlive the transaction.)
+	IF (CASE WHEN pg_try_advisory_lock(hashtextextended('%[12]s' || tbl, 0))
+		THEN pg_advisory_unlock(hashtextextended('%[12]s' || tbl, 0)) ELSE false END) THEN
 		RETURN NULL;
 	END IF;
 	IF TG_OP = 'TRUNCATE' THEN
@@ -120,7 +122,7 @@ ALTER TABLE %[4]s ENABLE ALWAYS TRIGGER %[8]s;`,
 }
 
 // notifyMarker is in the trigger function's body: the function of this version.
-const notifyMarker = "cachecar session notify v2"
+const notifyMarker = "cachecar session notify v3"
 
 // The advisory locks between writers and the sidecars keeping copies, keyed by
 // hashtextextended(prefix || 'schema.table', 0).
@@ -410,15 +412,19 @@ func (c *pgCopies) apply(table, payload string) {
 // dropped, disabled or set to fire only in some replication role): copies are not kept.
 var errNoTriggers = errors.New("the session table's notify triggers are missing, or not enabled ALWAYS (run `cachecar migrate`)")
 
+// errPooled: the LISTEN connection goes through a pooler.
+var errPooled = errors.New("the LISTEN connection goes through a pooler (its backend process id is not PostgreSQL's): point invalidation.listen_url at PostgreSQL itself")
+
 // checkTriggers returns the table as the triggers name it (schema.table), or errNoTriggers.
 func checkTriggers(ctx context.Context, conn *pgx.Conn, table string) (string, error) {
 	var name *string
 	var n int
 	err := conn.QueryRow(ctx, `SELECT n.nspname || '.' || c.relname,
 			(SELECT count(*) FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
-			  WHERE t.tgrelid = c.oid AND t.tgname = ANY($2) AND t.tgenabled = 'A' AND p.proname = $3)
+			  WHERE t.tgrelid = c.oid AND t.tgname = ANY($2) AND t.tgenabled = 'A' AND p.proname = $3
+			    AND p.prosrc LIKE '%' || $4 || '%')
 		FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-		WHERE c.oid = to_regclass($1)`, table, notifyTriggers, notifyFunc).Scan(&name, &n)
+		WHERE c.oid = to_regclass($1)`, table, notifyTriggers, notifyFunc, notifyMarker).Scan(&name, &n)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return "", fmt.Errorf("session table %s not found", table)
 	}
@@ -458,7 +464,7 @@ func (s *Store) listenCopies(ctx context.Context) {
 			warned = false
 		}
 		switch {
-		case errors.Is(err, errNoTriggers):
+		case errors.Is(err, errNoTriggers), errors.Is(err, errPooled):
 			if !warned {
 				warned = true
 				s.log.Warn().Err(err).Msg("session reads from PostgreSQL keep no in-process copies")
@@ -513,10 +519,18 @@ func (s *Store) copiesSession(ctx context.Context) (wasLive bool, err error) {
 	probeChannel := fmt.Sprintf("cachecar_probe_%016x", rand.Uint64())
 	sctx, cancel := context.WithTimeout(ctx, copiesSetupTimeout)
 	// Named for pg_stat_activity: this connection stays open, listening.
-	// lock_timeout bounds the wait for the writers' lock when arming (below).
-	_, err = conn.Exec(sctx, "SET application_name = 'cachecar-session-copies'; SET lock_timeout = '50ms'; LISTEN "+
+	_, err = conn.Exec(sctx, "SET application_name = 'cachecar-session-copies'; LISTEN "+
 		pgx.Identifier{NotifyChannel}.Sanitize()+"; LISTEN "+pgx.Identifier{probeChannel}.Sanitize())
 	var table string
+	if err == nil {
+		// A pooler between cachecar and PostgreSQL (PgBouncer) hands this client's statements
+		// to several server sessions: LISTEN and the session-level readers' lock would not stay
+		// on one. It fakes the backend's process id, which shows.
+		var pid uint32
+		if err = conn.QueryRow(sctx, "SELECT pg_backend_pid()").Scan(&pid); err == nil && pid != conn.PgConn().PID() {
+			err = errPooled
+		}
+	}
 	if err == nil {
 		table, err = checkTriggers(sctx, conn, s.opts.Table)
 	}
@@ -541,46 +555,55 @@ func (s *Store) copiesSession(ctx context.Context) (wasLive bool, err error) {
 		return false, err
 	}
 	// Arming: while PostgreSQL answers session reads, this connection holds the readers' lock
-	// (shared), so that every writer's trigger notifies; then it takes the writers' lock
-	// exclusively for a moment, which waits for the writers that found no reader (they hold it
-	// shared until they end). Only then are copies kept: every change committed from then on is
-	// notified. A writer slower than lock_timeout makes it try again a second later (a waiting
-	// exclusive request would hold up every writer queued behind it).
+	// (shared), so that every writer's trigger from then on notifies. The writers that found no
+	// reader before hold the writers' lock (shared) until they end: the ones holding it when the
+	// readers' lock was taken are read from pg_locks, and copies are kept only once none of
+	// them holds it any more. Nothing here waits in PostgreSQL's lock queue, where a request
+	// would hold up every writer queued behind it.
 	readers, armed := false, false
-	var nextArm time.Time
-	lockArgs := func(prefix string) []any { return []any{prefix + table} }
-	arm := func(now time.Time) error {
+	var pending []string // the virtual transaction ids of those writers
+	lockArg := func(prefix string) string { return prefix + table }
+	const holders = `SELECT virtualtransaction FROM pg_locks WHERE locktype = 'advisory' AND granted
+		AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND objsubid = 1
+		AND classid = ((hashtextextended($1, 0) >> 32) & 4294967295)::oid AND objid = (hashtextextended($1, 0) & 4294967295)::oid`
+	arm := func() error {
 		if !readers {
-			if _, err := conn.Exec(ctx, "SELECT pg_advisory_lock_shared(hashtextextended($1, 0))", lockArgs(readersLockPrefix)...); err != nil {
-				return err
+			var ok bool
+			if err := conn.QueryRow(ctx, "SELECT pg_try_advisory_lock_shared(hashtextextended($1, 0))", lockArg(readersLockPrefix)).Scan(&ok); err != nil || !ok {
+				return err // not granted: a writer holds it for an instant; next time
 			}
 			readers = true
+			rows, err := conn.Query(ctx, holders, lockArg(writersLockPrefix))
+			if err != nil {
+				return err
+			}
+			if pending, err = pgx.CollectRows(rows, pgx.RowTo[string]); err != nil {
+				return err
+			}
 		}
-		if now.Before(nextArm) {
-			return nil
-		}
-		_, err := conn.Exec(ctx, "SELECT pg_advisory_lock(hashtextextended($1, 0))", lockArgs(writersLockPrefix)...)
-		var pgErr *pgconn.PgError
-		if errors.As(err, &pgErr) && pgErr.Code == "55P03" { // lock_not_available: a writer is slow
-			nextArm = now.Add(time.Second)
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		if _, err := conn.Exec(ctx, "SELECT pg_advisory_unlock(hashtextextended($1, 0))", lockArgs(writersLockPrefix)...); err != nil {
-			return err
+		if len(pending) > 0 {
+			rows, err := conn.Query(ctx, holders+" AND virtualtransaction = ANY($2)", lockArg(writersLockPrefix), pending)
+			if err != nil {
+				return err
+			}
+			if pending, err = pgx.CollectRows(rows, pgx.RowTo[string]); err != nil || len(pending) > 0 {
+				return err
+			}
 		}
 		armed = true
 		s.pg.setArmed(true)
 		return nil
 	}
 	disarm := func() error {
-		armed = false
+		armed, pending = false, nil
 		s.pg.setArmed(false)
 		if readers {
-			if _, err := conn.Exec(ctx, "SELECT pg_advisory_unlock_shared(hashtextextended($1, 0))", lockArgs(readersLockPrefix)...); err != nil {
+			var ok bool
+			if err := conn.QueryRow(ctx, "SELECT pg_advisory_unlock_shared(hashtextextended($1, 0))", lockArg(readersLockPrefix)).Scan(&ok); err != nil {
 				return err
+			}
+			if !ok {
+				return errors.New("the readers' lock was not held")
 			}
 			readers = false
 		}
@@ -624,7 +647,7 @@ func (s *Store) copiesSession(ctx context.Context) (wasLive bool, err error) {
 		now := time.Now()
 		switch wanted := !s.valkeyOK(); {
 		case wanted && !armed:
-			if err := arm(now); err != nil {
+			if err := arm(); err != nil {
 				return true, err
 			}
 		case !wanted && readers:
@@ -649,8 +672,11 @@ func (s *Store) copiesSession(ctx context.Context) (wasLive bool, err error) {
 		}
 		if !now.Before(nextCheck) {
 			cctx, cancel := context.WithTimeout(ctx, copiesSetupTimeout)
-			_, err := checkTriggers(cctx, conn, s.opts.Table)
+			t, err := checkTriggers(cctx, conn, s.opts.Table)
 			cancel()
+			if err == nil && t != table {
+				err = errors.New("the session table was renamed")
+			}
 			if err != nil {
 				return true, err
 			}

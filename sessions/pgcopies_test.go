@@ -512,6 +512,14 @@ func TestArmingWaitsForWritersThatFoundNoReader(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+	// Arming never queues in PostgreSQL's lock manager: other writers are not held up.
+	start := time.Now()
+	if _, err := f.db.Exec(ctx, `UPDATE session SET expire = expire WHERE sid <> 'w1'`); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d > 500*time.Millisecond {
+		t.Fatalf("another writer waited %s while a sidecar was arming", d)
+	}
 	if err := tx.Commit(ctx); err != nil {
 		t.Fatal(err)
 	}
