@@ -519,8 +519,7 @@ func (s *Store) copiesSession(ctx context.Context) (wasLive bool, err error) {
 	probeChannel := fmt.Sprintf("cachecar_probe_%016x", rand.Uint64())
 	sctx, cancel := context.WithTimeout(ctx, copiesSetupTimeout)
 	// Named for pg_stat_activity: this connection stays open, listening.
-	_, err = conn.Exec(sctx, "SET application_name = 'cachecar-session-copies'; LISTEN "+
-		pgx.Identifier{NotifyChannel}.Sanitize()+"; LISTEN "+pgx.Identifier{probeChannel}.Sanitize())
+	_, err = conn.Exec(sctx, "SET application_name = 'cachecar-session-copies'")
 	var table string
 	if err == nil {
 		// A pooler between cachecar and PostgreSQL (PgBouncer) hands this client's statements
@@ -551,22 +550,27 @@ func (s *Store) copiesSession(ctx context.Context) (wasLive bool, err error) {
 		_, err := conn.Exec(pctx, "SELECT pg_notify($1, $2)", probeChannel, strconv.FormatUint(seq, 10))
 		return err
 	}
-	if err := probe(); err != nil {
-		return false, err
-	}
 	// Arming: while PostgreSQL answers session reads, this connection holds the readers' lock
 	// (shared), so that every writer's trigger from then on notifies. The writers that found no
 	// reader before hold the writers' lock (shared) until they end: the ones holding it when the
 	// readers' lock was taken are read from pg_locks, and copies are kept only once none of
 	// them holds it any more. Nothing here waits in PostgreSQL's lock queue, where a request
 	// would hold up every writer queued behind it.
-	readers, armed := false, false
+	// It LISTENs only then too: every NOTIFY in the database (the invalidation triggers' too)
+	// wakes every listening backend.
+	listening, readers, armed := false, false, false
 	var pending []string // the virtual transaction ids of those writers
 	lockArg := func(prefix string) string { return prefix + table }
 	const holders = `SELECT virtualtransaction FROM pg_locks WHERE locktype = 'advisory' AND granted
 		AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND objsubid = 1
 		AND classid = ((hashtextextended($1, 0) >> 32) & 4294967295)::oid AND objid = (hashtextextended($1, 0) & 4294967295)::oid`
 	arm := func() error {
+		if !listening {
+			if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{NotifyChannel}.Sanitize()+"; LISTEN "+pgx.Identifier{probeChannel}.Sanitize()); err != nil {
+				return err
+			}
+			listening = true
+		}
 		if !readers {
 			var ok bool
 			if err := conn.QueryRow(ctx, "SELECT pg_try_advisory_lock_shared(hashtextextended($1, 0))", lockArg(readersLockPrefix)).Scan(&ok); err != nil || !ok {
@@ -607,6 +611,14 @@ func (s *Store) copiesSession(ctx context.Context) (wasLive bool, err error) {
 			}
 			readers = false
 		}
+		if listening {
+			if _, err := conn.Exec(ctx, "UNLISTEN *"); err != nil {
+				return err
+			}
+			listening = false
+			// Probes still in flight come back on no channel.
+			clear(sent)
+		}
 		return nil
 	}
 	s.pg.setLive(true)
@@ -645,12 +657,13 @@ func (s *Store) copiesSession(ctx context.Context) (wasLive bool, err error) {
 			}
 		}
 		now := time.Now()
-		switch wanted := !s.valkeyOK(); {
+		wanted := !s.valkeyOK()
+		switch {
 		case wanted && !armed:
 			if err := arm(); err != nil {
 				return true, err
 			}
-		case !wanted && readers:
+		case !wanted && (readers || listening):
 			if err := disarm(); err != nil {
 				return true, err
 			}
@@ -663,7 +676,7 @@ func (s *Store) copiesSession(ctx context.Context) (wasLive bool, err error) {
 		if !now.Before(nextProbe) {
 			// Only while PostgreSQL answers reads: while Valkey does, the copies are not read,
 			// and every probe wakes every listening backend of the database.
-			if !s.valkeyOK() {
+			if wanted {
 				if err := probe(); err != nil {
 					return true, err
 				}
