@@ -496,9 +496,10 @@ func (s *Store) listenConn(ctx context.Context) (*pgx.Conn, error) {
 	return pc.Hijack(), nil
 }
 
-// copiesSession runs one LISTEN connection: LISTEN on the triggers' channel and on a channel of
-// its own for probes, then the trigger check; copies go live with the first probe back, and stay
-// live until the connection fails, a check or a probe does.
+// copiesSession runs one connection for the copies: the pooler and trigger checks, then, while
+// PostgreSQL answers session reads, LISTEN (the triggers' channel and one of its own for
+// probes), the readers' lock and arming; copies answer while a probe came back lately. It ends
+// when the connection fails, a check does, or a probe is late.
 func (s *Store) copiesSession(ctx context.Context) (wasLive bool, err error) {
 	actx, cancel := context.WithTimeout(ctx, copiesSetupTimeout)
 	conn, err := s.listenConn(actx)

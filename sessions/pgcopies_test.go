@@ -20,9 +20,7 @@ import (
 // fixture's database.
 func (f *fixture) startPostgresOnly(t *testing.T, tweak func(*Options)) (*Store, *prometheus.Registry) {
 	t.Helper()
-	opts := Options{Prefix: "sess:", SentinelKey: "cachecar:sessions:epoch", TTL: 7 * 24 * time.Hour, Table: TableName("", "session"),
-		MaxBody: 64 << 10, Timeout: 300 * time.Millisecond, RefreshInterval: 50 * time.Millisecond, PruneInterval: time.Hour,
-		DeleteUnknown: true, PostgresCopies: 32 << 20}
+	opts := postgresOnlyOptions()
 	if tweak != nil {
 		tweak(&opts)
 	}
@@ -35,16 +33,30 @@ func (f *fixture) startPostgresOnly(t *testing.T, tweak func(*Options)) (*Store,
 	return s, reg
 }
 
-// waitCopies waits up to 10 s until s's copies of PostgreSQL's answers are want ("up", "down").
+// postgresOnlyOptions are a store's options without Valkey, keeping copies of PostgreSQL's
+// answers.
+func postgresOnlyOptions() Options {
+	return Options{Prefix: "sess:", SentinelKey: "cachecar:sessions:epoch", TTL: 7 * 24 * time.Hour, Table: TableName("", "session"),
+		MaxBody: 64 << 10, Timeout: 300 * time.Millisecond, RefreshInterval: 50 * time.Millisecond, PruneInterval: time.Hour,
+		DeleteUnknown: true, PostgresCopies: 32 << 20}
+}
+
+// newPostgresOnly is a fixture whose own store is stopped, and one store without Valkey over its
+// database, keeping copies.
+func newPostgresOnly(t *testing.T) (*fixture, *Store) {
+	t.Helper()
+	f := newFixture(t, nil)
+	f.stop()
+	a, _ := f.startPostgresOnly(t, nil)
+	waitCopies(t, a, "up")
+	return f, a
+}
+
+// waitCopies waits up to 10 s until s's copies of PostgreSQL's answers are want ("up",
+// "standby", "down").
 func waitCopies(t *testing.T, s *Store, want string) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for s.PostgresCopies() != want {
-		if time.Now().After(deadline) {
-			t.Fatalf("postgres copies %q, want %q", s.PostgresCopies(), want)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitState(t, "postgres copies", s.PostgresCopies, want)
 }
 
 func putVia(t *testing.T, s *Store, sid string, b []byte) {
@@ -154,10 +166,7 @@ func TestPostgresCopiesFollowEveryWriter(t *testing.T) {
 // connection that keeps it correct is gone (a change then would go unnoticed), and copies come
 // back with the connection.
 func TestPostgresCopiesDroppedWithTheirConnection(t *testing.T) {
-	f := newFixture(t, nil)
-	f.stop()
-	a, _ := f.startPostgresOnly(t, nil)
-	waitCopies(t, a, "up")
+	f, a := newPostgresOnly(t)
 	ctx := context.Background()
 	exp := time.Now().Add(time.Hour)
 	putVia(t, a, "c1", body("v1", exp))
@@ -232,9 +241,7 @@ func TestPostgresCopiesNeedTheTriggers(t *testing.T) {
 func TestPostgresCopyOfOwnWrite(t *testing.T) {
 	f := newFixture(t, nil)
 	f.stop()
-	s := New(Options{Prefix: "sess:", SentinelKey: "cachecar:sessions:epoch", TTL: 7 * 24 * time.Hour, Table: TableName("", "session"),
-		MaxBody: 64 << 10, Timeout: 300 * time.Millisecond, RefreshInterval: 50 * time.Millisecond, PruneInterval: time.Hour,
-		PostgresCopies: 32 << 20}, nil, f.db, zerolog.Nop(), prometheus.NewRegistry())
+	s := New(postgresOnlyOptions(), nil, f.db, zerolog.Nop(), prometheus.NewRegistry())
 	// As if the listener listened, armed, and had its probes back, but it hears nothing.
 	s.pg.setLive(true)
 	s.pg.setArmed(true)
@@ -398,10 +405,7 @@ func TestPostgresCopiesStopWhenTheConnectionFallsSilent(t *testing.T) {
 // role does not fire for ordinary writes, and one left as ENABLE, not ALWAYS, does not fire for
 // logical replication's apply: either way, copies stop.
 func TestPostgresCopiesNeedTriggersThatAlwaysFire(t *testing.T) {
-	f := newFixture(t, nil)
-	f.stop()
-	a, _ := f.startPostgresOnly(t, nil)
-	waitCopies(t, a, "up")
+	f, a := newPostgresOnly(t)
 	ctx := context.Background()
 	// (Setting session_replication_role, to see them fire as a replica applies changes, takes a
 	// superuser; the tests' role is not one.)

@@ -109,10 +109,16 @@ func (f *fixture) waitActive(t *testing.T, want string) {
 // waitActive waits up to 10 s until s serves reads from want.
 func waitActive(t *testing.T, s *Store, want string) {
 	t.Helper()
+	waitState(t, "the store answering reads", s.Active, want)
+}
+
+// waitState waits up to 10 s until get returns want.
+func waitState(t *testing.T, what string, get func() string, want string) {
+	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
-	for s.Active() != want {
+	for get() != want {
 		if time.Now().After(deadline) {
-			t.Fatalf("store still answers from %s, want %s", s.Active(), want)
+			t.Fatalf("%s: %q, want %q", what, get(), want)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
