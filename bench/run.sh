@@ -24,7 +24,8 @@
 #   h  session GET      sessions written first, read back from Valkey (store valkey, reconciled)
 #   i  session PUT      rewrites of a bounded pool of sessions: PostgreSQL commit, then Valkey
 #   j  session GET      Valkey unreachable (CACHECAR_VALKEY_ADDRS on a closed loopback port):
-#                       sessions read from PostgreSQL
+#                       sessions read from PostgreSQL (every one read once first: cachecar
+#                       then answers from its copies of PostgreSQL's answers)
 #   (h and j also measure their floor at the same fixed rate, on the same sessions: a bare Go
 #   server with one round trip to the store per request, bench/directvalkey for h and
 #   bench/directpg's session route for j, what an app without cachecar does)
