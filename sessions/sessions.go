@@ -39,7 +39,8 @@ import (
 //     its session.
 //   - While Valkey is not trusted, or known down, reads and writes use PostgreSQL only: no
 //     per-request Valkey timeout once the outage is known. A probe every RefreshInterval brings
-//     it back.
+//     it back. Those reads may be answered from copies of PostgreSQL's answers, kept correct by
+//     the session table's notify triggers (pgcopies.go).
 //   - Expiry is the stores': the key's TTL and the expire column, computed as connect-redis and
 //     connect-pg-simple compute them from cookie.expires; the body is never rewritten to move it.
 
