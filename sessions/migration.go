@@ -125,30 +125,19 @@ func (s *Store) syncFromValkey(ctx context.Context, vk valkey.Client, flagAt int
 
 	// Every session key: its row, under its write lock, from the value and PTTL read under it.
 	written, skipped := 0, 0
-	var cursor uint64
-	for {
-		c, cancel := context.WithTimeout(ctx, 10*s.opts.Timeout+time.Second)
-		e, err := vk.Do(c, vk.B().Scan().Cursor(cursor).Match(globEscape(s.opts.Prefix)+"*").Count(500).Build()).AsScanEntry()
-		cancel()
-		if err != nil {
-			return fmt.Errorf("scan: %w", err)
-		}
-		if len(e.Elements) > 0 {
-			sids := make([]string, 0, len(e.Elements))
-			for _, k := range e.Elements {
-				if sid := strings.TrimPrefix(k, s.opts.Prefix); CheckSID(sid) == nil {
-					sids = append(sids, sid)
-				}
-			}
-			w, sk, err := s.syncKeys(ctx, vk, conn, sids, tr)
-			written, skipped = written+w, skipped+sk
-			if err != nil {
-				return err
+	err = s.scanSessions(ctx, vk, 500, func(keys []string) error {
+		sids := make([]string, 0, len(keys))
+		for _, sid := range keys {
+			if CheckSID(sid) == nil {
+				sids = append(sids, sid)
 			}
 		}
-		if cursor = e.Cursor; cursor == 0 {
-			break
-		}
+		w, sk, err := s.syncKeys(ctx, vk, conn, sids, tr)
+		written, skipped = written+w, skipped+sk
+		return err
+	})
+	if err != nil {
+		return err
 	}
 
 	// Every live row without a key: a session connect-redis destroyed.

@@ -370,12 +370,6 @@ func (s *Store) PostgresCopies() string {
 	return s.pg.state()
 }
 
-func (c *pgCopies) stats() (n int, bytes int64) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return len(c.m), c.bytes
-}
-
 // notifyMessage is a trigger's payload.
 type notifyMessage struct {
 	V   int      `json:"v"`

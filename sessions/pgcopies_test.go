@@ -530,3 +530,10 @@ func TestArmingWaitsForWritersThatFoundNoReader(t *testing.T) {
 	waitCopies(t, a, "up")
 	readUntil(t, a, "w1", time.Second, "after the writer committed", func(b string, err error) bool { return err == nil && strings.Contains(b, "new") })
 }
+
+// stats returns how many copies c holds and their accounted bytes.
+func (c *pgCopies) stats() (n int, bytes int64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.m), c.bytes
+}

@@ -375,34 +375,40 @@ func (s *Store) reconcile(ctx context.Context, vk valkey.Client, oldEpoch, runID
 // is seen and the key kept), and a later one waits for the delete and writes after it.
 func (s *Store) deleteUnknown(ctx context.Context, vk valkey.Client, conn pgConn) (int, error) {
 	deleted := 0
+	err := s.scanSessions(ctx, vk, 1000, func(sids []string) error {
+		unknown, err := s.unknownSIDs(ctx, conn, sids, false)
+		if err != nil || len(unknown) == 0 {
+			return err
+		}
+		n, err := s.deleteLocked(ctx, vk, conn, unknown)
+		deleted += n
+		return err
+	})
+	return deleted, err
+}
+
+// scanSessions walks Valkey's session keys with SCAN, count at a time, and passes each
+// non-empty batch's sids (the keys without the prefix) to fn, stopping at fn's first error.
+func (s *Store) scanSessions(ctx context.Context, vk valkey.Client, count int64, fn func(sids []string) error) error {
 	var cursor uint64
 	for {
 		c, cancel := context.WithTimeout(ctx, 10*s.opts.Timeout+time.Second)
-		e, err := vk.Do(c, vk.B().Scan().Cursor(cursor).Match(globEscape(s.opts.Prefix)+"*").Count(1000).Build()).AsScanEntry()
+		e, err := vk.Do(c, vk.B().Scan().Cursor(cursor).Match(globEscape(s.opts.Prefix)+"*").Count(count).Build()).AsScanEntry()
 		cancel()
 		if err != nil {
-			return deleted, fmt.Errorf("scan: %w", err)
+			return fmt.Errorf("scan: %w", err)
 		}
 		if len(e.Elements) > 0 {
 			sids := make([]string, 0, len(e.Elements))
 			for _, k := range e.Elements {
 				sids = append(sids, strings.TrimPrefix(k, s.opts.Prefix))
 			}
-			unknown, err := s.unknownSIDs(ctx, conn, sids, false)
-			if err != nil {
-				return deleted, err
-			}
-			if len(unknown) > 0 {
-				n, err := s.deleteLocked(ctx, vk, conn, unknown)
-				deleted += n
-				if err != nil {
-					return deleted, err
-				}
+			if err := fn(sids); err != nil {
+				return err
 			}
 		}
-		cursor = e.Cursor
-		if cursor == 0 {
-			return deleted, nil
+		if cursor = e.Cursor; cursor == 0 {
+			return nil
 		}
 	}
 }
