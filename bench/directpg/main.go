@@ -25,9 +25,6 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// courseQuery is the query cachecar's course loader runs on a miss, so that the two compare.
-const courseQuery = `SELECT row_to_json(c)::text FROM courses c WHERE c.id = $1`
-
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -97,7 +94,7 @@ func courseHandler(db rowQuerier, timeout time.Duration) http.Handler {
 			benchsrv.WriteError(w, http.StatusBadRequest, "bad_id", "course id must be a positive integer")
 			return
 		}
-		answerRow(w, r, db, timeout, "course", "", courseQuery, id)
+		answerRow(w, r, db, timeout, "course", "", benchsrv.CourseQuery, id)
 	})
 }
 

@@ -12,6 +12,10 @@ import (
 	"time"
 )
 
+// CourseQuery is the query cachecar's course loader runs on a miss, so that the bare services
+// that read courses from PostgreSQL compare with it.
+const CourseQuery = `SELECT row_to_json(c)::text FROM courses c WHERE c.id = $1`
+
 // Serve runs srv on ln until ctx is done, then lets in-flight requests finish.
 func Serve(ctx context.Context, srv *http.Server, ln net.Listener) error {
 	errc := make(chan error, 1)
