@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"math"
 	"net"
+	"net/netip"
 	"net/url"
 	"os"
 	"reflect"
@@ -508,26 +509,39 @@ func Load(src Source) (*Config, error) {
 // CACHECAR_ names, so that the more specific CACHECAR_ name wins.
 func applyEnv(v *viper.Viper, known, lists map[string]bool, getenv func(string) string) []string {
 	var problems []string
-	if u := getenv("DATABASE_URL"); u != "" {
+	// The platform's names count only when not empty: deployment templates render an unset one
+	// as empty.
+	platform := func(name string) string { val, _ := lookup(getenv, name); return val }
+	if u := platform("DATABASE_URL"); u != "" {
 		v.Set("database.url", u)
 	}
-	host, port := getenv("REDIS_HOST"), getenv("REDIS_PORT")
-	if host != "" || port != "" {
-		if host == "" {
-			host = "127.0.0.1"
-		}
+	host, port := platform("REDIS_HOST"), platform("REDIS_PORT")
+	switch {
+	case host != "":
 		if port == "" {
 			port = "6379"
 		}
 		v.Set("valkey.addrs", []string{net.JoinHostPort(host, port)})
+	case port != "":
+		// The port alone moves the addresses the file (or the default) names to that port.
+		var addrs []string
+		for _, a := range v.GetStringSlice("valkey.addrs") {
+			if h, _, err := net.SplitHostPort(strings.TrimSpace(a)); err == nil {
+				addrs = append(addrs, net.JoinHostPort(h, port))
+			}
+		}
+		if len(addrs) == 0 {
+			addrs = []string{net.JoinHostPort("127.0.0.1", port)}
+		}
+		v.Set("valkey.addrs", addrs)
 	}
-	if p := getenv("REDIS_PASSWORD"); p != "" {
+	if p := platform("REDIS_PASSWORD"); p != "" {
 		v.Set("valkey.password", p)
 	}
-	if t := getenv("ADMIN_TOKEN"); t != "" {
+	if t := platform("ADMIN_TOKEN"); t != "" {
 		v.Set("admin.token", t)
 	}
-	if s := getenv("CACHE_TTL_DEFAULT"); s != "" {
+	if s := platform("CACHE_TTL_DEFAULT"); s != "" {
 		n, err := strconv.ParseInt(strings.TrimSpace(s), 10, 64)
 		// The upper bound keeps n seconds from overflowing a time.Duration into a negative or
 		// tiny TTL.
@@ -556,10 +570,29 @@ func EnvName(key string) string {
 	return "CACHECAR_" + strings.ToUpper(strings.ReplaceAll(key, ".", "_"))
 }
 
-// lookup treats an empty value as unset, since getenv cannot tell them apart.
+// EmptyEnv is what Getenv returns for a variable set to the empty string, so that a getenv
+// func(string) string can tell "set to nothing" (CACHECAR_VALKEY_ADDRS=, no Valkey) from unset.
+const EmptyEnv = "\x00(set, empty)"
+
+// Getenv is os.Getenv, except that a variable set to the empty string reads as EmptyEnv.
+func Getenv(name string) string {
+	val, ok := os.LookupEnv(name)
+	if ok && val == "" {
+		return EmptyEnv
+	}
+	return val
+}
+
+// lookup reads name through getenv: unset, or set (EmptyEnv: set to the empty string).
 func lookup(getenv func(string) string, name string) (string, bool) {
-	val := getenv(name)
-	return val, val != ""
+	switch val := getenv(name); val {
+	case "":
+		return "", false
+	case EmptyEnv:
+		return "", true
+	default:
+		return val, true
+	}
 }
 
 // setString sets a key from text; list keys take comma-separated values.
@@ -679,6 +712,17 @@ func (c *Config) validate() []string {
 	for i, a := range c.Valkey.Addrs {
 		addr(fmt.Sprintf("valkey.addrs[%d]", i), a, false)
 	}
+	listens := []struct{ key, val string }{{"server.listen", c.Server.Listen}, {"health.listen", c.Health.Listen}}
+	if tok, err := c.Admin.AdminToken(); err == nil && tok != "" {
+		listens = append(listens, struct{ key, val string }{"admin.listen", c.Admin.Listen})
+	}
+	for i := range listens {
+		for _, b := range listens[i+1:] {
+			if listenClash(listens[i].val, b.val) {
+				p = append(p, fmt.Sprintf("%s and %s: both listen on %s and %s; each port needs its own address", listens[i].key, b.key, listens[i].val, b.val))
+			}
+		}
+	}
 	positive := func(key string, d time.Duration) {
 		if d <= 0 {
 			p = append(p, fmt.Sprintf("%s: must be a positive duration, got %s", key, d))
@@ -723,6 +767,18 @@ func (c *Config) validate() []string {
 			key = "admin.token_file"
 		}
 		p = append(p, fmt.Sprintf("%s: the token must be at least %d characters (e.g. openssl rand -hex 32)", key, MinAdminToken))
+	}
+	// check-config prints secrets as placeholders; a file made from its output must not start
+	// with a placeholder as the admin token (anyone could guess it) or as a password.
+	for _, sec := range []struct{ key, val string }{
+		{"admin.token (ADMIN_TOKEN)", c.Admin.Token},
+		{"valkey.password (REDIS_PASSWORD)", c.Valkey.Password},
+		{"database.url (DATABASE_URL)", c.Database.URL},
+		{"invalidation.listen_url", c.Invalidation.ListenURL},
+	} {
+		if strings.Contains(sec.val, "<redacted") {
+			p = append(p, fmt.Sprintf("%s: holds the placeholder check-config prints in place of a secret; put the real secret back (or set it from the environment or a *_file key)", sec.key))
+		}
 	}
 	if c.Valkey.Password != "" && c.Valkey.PasswordFile != "" {
 		p = append(p, "valkey.password (REDIS_PASSWORD) and valkey.password_file: set one of them, not both")
@@ -1023,6 +1079,18 @@ func anchored(pattern string) bool {
 		re.Sub[0].Op == syntax.OpBeginText && re.Sub[len(re.Sub)-1].Op == syntax.OpEndText
 }
 
+// listenClash reports whether listening on a and on b would collide: the same port (not 0) on the
+// same host, or on any host when either listens on every address. Names are not resolved.
+func listenClash(a, b string) bool {
+	ha, pa, errA := net.SplitHostPort(a)
+	hb, pb, errB := net.SplitHostPort(b)
+	if errA != nil || errB != nil || pa != pb || pa == "0" {
+		return false
+	}
+	wildcard := func(h string) bool { return h == "" || h == "0.0.0.0" || h == "::" }
+	return ha == hb || wildcard(ha) || wildcard(hb)
+}
+
 // CheckAddr reports whether s is a host:port listen or dial address.
 func CheckAddr(s string) error {
 	host, port, err := net.SplitHostPort(s)
@@ -1035,6 +1103,13 @@ func CheckAddr(s string) error {
 	}
 	if strings.ContainsAny(host, " /\\") {
 		return fmt.Errorf("%q: bad host", s)
+	}
+	if strings.Contains(host, ":") {
+		// Only an IPv6 address has a colon in its host ("[::1]:6379"). "[127.0.0.1:6380]:6379"
+		// is what REDIS_HOST=127.0.0.1:6380 becomes: a host with the port in it.
+		if _, err := netip.ParseAddr(host); err != nil {
+			return fmt.Errorf("%q: the host %q has a colon but is not an IPv6 address (a port in the host? REDIS_HOST takes the host alone, REDIS_PORT the port)", s, host)
+		}
 	}
 	return nil
 }
@@ -1051,7 +1126,7 @@ func (c *Config) Redacted() Config {
 	}
 	out.Valkey.Password = mask(c.Valkey.Password)
 	if c.Admin.Token != "" {
-		// Long enough to pass the token's own check: the output is itself a valid config.
+		// Long enough to pass the length check, so that the only problem it shows is the placeholder.
 		out.Admin.Token = "<redacted-admin-token>"
 	}
 	out.Database.URL = RedactURL(c.Database.URL)

@@ -186,6 +186,18 @@ func TestPrecedence(t *testing.T) {
 		{"empty env value is unset",
 			layers{file: "server:\n  listen: 127.0.0.1:9001\n", env: map[string]string{"CACHECAR_SERVER_LISTEN": ""}},
 			func(c *Config) any { return c.Server.Listen }, "127.0.0.1:9001"},
+		{"env set to the empty string clears the file's value",
+			layers{file: "namespace: \"file:\"\n", env: map[string]string{"CACHECAR_NAMESPACE": EmptyEnv}},
+			func(c *Config) any { return c.Namespace }, ""},
+		{"CACHECAR_VALKEY_ADDRS set to the empty string: no Valkey",
+			layers{env: map[string]string{"CACHECAR_VALKEY_ADDRS": EmptyEnv}},
+			func(c *Config) any { return len(c.Valkey.Addrs) }, 0},
+		{"platform names set to the empty string are unset",
+			layers{file: "valkey:\n  addrs: [file:6379]\n", env: map[string]string{"REDIS_HOST": EmptyEnv, "REDIS_PORT": EmptyEnv}},
+			func(c *Config) any { return c.Valkey.Addrs }, []string{"file:6379"}},
+		{"REDIS_PORT alone keeps the file's hosts",
+			layers{file: "valkey:\n  addrs: [filehost:7000, other:7002]\n", env: map[string]string{"REDIS_PORT": "7001"}},
+			func(c *Config) any { return c.Valkey.Addrs }, []string{"filehost:7001", "other:7001"}},
 		{"DATABASE_URL over file",
 			layers{file: "database:\n  url: postgres://file@h/db\n", env: map[string]string{"DATABASE_URL": "postgres://env@h/db"}},
 			func(c *Config) any { return c.Database.URL }, "postgres://env@h/db"},
@@ -517,6 +529,14 @@ func TestProblems(t *testing.T) {
 			want: [][]string{{"valkey.addrs[0]", "port"}}},
 		{name: "bad address: second of a list", env: map[string]string{"CACHECAR_VALKEY_ADDRS": "a:1,b"},
 			want: [][]string{{"valkey.addrs[1]", "host:port"}}},
+		{name: "bad address: port in REDIS_HOST", env: map[string]string{"REDIS_HOST": "127.0.0.1:6380"},
+			want: [][]string{{"valkey.addrs[0]", "not an IPv6 address"}}},
+		{name: "two ports on one address", sets: []string{"server.listen=127.0.0.1:9100", "health.listen=0.0.0.0:9100"},
+			want: [][]string{{"server.listen and health.listen", "own address"}}},
+		{name: "admin port on the read port", env: map[string]string{"ADMIN_TOKEN": "tok-0123456789abcdef"}, sets: []string{"admin.listen=127.0.0.1:8080"},
+			want: [][]string{{"server.listen and admin.listen", "own address"}}},
+		{name: "check-config's placeholders as secrets", env: map[string]string{"ADMIN_TOKEN": "<redacted-admin-token>", "REDIS_PASSWORD": "<redacted>", "DATABASE_URL": "postgres://app:<redacted>@db/app"},
+			want: [][]string{{"admin.token", "placeholder"}, {"valkey.password", "placeholder"}, {"database.url", "placeholder"}}},
 		{name: "tier below fastcache's minimum", sets: []string{"cache.tier_max_bytes=1048576"},
 			want: [][]string{{"cache.tier_max_bytes", "32 MiB"}}},
 		{name: "negative stale windows", sets: []string{"policies.course.stale_while_revalidate=-1s", "policies.tenant.stale_if_error=-5m", "policies.dispatch.negative_ttl=-1s"},
@@ -867,6 +887,9 @@ func TestCheckAddr(t *testing.T) {
 		{"127.0.0.1:-1", false},
 		{"127.0.0.1:http", false},
 		{"::1:6379", false},
+		{"[127.0.0.1:6380]:6379", false}, // REDIS_HOST=127.0.0.1:6380
+		{"[redis:6380]:6379", false},
+		{"[fe80::1%eth0]:6379", true},
 		{"bad host:1", false},
 		{"a/b:1", false},
 		{`a\b:1`, false},
@@ -1138,5 +1161,31 @@ func TestPasswordFiles(t *testing.T) {
 				t.Fatalf("%v, want one problem containing %q", err, c.want)
 			}
 		})
+	}
+}
+
+// TestGetenv: a variable set to the empty string reads as EmptyEnv, an unset one as "".
+func TestGetenv(t *testing.T) {
+	t.Setenv("CACHECAR_TEST_GETENV_EMPTY", "")
+	t.Setenv("CACHECAR_TEST_GETENV_SET", "x")
+	if got := Getenv("CACHECAR_TEST_GETENV_EMPTY"); got != EmptyEnv {
+		t.Errorf("set to empty: got %q, want EmptyEnv", got)
+	}
+	if got := Getenv("CACHECAR_TEST_GETENV_SET"); got != "x" {
+		t.Errorf("set: got %q, want x", got)
+	}
+	if got := Getenv("CACHECAR_TEST_GETENV_UNSET_NOWHERE"); got != "" {
+		t.Errorf("unset: got %q, want empty", got)
+	}
+	// Through Load, with the process environment: CACHECAR_VALKEY_ADDRS= runs without Valkey.
+	t.Setenv("CACHECAR_VALKEY_ADDRS", "")
+	cfg := mustLoad(t, Source{Getenv: func(k string) string {
+		if strings.HasPrefix(k, "CACHECAR_VALKEY_") {
+			return Getenv(k)
+		}
+		return env(nil)(k)
+	}})
+	if len(cfg.Valkey.Addrs) != 0 {
+		t.Errorf("CACHECAR_VALKEY_ADDRS set to empty: addrs %q, want none", cfg.Valkey.Addrs)
 	}
 }

@@ -6,11 +6,14 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/cachecar/cachecar/configs"
 )
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr)
+	// configs.Getenv tells a variable set to the empty string from an unset one.
+	err := run(ctx, os.Args[1:], configs.Getenv, os.Stdout, os.Stderr)
 	stop()
 	os.Exit(exitCode(err, os.Stderr))
 }

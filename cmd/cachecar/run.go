@@ -75,7 +75,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	fs.SetOutput(stderr)
 	fs.Usage = func() { fmt.Fprint(stderr, usage) }
 	var sets multiFlag
-	configFile := fs.String("config", getenv("CACHECAR_CONFIG"), "")
+	configFile := fs.String("config", strings.TrimPrefix(getenv("CACHECAR_CONFIG"), configs.EmptyEnv), "")
 	fs.Var(&sets, "set", "")
 	named := map[string]*string{
 		"server.listen": fs.String("listen", "", ""),

@@ -424,11 +424,23 @@ func TestCheckConfig(t *testing.T) {
 				t.Fatalf("check-config output lacks %q:\n%s", want, &out)
 			}
 		}
-		// The output is itself a valid config file.
+		// The output is a config file once the secrets come back, here from the environment.
 		f := t.TempDir() + "/effective.yaml"
 		os.WriteFile(f, out.Bytes(), 0o600)
-		if err := run(context.Background(), []string{"check-config", "--config", f}, envFunc(nil), io.Discard, io.Discard); err != nil {
-			t.Fatalf("check-config output does not load back: %v", err)
+		if err := run(context.Background(), []string{"check-config", "--config", f}, envFunc(env), io.Discard, io.Discard); err != nil {
+			t.Fatalf("check-config output does not load back with the secrets in the environment: %v", err)
+		}
+		// As it is, its placeholders are refused: "<redacted-admin-token>" would open the admin
+		// port to anyone who guesses it.
+		var probs bytes.Buffer
+		err := run(context.Background(), []string{"check-config", "--config", f}, envFunc(nil), io.Discard, &probs)
+		if code := exitCode(err, &probs); code != 2 {
+			t.Fatalf("check-config of its own output without the secrets: exit %d, want 2 (%v)", code, err)
+		}
+		for _, want := range []string{"admin.token", "valkey.password", "database.url", "placeholder"} {
+			if !strings.Contains(probs.String(), want) {
+				t.Errorf("problems lack %q:\n%s", want, &probs)
+			}
 		}
 	})
 	t.Run("lists every problem and exits 2", func(t *testing.T) {
