@@ -226,6 +226,16 @@ func TestServeMissThenHitAndHealth(t *testing.T) {
 	if len(page2.Items) != 3 || page2.NextAfter != nil {
 		t.Fatalf("second page: %s, want the other 3 dispatches and no next_after", list2)
 	}
+	// A last page that is exactly full has no next_after either: nothing follows it.
+	_, list3 := get(t, fmt.Sprintf("%s/v1/tenants/1/dispatches?limit=3&after=%d", s.api, int64(*page.NextAfter)))
+	var page3 struct {
+		Items     []map[string]any `json:"items"`
+		NextAfter *float64         `json:"next_after"`
+	}
+	json.Unmarshal([]byte(list3), &page3)
+	if len(page3.Items) != 3 || page3.NextAfter != nil {
+		t.Fatalf("full last page: %s, want 3 dispatches and no next_after", list3)
+	}
 	if r, b := get(t, s.api+"/v1/tenants/999/dispatches"); r.StatusCode != 404 {
 		t.Fatalf("dispatches of a missing tenant: %d %s", r.StatusCode, b)
 	}
