@@ -896,14 +896,20 @@ func (c *Config) validate() []string {
 	if c.Sessions.Prefix == "" || strings.ContainsAny(c.Sessions.Prefix, "*?[]\\ \n\r\t") {
 		p = append(p, "sessions.prefix: must be set, without glob characters, backslashes or spaces")
 	}
-	positive("sessions.ttl", c.Sessions.TTL)
+	if c.Sessions.TTL < time.Second || c.Sessions.TTL%time.Second != 0 {
+		// Valkey's EX and connect-redis's ttl are whole seconds: 500ms would store nothing (a
+		// TTL of 0 deletes) while the PUT is acknowledged.
+		p = append(p, fmt.Sprintf("sessions.ttl: must be a whole number of seconds, at least 1s, got %s", c.Sessions.TTL))
+	}
 	positive("sessions.refresh_interval", c.Sessions.RefreshInterval)
 	if c.Sessions.RefreshInterval > 5*time.Second {
 		// Its checks bound how long a missed write goes unseen, and a sidecar migrating from
 		// connect-redis sets its flag on them: the others end the migration after 30 s without.
 		p = append(p, fmt.Sprintf("sessions.refresh_interval: at most 5s, got %s", c.Sessions.RefreshInterval))
 	}
-	positive("sessions.prune_interval", c.Sessions.PruneInterval)
+	if c.Sessions.PruneInterval < time.Second {
+		p = append(p, fmt.Sprintf("sessions.prune_interval: at least 1s, got %s", c.Sessions.PruneInterval))
+	}
 	if c.Sessions.MaxBodyBytes < 2 || c.Sessions.MaxBodyBytes > 16<<20 {
 		p = append(p, fmt.Sprintf("sessions.max_body_bytes: must be from 2 to 16777216, got %d", c.Sessions.MaxBodyBytes))
 	}
@@ -1004,6 +1010,11 @@ func (c *Config) keySpaceProblems() []string {
 	}
 	sort.Strings(names)
 	overlap := func(a, b string) bool { return strings.HasPrefix(a, b) || strings.HasPrefix(b, a) }
+	if c.Sessions.Prefix != "" && overlap(c.Sessions.Prefix, "cachecar:") {
+		// A reconciliation deletes the keys under the prefix that PostgreSQL does not know: tag
+		// sets and the sessions' own epoch among them.
+		p = append(p, fmt.Sprintf("sessions.prefix: %q overlaps cachecar's own keys (cachecar:...)", c.Sessions.Prefix))
+	}
 	for _, n := range names {
 		pre := spaces[n]
 		switch {

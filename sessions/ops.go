@@ -337,11 +337,14 @@ func (s *Store) Touch(ctx context.Context, sid string, sess Session) (string, er
 	}
 	if !inPG && s.valkeyOnly() && from != FromValkey {
 		// The session may live in Valkey only, and Valkey did not answer: as a read would.
+		s.m.ops.WithLabelValues("touch", from, "error").Inc()
 		return from, errValkeyOnlyDown
 	}
 	if !inPG {
+		s.m.ops.WithLabelValues("touch", from, "not_found").Inc()
 		return from, ErrNotFound
 	}
+	s.m.ops.WithLabelValues("touch", from, "ok").Inc()
 	return from, nil
 }
 
@@ -471,7 +474,9 @@ func (s *Store) write(ctx context.Context, op, sid string, destroy bool, step pg
 		// this one stops now, before the write is acknowledged.
 		s.distrust()
 	}
-	s.m.ops.WithLabelValues(op, from, "ok").Inc()
+	if op != "touch" { // Touch counts its own: found or not is known only after the write
+		s.m.ops.WithLabelValues(op, from, "ok").Inc()
+	}
 	return from, nil
 }
 

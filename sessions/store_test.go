@@ -1132,3 +1132,29 @@ func TestSyncSkipsKeysThatAreNotSessions(t *testing.T) {
 		t.Fatalf("rows after the sync: %v, want [good]", sids)
 	}
 }
+
+// TestTouchOutcomes: a touch of an unknown session answers ErrNotFound and is counted as
+// not_found, not ok; a touch that found the session is ok.
+func TestTouchOutcomes(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := context.Background()
+	f.waitActive(t, FromValkey)
+	sess, _ := f.store.Parse(body("x", time.Now().Add(time.Hour)))
+	count := func(outcome string) float64 {
+		return testutil.ToFloat64(f.store.m.ops.WithLabelValues("touch", FromValkey, outcome)) +
+			testutil.ToFloat64(f.store.m.ops.WithLabelValues("touch", FromPostgres, outcome))
+	}
+	if _, err := f.store.Touch(ctx, "never-existed", sess); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("touch of an unknown session: %v, want ErrNotFound", err)
+	}
+	if ok, nf := count("ok"), count("not_found"); ok != 0 || nf != 1 {
+		t.Fatalf("after a touch of an unknown session: ok %v, not_found %v; want 0 and 1", ok, nf)
+	}
+	f.put(t, "known", body("y", time.Now().Add(time.Hour)))
+	if _, err := f.store.Touch(ctx, "known", sess); err != nil {
+		t.Fatal(err)
+	}
+	if ok, nf := count("ok"), count("not_found"); ok != 1 || nf != 1 {
+		t.Fatalf("after a touch of a known session: ok %v, not_found %v; want 1 and 1", ok, nf)
+	}
+}
