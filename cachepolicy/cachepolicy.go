@@ -200,6 +200,10 @@ func (r *Resolver) Stats() map[string]PolicyStats {
 // DatabaseCircuit returns the database breaker's state.
 func (r *Resolver) DatabaseCircuit() int { return r.db.State() }
 
+// DatabaseBreaker is the database circuit breaker, for other users of the same PostgreSQL (the
+// session store) to consult and feed.
+func (r *Resolver) DatabaseBreaker() *Breaker { return r.db }
+
 // ValkeyCircuit returns the Valkey breaker's state (closed without Valkey).
 func (r *Resolver) ValkeyCircuit() int {
 	if r.store == nil {

@@ -141,12 +141,16 @@ func (s *Store) readPostgres(ctx context.Context, sid string) ([]byte, error) {
 // getPostgres reads a live session from PostgreSQL, and its row's expire in Unix seconds:
 // ErrNotFound when there is none, an ErrUnavailable error when PostgreSQL failed.
 func (s *Store) getPostgres(ctx context.Context, sid string) ([]byte, float64, error) {
+	if !s.dbAllow() {
+		return nil, 0, errCircuitOpen
+	}
 	var body []byte
 	var expire float64
 	// expire is a timestamp without time zone, read in the connection's TimeZone both in the
 	// comparison and in the cast, as connect-pg-simple writes and compares it.
 	err := s.db.QueryRow(ctx, `SELECT sess::text, extract(epoch FROM expire::timestamptz)::float8 FROM `+s.opts.Table+` WHERE sid = $1 AND expire >= to_timestamp($2)`,
 		sid, nowUnix(s.now())).Scan(&body, &expire)
+	s.dbReport(ctx, err)
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
 		return nil, 0, ErrNotFound
@@ -388,6 +392,10 @@ func (s *Store) write(ctx context.Context, op, sid string, destroy bool, step pg
 	useValkey := vk != nil && s.up.Load() && !s.opts.ReadPostgres
 	from := FromPostgres
 	touchedValkey, missed := false, false
+	if !s.dbAllow() {
+		s.m.ops.WithLabelValues(op, FromPostgres, "error").Inc()
+		return FromPostgres, errCircuitOpen
+	}
 	err := s.inTx(ctx, func(conn *pgx.Conn) error {
 		b := &pgx.Batch{}
 		b.Queue(`BEGIN`)
@@ -453,6 +461,7 @@ func (s *Store) write(ctx context.Context, op, sid string, destroy bool, step pg
 		}
 		return nil
 	})
+	s.dbReport(ctx, err)
 	if s.pg != nil {
 		// Committed or not (a failed COMMIT may still have committed), this process's next
 		// read must not find a copy from before the change; the notification of the commit is
@@ -528,4 +537,34 @@ func bumpEpoch(ctx context.Context, tx execer, key string) error {
 	_, err := tx.Exec(ctx, `INSERT INTO cachecar_session_state (store, epoch) VALUES ($1, md5(random()::text || clock_timestamp()::text))
 		ON CONFLICT (store) DO UPDATE SET epoch = EXCLUDED.epoch`, key)
 	return err
+}
+
+// dbAllow asks the database breaker whether PostgreSQL may be called (no breaker: yes).
+func (s *Store) dbAllow() bool { return s.opts.DB == nil || s.opts.DB.Allow() }
+
+// dbReport tells the breaker how a call dbAllow let through went: a connection failure or a
+// timeout counts against PostgreSQL, anything else (an answer, an SQL error) for it.
+func (s *Store) dbReport(ctx context.Context, err error) {
+	switch {
+	case s.opts.DB == nil:
+	case err != nil && errors.Is(ctx.Err(), context.Canceled):
+		// The caller hung up: no verdict on PostgreSQL (a half-open breaker replaces a probe
+		// that never reports).
+	case err != nil && !errors.Is(err, pgx.ErrNoRows) && databaseDown(err):
+		s.opts.DB.Failure()
+	default:
+		s.opts.DB.Success()
+	}
+}
+
+// databaseDown reports whether err says PostgreSQL could not be reached or did not answer in
+// time, rather than answering with an error.
+func databaseDown(err error) bool {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		// Connection exceptions, insufficient resources, operator intervention (a shutdown).
+		c := pgErr.Code[:2]
+		return c == "08" || c == "53" || c == "57"
+	}
+	return true // a dial error, a broken connection, a timeout: no answer
 }

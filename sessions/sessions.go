@@ -124,7 +124,21 @@ type Options struct {
 	// Listen opens the copies' LISTEN connection: a direct session (LISTEN does not survive
 	// transaction pooling). nil takes one out of the pool.
 	Listen func(context.Context) (*pgx.Conn, error)
+	// DB is the database circuit breaker the read path uses (cachepolicy's): while it is open,
+	// session reads and writes that need PostgreSQL fail at once (503) instead of each waiting
+	// on a dead or frozen server, and theirs count towards opening it. nil: none.
+	DB Breaker
 }
+
+// Breaker is a circuit breaker: every call it allows is followed by Success or Failure.
+type Breaker interface {
+	Allow() bool
+	Success()
+	Failure()
+}
+
+// errCircuitOpen: the database breaker refused the call; nothing was sent to PostgreSQL.
+var errCircuitOpen = fmt.Errorf("%w: database circuit open after repeated failures", ErrUnavailable)
 
 // LocalCopies is the Valkey client's in-process tier, as the store needs it: reads are
 // answered from the tracked copies of the session and the sentinel when both are held (from one

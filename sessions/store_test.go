@@ -1158,3 +1158,55 @@ func TestTouchOutcomes(t *testing.T) {
 		t.Fatalf("after a touch of a known session: ok %v, not_found %v; want 1 and 1", ok, nf)
 	}
 }
+
+// TestDatabaseBreaker: with the database breaker open (PostgreSQL failed repeatedly, here or on
+// the read path), session writes and PostgreSQL reads fail at once with ErrUnavailable and send
+// nothing; and the store's own failures to reach PostgreSQL open it.
+func TestDatabaseBreaker(t *testing.T) {
+	ctx := context.Background()
+	br := &cachepolicy.Breaker{Threshold: 2, MinOpen: time.Hour, MaxOpen: time.Hour}
+	f := newFixture(t, func(o *Options) { o.DB = br })
+	f.put(t, "kept", body("v1", time.Now().Add(time.Hour)))
+	br.Failure()
+	br.Failure()
+	if br.State() != cachepolicy.CircuitOpen {
+		t.Fatalf("breaker state %d after two failures, want open", br.State())
+	}
+	sess, _ := f.store.Parse(body("v2", time.Now().Add(time.Hour)))
+	if _, err := f.store.Put(ctx, "kept", sess); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("put with the circuit open: %v, want ErrUnavailable", err)
+	}
+	if _, err := f.store.Delete(ctx, "kept"); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("delete with the circuit open: %v, want ErrUnavailable", err)
+	}
+	var row string
+	if err := f.db.QueryRow(ctx, `SELECT sess::text FROM session WHERE sid = 'kept'`).Scan(&row); err != nil || !strings.Contains(row, `"v1"`) {
+		t.Fatalf("row after refused writes: %q, %v; want v1 untouched", row, err)
+	}
+	if _, _, err := f.store.getPostgres(ctx, "kept"); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("PostgreSQL read with the circuit open: %v, want ErrUnavailable", err)
+	}
+
+	// A store whose PostgreSQL refuses connections opens its breaker after Threshold writes.
+	dead, err := pgxpool.New(ctx, "postgres://nobody@127.0.0.1:1/none?connect_timeout=1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(dead.Close)
+	br2 := &cachepolicy.Breaker{Threshold: 2, MinOpen: time.Hour, MaxOpen: time.Hour}
+	opts := f.store.opts
+	opts.DB, opts.Local, opts.PostgresCopies = br2, nil, 0
+	s := New(opts, func() (valkey.Client, error) { return nil, errors.New("no valkey in this test") }, dead, zerolog.Nop(), prometheus.NewRegistry())
+	t.Cleanup(s.Close)
+	for i := range 2 {
+		if _, err := s.Put(ctx, fmt.Sprintf("d%d", i), sess); !errors.Is(err, ErrUnavailable) {
+			t.Fatalf("put %d to a dead PostgreSQL: %v, want ErrUnavailable", i, err)
+		}
+	}
+	if br2.State() != cachepolicy.CircuitOpen {
+		t.Fatalf("breaker state %d after two failed writes, want open", br2.State())
+	}
+	if _, err := s.Put(ctx, "d2", sess); !errors.Is(err, errCircuitOpen) {
+		t.Fatalf("put after the breaker opened: %v, want the circuit-open error", err)
+	}
+}

@@ -214,6 +214,7 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 			Local:           sessionCopies(local),
 			PostgresCopies:  postgresCopies(cfg),
 			Listen:          listenConn(cfg, dbPassword, "cachecar-session-copies"),
+			DB:              res.DatabaseBreaker(),
 		}, dial, pool, log.With().Str("component", "sessions").Logger(), reg)
 		defer sess.Close()
 	}
