@@ -64,7 +64,7 @@ func migrate(ctx context.Context, cfg *configs.Config, reference, demo bool, std
 		return fmt.Errorf("migrate: %w", err)
 	}
 	if rep.Reference {
-		fmt.Fprintln(stdout, "reference schema: present")
+		fmt.Fprintln(stdout, "reference schema: in place (tables and indexes created where absent)")
 	}
 	switch {
 	case rep.DemoLoaded:

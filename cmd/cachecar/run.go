@@ -56,6 +56,13 @@ commands:
                 1 otherwise: a container healthcheck for images without a shell or curl
   version       print the version
 
+migrate flags:
+  --reference-schema    create the reference schema (tenants, courses, dispatches, registrations)
+                        where absent
+  --demo-data           the reference schema and, into empty tables, the demo data
+  --print-sql           print the SQL migrate would apply (cachecar's tables, the session table,
+                        the triggers) and exit without touching the database
+
 flags (every command):
   --config FILE         YAML configuration file (also CACHECAR_CONFIG)
   --set KEY=VALUE       override any key, e.g. --set policies.course.ttl=30s (repeatable)
