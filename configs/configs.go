@@ -489,7 +489,7 @@ func Load(src Source) (*Config, error) {
 	}
 	failed := map[string]bool{}
 	if err := v.Unmarshal(&cfg, dec); err != nil {
-		problems = append(problems, decodeProblems(err, failed)...)
+		problems = append(problems, decodeProblems(err, failed, v.Get)...)
 	}
 	// A key that failed to decode is left at its zero value; validating that zero would add a
 	// second, misleading problem ("must be positive, got 0s") for the same mistake.
@@ -669,19 +669,26 @@ func bareNumberDurationHook(f, t reflect.Type, data any) (any, error) {
 
 // decodeProblems splits mapstructure's aggregated error into one problem per field, each named
 // by its key, and records the keys that failed in failed.
-func decodeProblems(err error, failed map[string]bool) []string {
+func decodeProblems(err error, failed map[string]bool, value func(string) any) []string {
 	var out []string
 	var joined interface{ Unwrap() []error }
 	if errors.As(err, &joined) {
 		for _, e := range joined.Unwrap() {
-			out = append(out, decodeProblems(e, failed)...)
+			out = append(out, decodeProblems(e, failed, value)...)
 		}
 		return out
 	}
 	var de *mapstructure.DecodeError
 	if errors.As(err, &de) {
 		failed[de.Name()] = true
-		return []string{fmt.Sprintf("%s: %v", de.Name(), errors.Unwrap(de))}
+		why := errors.Unwrap(de).Error()
+		if w, ok := strings.CutPrefix(why, "time: "); ok {
+			why = w + " (want a duration such as 50ms, 2s, 5m or 1h)"
+		}
+		if val, ok := value(de.Name()).(string); ok {
+			return []string{fmt.Sprintf("%s: %q: %s", de.Name(), val, why)}
+		}
+		return []string{fmt.Sprintf("%s: %s", de.Name(), why)}
 	}
 	for _, line := range strings.Split(err.Error(), "\n") {
 		line = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(line), "*"))
