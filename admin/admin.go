@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/cachecar/cachecar/cachepolicy"
+	"github.com/cachecar/cachecar/internal/httpx"
 	"github.com/cachecar/cachecar/invalidation"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -95,25 +96,39 @@ func NewHealth(opts HealthOptions, db, valkey Pinger, gather prometheus.Gatherer
 // SetState moves the lifecycle state (Starting, Serving, Draining).
 func (h *Health) SetState(s int32) { h.state.Store(s) }
 
-// Handler returns the health port's routes.
+// Handler returns the health port's routes. Each path also has a method-less pattern that
+// answers 405 in JSON, because the mux's own 405 is plain text.
 func (h *Health) Handler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /health", h.live)
-	mux.HandleFunc("GET /health/detailed", h.detailed)
-	mux.HandleFunc("GET /ready", h.ready)
-	mux.Handle("GET /metrics", promhttp.HandlerFor(h.gather, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError}))
+	get := func(p string, handler http.Handler) {
+		mux.Handle("GET "+p, handler)
+		mux.Handle(p, methodNotAllowed("GET, HEAD"))
+	}
+	get("/health", http.HandlerFunc(h.live))
+	get("/health/detailed", http.HandlerFunc(h.detailed))
+	get("/ready", http.HandlerFunc(h.ready))
+	get("/metrics", promhttp.HandlerFor(h.gather, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError}))
 	if h.opts.Pprof {
-		mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+		// One method-less pattern covers the whole tree: one per path would conflict with
+		// "GET /debug/pprof/" (each matches more methods, the other more paths).
+		get("/debug/pprof/", http.HandlerFunc(pprof.Index))
 		mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
 		mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
 		mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
 		mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
 	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusNotFound, map[string]any{"error": map[string]string{
-			"code": "no_route", "message": "no such route; the health port serves /health, /health/detailed, /ready and /metrics"}})
+		adminError(w, http.StatusNotFound, "no_route", "no such route; the health port serves /health, /health/detailed, /ready and /metrics")
 	})
-	return mux
+	return httpx.Canonical(mux, adminError)
+}
+
+// methodNotAllowed answers a path's other methods: 405 with Allow, in JSON.
+func methodNotAllowed(allow string) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Allow", allow)
+		adminError(w, http.StatusMethodNotAllowed, "method_not_allowed", "method "+r.Method+" is not allowed here; allowed: "+allow)
+	})
 }
 
 // live is liveness: the process serves. It never looks at dependencies, so that a database or

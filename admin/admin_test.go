@@ -136,3 +136,92 @@ func TestUnknownRouteAndMetrics(t *testing.T) {
 		t.Fatalf("/metrics: %d %s", rec.Code, rec.Body.String())
 	}
 }
+
+// serve serves one request; target is sent as the raw request-target. header is name, value
+// pairs.
+func serve(h http.Handler, method, target string, header ...string) *httptest.ResponseRecorder {
+	req := httptest.NewRequest(method, target, nil)
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, req)
+	return rec
+}
+
+// wantError checks the status and the one error shape, {"error":{"code","message"}}.
+func wantError(t *testing.T, rec *httptest.ResponseRecorder, what string, status int, code string) {
+	t.Helper()
+	var body struct {
+		Error struct{ Code, Message string } `json:"error"`
+	}
+	if rec.Code != status {
+		t.Errorf("%s: status %d, want %d (%s)", what, rec.Code, status, rec.Body)
+		return
+	}
+	if ct := rec.Header().Get("Content-Type"); ct != "application/json" {
+		t.Errorf("%s: Content-Type %q", what, ct)
+	}
+	if loc := rec.Header().Get("Location"); loc != "" {
+		t.Errorf("%s: Location %q: want no redirect", what, loc)
+	}
+	if err := json.Unmarshal(rec.Body.Bytes(), &body); err != nil || body.Error.Code != code || body.Error.Message == "" {
+		t.Errorf("%s: body %q, want the error shape with code %q", what, rec.Body, code)
+	}
+}
+
+func TestHealthWrongMethods(t *testing.T) {
+	h := NewHealth(HealthOptions{CheckTimeout: time.Second, Pprof: true}, realDB(t), nil, prometheus.NewRegistry()).Handler()
+	for _, path := range []string{"/health", "/health/detailed", "/ready", "/metrics", "/debug/pprof/", "/debug/pprof/heap", "/debug/pprof/symbol"} {
+		for _, method := range []string{"POST", "PUT", "DELETE", "PATCH", "OPTIONS"} {
+			rec := serve(h, method, path)
+			wantError(t, rec, method+" "+path, http.StatusMethodNotAllowed, "method_not_allowed")
+			if allow := rec.Header().Get("Allow"); allow != "GET, HEAD" {
+				t.Errorf("%s %s: Allow %q, want \"GET, HEAD\"", method, path, allow)
+			}
+		}
+	}
+}
+
+// TestUncleanTargetsAnswerJSON: ServeMux would redirect a path with an empty, . or .. segment
+// to its cleaned form and answer the request-target * with a bare 400; both ports answer them
+// in JSON instead (the admin port once the token is checked).
+func TestUncleanTargetsAnswerJSON(t *testing.T) {
+	const token = "tok-0123456789abcdef"
+	health := NewHealth(HealthOptions{CheckTimeout: time.Second}, realDB(t), nil, prometheus.NewRegistry()).Handler()
+	admin := NewAdmin(AdminOptions{Token: token, ClearRate: 1, ClearBurst: 1}, nil, nil, zerolog.Nop()).Handler()
+	auth := []string{"Authorization", "Bearer " + token}
+	for _, tt := range []struct {
+		port           string
+		h              http.Handler
+		method, target string
+		status         int
+		code           string
+	}{
+		{"health", health, "GET", "//health", 404, "no_route"},
+		{"health", health, "GET", "/ready/../health", 404, "no_route"},
+		{"health", health, "GET", "/./metrics", 404, "no_route"},
+		{"health", health, "POST", "/health/../health", 404, "no_route"},
+		{"health", health, "GET", "*", 400, "bad_request"},
+		{"admin", admin, "GET", "/api/admin/cache//stats", 404, "no_route"},
+		{"admin", admin, "GET", "/api/admin/cache/keys/../stats", 404, "no_route"},
+		{"admin", admin, "DELETE", "/api/admin/cache/keys/course:1/..", 404, "no_route"},
+		{"admin", admin, "GET", "*", 400, "bad_request"},
+	} {
+		wantError(t, serve(tt.h, tt.method, tt.target, auth...), tt.port+" "+tt.method+" "+tt.target, tt.status, tt.code)
+	}
+	// The keys route without a key is the missing key's 400, not ServeMux's redirect to
+	// /api/admin/cache/keys/.
+	for _, method := range []string{"GET", "DELETE"} {
+		for _, target := range []string{"/api/admin/cache/keys", "/api/admin/cache/keys/"} {
+			wantError(t, serve(admin, method, target, auth...), "admin "+method+" "+target, 400, "bad_key")
+		}
+	}
+	rec := serve(admin, "POST", "/api/admin/cache/keys", auth...)
+	wantError(t, rec, "admin POST /api/admin/cache/keys", 405, "method_not_allowed")
+	if allow := rec.Header().Get("Allow"); allow != "GET, DELETE" {
+		t.Errorf("admin POST /api/admin/cache/keys: Allow %q", allow)
+	}
+	// Without the token the admin port says nothing about its routes.
+	wantError(t, serve(admin, "GET", "/api/admin/cache//stats"), "admin without a token", 401, "unauthorized")
+}

@@ -15,6 +15,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cachecar/cachecar/internal/httpx"
 	"github.com/rs/zerolog"
 	"golang.org/x/time/rate"
 
@@ -104,25 +105,23 @@ func (a *Admin) Handler() http.Handler {
 	mux := http.NewServeMux()
 	route := func(pattern string, allow string, h http.HandlerFunc) {
 		mux.HandleFunc(pattern, h)
-		path := pattern[strings.IndexByte(pattern, ' ')+1:]
-		mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
-			w.Header().Set("Allow", allow)
-			adminError(w, http.StatusMethodNotAllowed, "method_not_allowed", "method "+r.Method+" is not allowed here; allowed: "+allow)
-		})
+		mux.Handle(pattern[strings.IndexByte(pattern, ' ')+1:], methodNotAllowed(allow))
 	}
 	route("GET /api/admin/cache/stats", "GET", a.stats)
 	route("POST /api/admin/cache/clear", "POST", a.clear)
 	route("POST /api/admin/cache/warm", "POST", a.warm)
-	mux.HandleFunc("GET /api/admin/cache/keys/{key...}", a.getKey)
-	mux.HandleFunc("DELETE /api/admin/cache/keys/{key...}", a.deleteKey)
-	mux.HandleFunc("/api/admin/cache/keys/{key...}", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Allow", "GET, DELETE")
-		adminError(w, http.StatusMethodNotAllowed, "method_not_allowed", "method "+r.Method+" is not allowed here; allowed: GET, DELETE")
-	})
+	// The path without the key has its own patterns (the missing key's 400), else ServeMux would
+	// redirect /api/admin/cache/keys to /api/admin/cache/keys/.
+	for _, path := range []string{"/api/admin/cache/keys/{key...}", "/api/admin/cache/keys"} {
+		mux.HandleFunc("GET "+path, a.getKey)
+		mux.HandleFunc("DELETE "+path, a.deleteKey)
+		mux.Handle(path, methodNotAllowed("GET, DELETE"))
+	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		adminError(w, http.StatusNotFound, "no_route", "no such route; the admin port serves /api/admin/cache/stats, /clear, /warm and /keys/{key}")
 	})
-	return a.auth(mux)
+	// The token is checked first, so that nothing about the routes shows without it.
+	return a.auth(httpx.Canonical(mux, adminError))
 }
 
 // auth lets a request through only with the right bearer token. Both tokens are hashed before

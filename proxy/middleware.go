@@ -116,10 +116,7 @@ func (s *Server) observe(next http.Handler) http.Handler {
 
 func (s *Server) finish(rec *recorder, r *http.Request, rid string, start time.Time) {
 	d := time.Since(start)
-	route := r.Pattern
-	if route == "" {
-		route = "unmatched"
-	}
+	route := routeLabel(r, rec.status)
 	cache := rec.Header().Get("X-Cache")
 	ser := s.m.get(route, rec.status, cache)
 	ser.count.Inc()
@@ -136,6 +133,25 @@ func (s *Server) finish(rec *recorder, r *http.Request, rid string, start time.T
 		Str("cache", cache).
 		Int("bytes", rec.bytes).
 		Msg("request")
+}
+
+// routeLabel is the route of the metrics and the access log. It is bounded and never taken
+// from the path:
+//   - a matched route: its pattern, "GET /v1/courses/{id}";
+//   - a 405: "method_not_allowed", for every route (only methodNotAllowed answers 405). It
+//     comes from the route's method-less pattern ("/v1/courses/{id}"), which as a label would
+//     split a route's series in two, and some paths serve several methods
+//     (/v1/sessions/{sid}), so there is no one pattern to count it under;
+//   - anything else (an unknown path, the catch-all "/", an unclean path, the request-target
+//     *): "unmatched".
+func routeLabel(r *http.Request, status int) string {
+	switch {
+	case status == http.StatusMethodNotAllowed:
+		return "method_not_allowed"
+	case r.Pattern == "" || r.Pattern == "/":
+		return "unmatched"
+	}
+	return r.Pattern
 }
 
 // requestID keeps a caller's id when it is short and plain, else makes one.

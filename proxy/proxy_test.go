@@ -457,35 +457,114 @@ func TestBadIDs(t *testing.T) {
 	}
 }
 
-// TestOddPathsNeverReachReader: paths the mux itself answers (a lone escaped slash is read as
-// an empty segment; dot segments are cleaned by a redirect) are still 4xx or a redirect, never a
-// Reader call.
+// TestOddPathsNeverReachReader: odd paths (a lone escaped slash is read as an empty segment;
+// empty and dot segments are never cleaned into another route) are a JSON 404, never a Reader
+// call and never a redirect.
 func TestOddPathsNeverReachReader(t *testing.T) {
 	h := defaultHarness(t)
-	for _, tt := range []struct {
-		path string
-		want int
-	}{
-		{"/v1/courses/%2F", 404},
-		{"/v1/courses/", 404},
-		{"/v1/courses//", 307},
-		{"/v1/courses/1/", 404},
-		{"/v1/tenants/1/stats/", 404},
-		{"/v1/courses/.", 307},
-		{"/v1/courses/..", 307},
-		{"/v1/courses/../tenants/1", 307},
+	for _, path := range []string{
+		"/v1/courses/%2F", "/v1/courses/", "/v1/courses//", "/v1/courses/1/", "/v1/tenants/1/stats/",
+		"/v1/courses/.", "/v1/courses/..", "/v1/courses/../tenants/1", "/v1/courses//1",
 	} {
 		h.fake.Reset()
-		rec := h.do("GET", tt.path)
-		if rec.Code != tt.want {
-			t.Errorf("GET %s: %d, want %d (%s)", tt.path, rec.Code, tt.want, rec.Body)
+		rec := h.do("GET", path)
+		if rec.Code != 404 {
+			t.Errorf("GET %s: %d, want 404 (%s)", path, rec.Code, rec.Body)
+			continue
 		}
-		if tt.want == 404 {
-			if code, _ := errorJSON(t, rec); code != "no_route" {
-				t.Errorf("GET %s: code %q", tt.path, code)
+		if code, _ := errorJSON(t, rec); code != "no_route" {
+			t.Errorf("GET %s: code %q", path, code)
+		}
+		wantNoCalls(t, h.fake, "GET "+path)
+	}
+}
+
+// TestUncleanTargetsAnswerJSON: ServeMux answers a path with an empty, . or .. segment with a
+// redirect to its cleaned form, and the request-target * with a bare 400, both before any
+// handler runs. cachecar answers them itself: the JSON error shape, a request id, an access-log
+// line and a count, all under the route "unmatched".
+func TestUncleanTargetsAnswerJSON(t *testing.T) {
+	for _, tt := range []struct {
+		method, target string
+		status         int
+		code           string
+	}{
+		{"GET", "/v1/courses//1", 404, "no_route"},
+		{"GET", "/v1/courses/../tenants/1", 404, "no_route"},
+		{"GET", "/v1/./courses/1", 404, "no_route"},
+		{"GET", "//v1/courses/1", 404, "no_route"},
+		{"GET", "/v1/courses/1/..", 404, "no_route"},
+		{"HEAD", "/v1/courses/../courses/1", 404, "no_route"},
+		{"POST", "/v1/courses/../courses/1", 404, "no_route"},
+		{"GET", "*", 400, "bad_request"},
+		{"POST", "*", 400, "bad_request"},
+	} {
+		t.Run(tt.method+" "+tt.target, func(t *testing.T) {
+			h := defaultHarness(t)
+			rec := h.do(tt.method, tt.target)
+			if rec.Code != tt.status {
+				t.Fatalf("status %d, want %d (%s)", rec.Code, tt.status, rec.Body)
 			}
+			if loc := rec.Header().Get("Location"); loc != "" {
+				t.Errorf("Location %q: want no redirect", loc)
+			}
+			if tt.method != "HEAD" {
+				if code, _ := errorJSON(t, rec); code != tt.code {
+					t.Errorf("code %q, want %q", code, tt.code)
+				}
+			}
+			if rid := rec.Header().Get("X-Request-Id"); !hexID.MatchString(rid) {
+				t.Errorf("X-Request-Id %q", rid)
+			}
+			wantNoCalls(t, h.fake, tt.method+" "+tt.target)
+			if n := countRequests(t, h.reg, "unmatched", strconv.Itoa(tt.status)); n != 1 {
+				t.Errorf("requests{route=unmatched,code=%d} = %v, want 1", tt.status, n)
+			}
+			var entry map[string]any
+			if err := json.Unmarshal([]byte(strings.TrimSpace(h.log.String())), &entry); err != nil {
+				t.Fatalf("want one access-log line: %v\n%s", err, h.log)
+			}
+			if entry["route"] != "unmatched" || entry["status"] != float64(tt.status) {
+				t.Errorf("access log route %v status %v, want unmatched %d", entry["route"], entry["status"], tt.status)
+			}
+		})
+	}
+}
+
+// TestRouteLabels: the route of the access log and the metrics is the matched pattern, or one
+// of two fixed values, never anything taken from the path.
+func TestRouteLabels(t *testing.T) {
+	h := newSessionHarness(t)
+	for _, tt := range []struct {
+		method, target, route string
+	}{
+		{"GET", "/v1/courses/1", "GET /v1/courses/{id}"},
+		{"HEAD", "/v1/courses/1", "GET /v1/courses/{id}"},
+		{"GET", "/v1/courses?ids=1", "GET /v1/courses"},
+		{"PUT", "/v1/sessions/" + testSID, "PUT /v1/sessions/{sid}"},
+		{"GET", "/v1/sessions/", "/v1/sessions/{$}"},
+		{"GET", "/v1/sessions", "/v1/sessions"},
+		{"POST", "/v1/courses/1", "method_not_allowed"},
+		{"DELETE", "/v1/courses", "method_not_allowed"},
+		{"PATCH", "/v1/sessions/" + testSID, "method_not_allowed"},
+		{"GET", "/v1/sessions/" + testSID + "/touch", "method_not_allowed"},
+		{"GET", "/", "unmatched"},
+		{"GET", "/v1/nope/1", "unmatched"},
+		{"POST", "/v1/nope/1", "unmatched"},
+		{"GET", "/v1/courses//1", "unmatched"},
+		{"GET", "/v1/courses/../tenants/1", "unmatched"},
+		{"GET", "*", "unmatched"},
+	} {
+		h.log.Reset()
+		h.send(tt.method, tt.target, []byte(`{"cookie":{}}`))
+		var entry map[string]any
+		if err := json.Unmarshal([]byte(strings.TrimSpace(h.log.String())), &entry); err != nil {
+			t.Errorf("%s %s: want one access-log line: %v\n%s", tt.method, tt.target, err, h.log)
+			continue
 		}
-		wantNoCalls(t, h.fake, "GET "+tt.path)
+		if entry["route"] != tt.route {
+			t.Errorf("%s %s: route %q, want %q", tt.method, tt.target, entry["route"], tt.route)
+		}
 	}
 }
 
@@ -915,14 +994,15 @@ func TestMetrics(t *testing.T) {
 	}
 	h.do("POST", "/v1/courses/12345")
 	h.do("HEAD", "/v1/courses/12345")
+	h.do("GET", "/v1/courses/../courses/12345")
+	h.do("GET", "*")
 
 	mfs, err := h.reg.Gather()
 	if err != nil {
 		t.Fatal(err)
 	}
-	allowedRoutes := map[string]bool{"unmatched": true, "/": true}
+	allowedRoutes := map[string]bool{"unmatched": true, "method_not_allowed": true}
 	for _, r := range []string{"/v1/tenants/{id}", "/v1/tenants/{id}/stats", "/v1/tenants/{id}/dispatches", "/v1/courses/{id}", "/v1/courses", "/v1/dispatches/{id}"} {
-		allowedRoutes[r] = true
 		allowedRoutes["GET "+r] = true
 	}
 	found := map[string]bool{}
@@ -956,8 +1036,9 @@ func TestMetrics(t *testing.T) {
 		{"GET /v1/courses/{id}", "400", 2}, // bad id, unknown parameter
 		{"GET /v1/courses", "200", 1},
 		{"GET /v1/tenants/{id}/dispatches", "200", 1},
-		{"/", "404", 1},
-		{"/v1/courses/{id}", "405", 1},
+		{"unmatched", "404", 3}, // an unknown path, an empty segment, a dot-dot segment
+		{"unmatched", "400", 1}, // *
+		{"method_not_allowed", "405", 1},
 	} {
 		if got := countRequests(t, h.reg, tt.route, tt.code); got != tt.want {
 			t.Errorf("requests{route=%q,code=%q} = %v, want %v", tt.route, tt.code, got, tt.want)

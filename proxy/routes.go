@@ -1,6 +1,12 @@
 package proxy
 
-import "net/http"
+import (
+	"net/http"
+	"strings"
+
+	"github.com/cachecar/cachecar/internal/httpx"
+	"github.com/cachecar/cachecar/sessions"
+)
 
 // routes lists the whole read API. Each path also has a method-less pattern that answers 405
 // in JSON, because the mux's own 405 is plain text.
@@ -23,5 +29,17 @@ func (s *Server) routes() http.Handler {
 		s.sessionRoutes(mux)
 	}
 	mux.Handle("/", notFound())
-	return mux
+	h := httpx.Canonical(mux, writeJSONError)
+	if s.opts.Sessions == nil {
+		return h
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// /v1/sessions//touch is a touch of the empty sid: a bad sid (400), as the session
+		// routes answer it, rather than an unclean path.
+		if strings.HasPrefix(r.URL.EscapedPath(), "/v1/sessions//") {
+			s.sessionError(w, r, sessions.CheckSID(""))
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
 }

@@ -71,9 +71,12 @@ func (s *Server) sessionRoutes(mux *http.ServeMux) {
 		s.sessionDone(w, r, from, err)
 	}))
 	mux.Handle("/v1/sessions/{sid}/touch", methodNotAllowed("POST"))
-	mux.Handle("/v1/sessions/{$}", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	noSID := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		s.sessionError(w, r, sessions.CheckSID(""))
-	}))
+	})
+	mux.Handle("/v1/sessions/{$}", noSID)
+	// Without its own pattern, ServeMux would redirect /v1/sessions to /v1/sessions/.
+	mux.Handle("/v1/sessions", noSID)
 }
 
 // session checks the sid and the query string before h runs.

@@ -186,20 +186,24 @@ func TestSessionBadSIDsNeverReachStore(t *testing.T) {
 			h.wantCalls(t, r.method+" "+r.target)
 		}
 	}
-	// No sid at all, whatever the method.
-	for _, method := range []string{"GET", "HEAD", "PUT", "DELETE", "POST", "PATCH"} {
-		h.store.Reset()
-		rec := h.send(method, "/v1/sessions/", []byte(`{}`))
-		if rec.Code != http.StatusBadRequest {
-			t.Errorf("%s /v1/sessions/: status %d, want 400", method, rec.Code)
-			continue
-		}
-		if method != "HEAD" {
-			if code, _ := errorJSON(t, rec); code != "bad_sid" {
-				t.Errorf("%s /v1/sessions/: code %q, want bad_sid", method, code)
+	// No sid at all, whatever the method, with or without the slash (never ServeMux's redirect
+	// from /v1/sessions to /v1/sessions/), or an empty sid before /touch (never the redirect
+	// of an unclean path).
+	for _, target := range []string{"/v1/sessions/", "/v1/sessions", "/v1/sessions//touch", "/v1/sessions//"} {
+		for _, method := range []string{"GET", "HEAD", "PUT", "DELETE", "POST", "PATCH"} {
+			h.store.Reset()
+			rec := h.send(method, target, []byte(`{}`))
+			if rec.Code != http.StatusBadRequest {
+				t.Errorf("%s %s: status %d, want 400", method, target, rec.Code)
+				continue
 			}
+			if method != "HEAD" {
+				if code, _ := errorJSON(t, rec); code != "bad_sid" {
+					t.Errorf("%s %s: code %q, want bad_sid", method, target, code)
+				}
+			}
+			h.wantCalls(t, method+" "+target)
 		}
-		h.wantCalls(t, method+" /v1/sessions/")
 	}
 }
 

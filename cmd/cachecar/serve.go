@@ -294,8 +294,10 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 			BaseContext:       func(net.Listener) context.Context { return adminCtx },
 			Handler:           adm.Handler(),
 			ReadHeaderTimeout: 5 * time.Second,
-			WriteTimeout:      10 * time.Minute, // a clear of millions of keys, a long warm-up
-			IdleTimeout:       cfg.Server.IdleTimeout,
+			// OPTIONS * reaches the handler, which answers it in JSON like any request.
+			DisableGeneralOptionsHandler: true,
+			WriteTimeout:                 10 * time.Minute, // a clear of millions of keys, a long warm-up
+			IdleTimeout:                  cfg.Server.IdleTimeout,
 		}
 	}
 	health := admin.NewHealth(healthOpts, loader, valkeyPinger, reg)
@@ -312,16 +314,19 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 	apiSrv := &http.Server{
 		Handler:           api.Handler(),
 		ReadHeaderTimeout: cfg.Server.ReadHeaderTimeout,
-		WriteTimeout:      cfg.Server.WriteTimeout,
-		IdleTimeout:       cfg.Server.IdleTimeout,
-		MaxHeaderBytes:    64 << 10,
-		ErrorLog:          nil,
+		// OPTIONS * reaches the handler, which answers it in JSON like any request.
+		DisableGeneralOptionsHandler: true,
+		WriteTimeout:                 cfg.Server.WriteTimeout,
+		IdleTimeout:                  cfg.Server.IdleTimeout,
+		MaxHeaderBytes:               64 << 10,
+		ErrorLog:                     nil,
 	}
 	healthSrv := &http.Server{
-		Handler:           health.Handler(),
-		ReadHeaderTimeout: 5 * time.Second,
-		WriteTimeout:      10 * time.Second,
-		IdleTimeout:       cfg.Server.IdleTimeout,
+		Handler:                      health.Handler(),
+		ReadHeaderTimeout:            5 * time.Second,
+		DisableGeneralOptionsHandler: true,
+		WriteTimeout:                 10 * time.Second,
+		IdleTimeout:                  cfg.Server.IdleTimeout,
 	}
 
 	bgCtx, stopBg := context.WithCancel(context.WithoutCancel(ctx))
