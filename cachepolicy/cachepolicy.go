@@ -116,7 +116,8 @@ func New(opts Options, store *Store, loader Loader, log zerolog.Logger, m *Metri
 }
 
 // Close stops background refreshes and waits for those running to end (each is bounded by the
-// query timeout, and cancelled here). Reads after Close do not refresh.
+// query timeout, and cancelled here). Loads in flight for readers are cancelled too: their
+// readers get an error at once. Reads after Close do not refresh. Close may be called again.
 func (r *Resolver) Close() {
 	r.bgMu.Lock()
 	r.bgCancel()
@@ -385,6 +386,7 @@ func (r *Resolver) get(ctx context.Context, p *Policy, vals []string, load LoadF
 	ch := r.flight.DoChan(flightKey, func() (any, error) {
 		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.opts.QueryTimeout)
 		defer cancel()
+		defer context.AfterFunc(r.bg, cancel)() // Close cuts it short
 		return r.loadAndFill(lctx, p, key, ownVals, lf, plan{mode: mode, refreshBelow: p.staleWindow(), shed: cacheState == Bypass})
 	})
 	select {
@@ -776,6 +778,7 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 	ch := r.flight.DoChan(fk.String(), func() (any, error) {
 		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.opts.QueryTimeout)
 		defer cancel()
+		defer context.AfterFunc(r.bg, cancel)() // Close cuts it short
 		return r.loadMany(lctx, p, missKeys, missIDs, state)
 	})
 	var res singleflight.Result

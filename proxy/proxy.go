@@ -4,6 +4,7 @@ package proxy
 import (
 	"context"
 	"net/http"
+	"sync"
 
 	"github.com/cachecar/cachecar/cachepolicy"
 	"github.com/prometheus/client_golang/prometheus"
@@ -38,11 +39,27 @@ type Server struct {
 	pol  Policies
 	log  zerolog.Logger
 	m    *metrics
+	// inflight counts the requests in the handler, access-log line included (Wait).
+	inflight sync.WaitGroup
 }
 
 // New returns the read API server. It registers its metrics on reg and starts no goroutines.
 func New(opts Options, read Reader, pol Policies, log zerolog.Logger, reg prometheus.Registerer) *Server {
 	return &Server{opts: opts, read: read, pol: pol, log: log, m: newMetrics(reg)}
+}
+
+// Wait waits until no request is in the handler (its access-log line written), or ctx ends;
+// it reports whether none is. After http.Server.Shutdown gave up, the requests still running
+// outlive their connections: the log writer must not close before their lines are written.
+func (s *Server) Wait(ctx context.Context) bool {
+	done := make(chan struct{})
+	go func() { s.inflight.Wait(); close(done) }()
+	select {
+	case <-done:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }
 
 // Handler returns the whole read API with its middleware.

@@ -15,13 +15,21 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cachecar/cachecar/configs"
 	"github.com/cachecar/cachecar/internal/testenv"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
+// envFunc is a getenv over m that, as main's configs.Getenv does, reads a variable present with
+// the empty string as configs.EmptyEnv.
 func envFunc(m map[string]string) func(string) string {
-	return func(k string) string { return m[k] }
+	return func(k string) string {
+		if v, ok := m[k]; ok && v == "" {
+			return configs.EmptyEnv
+		}
+		return m[k]
+	}
 }
 
 // sidecar is one cachecar started through run, as main would, on :0 ports.
@@ -381,6 +389,61 @@ func TestServeStartsWithEverythingDown(t *testing.T) {
 	}
 	if strings.Contains(s.out.String(), "secret") {
 		t.Fatal("the database password reached the log")
+	}
+}
+
+// TestShutdownCutsRequestsPastTheTimeout: a request still running at server.shutdown_timeout
+// is cut (its load cancelled, its connection closed) rather than holding the process up, and its
+// access-log line is still written.
+func TestShutdownCutsRequestsPastTheTimeout(t *testing.T) {
+	url := referenceDB(t)
+	s := startSidecar(t, map[string]string{
+		"DATABASE_URL":                       url,
+		"CACHECAR_VALKEY_ADDRS":              "",
+		"CACHECAR_SERVER_SHUTDOWN_TIMEOUT":   "300ms",
+		"CACHECAR_POLICIES_TENANT_STATS_SQL": "SELECT json_build_object('slow', $1::bigint)::text FROM pg_sleep(4)",
+	})
+	got := make(chan error, 1)
+	go func() {
+		resp, err := http.Get(s.api + "/v1/tenants/1/stats")
+		if err == nil {
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+		got <- err
+	}()
+	time.Sleep(300 * time.Millisecond) // the load is in pg_sleep
+	start := time.Now()
+	s.cancel() // SIGTERM
+	s.cancel = nil
+	select {
+	case err := <-s.done:
+		if err != nil {
+			t.Fatalf("run: %v", err)
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatalf("run still running 3 s after SIGTERM, with a 300ms shutdown timeout and a 4 s load:\n%s", s.out)
+	}
+	if d := time.Since(start); d > 2500*time.Millisecond {
+		t.Errorf("shutdown took %s", d)
+	}
+	<-got
+	var stats, stopped bool
+	sc := bufio.NewScanner(strings.NewReader(s.out.String()))
+	for sc.Scan() {
+		var line struct{ Message, Route string }
+		if json.Unmarshal(sc.Bytes(), &line) != nil {
+			continue
+		}
+		switch {
+		case line.Message == "request" && line.Route == "GET /v1/tenants/{id}/stats":
+			stats = true
+		case line.Message == "stopped":
+			stopped = stats // the access line came before the end
+		}
+	}
+	if !stats || !stopped {
+		t.Fatalf("want the cut request's access-log line before \"stopped\" (line %v, before %v):\n%s", stats, stopped, s.out)
 	}
 }
 

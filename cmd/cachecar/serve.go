@@ -398,7 +398,17 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 		adminSrv.Shutdown(sdCtx)
 	}
 	if err := apiSrv.Shutdown(sdCtx); err != nil {
-		log.Warn().Err(err).Msg("read API did not drain in time")
+		// Past server.shutdown_timeout: the requests still running are cut. Their loads are
+		// cancelled and their connections closed; their access-log lines are still written
+		// before the log writer closes.
+		log.Warn().Err(err).Dur("shutdown_timeout", cfg.Server.ShutdownTimeout).Msg("read API did not drain in time: cancelling the loads in flight and closing the connections")
+		res.Close()
+		apiSrv.Close()
+		wctx, cancelWait := context.WithTimeout(context.Background(), 2*time.Second)
+		if !api.Wait(wctx) {
+			log.Warn().Msg("requests still running after their loads were cancelled; exiting without their access-log lines")
+		}
+		cancelWait()
 	}
 	healthSrv.Shutdown(sdCtx)
 	stopBg()
