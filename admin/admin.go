@@ -4,9 +4,11 @@ package admin
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"net/http/pprof"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -14,6 +16,7 @@ import (
 	"github.com/cachecar/cachecar/cachepolicy"
 	"github.com/cachecar/cachecar/internal/httpx"
 	"github.com/cachecar/cachecar/invalidation"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
@@ -197,13 +200,29 @@ func (h *Health) check(ctx context.Context, p Pinger) ServiceStatus {
 	ms := float64(time.Since(start).Microseconds()) / 1000
 	if err != nil {
 		// The message names the failure class only; addresses and DSNs stay in the logs.
-		msg := "unreachable"
+		msg := failureClass(err)
 		if ctx.Err() != nil {
 			msg = "timed out after " + h.opts.CheckTimeout.String()
 		}
 		return ServiceStatus{Status: "down", ResponseTime: &ms, Error: msg}
 	}
 	return ServiceStatus{Status: "up", ResponseTime: &ms}
+}
+
+// failureClass names what kind of failure err is, without its details: a wrong password is
+// told apart from a server that does not answer, which is what an operator looks at first.
+func failureClass(err error) string {
+	var pgErr *pgconn.PgError
+	msg := err.Error()
+	switch {
+	case errors.As(err, &pgErr) && strings.HasPrefix(pgErr.Code, "28"), // invalid authorization
+		strings.Contains(msg, "WRONGPASS"), strings.Contains(msg, "NOAUTH"),
+		strings.Contains(msg, "NOPERM"):
+		return "authentication or permission refused"
+	case strings.Contains(msg, "tls:"), strings.Contains(msg, "x509:"):
+		return "TLS handshake failed"
+	}
+	return "unreachable"
 }
 
 // detailed reports every dependency: healthy when all are up, degraded when the cache or the

@@ -3,6 +3,8 @@ package admin
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -11,6 +13,7 @@ import (
 
 	"github.com/cachecar/cachecar/cachepolicy"
 	"github.com/cachecar/cachecar/internal/testenv"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
@@ -224,4 +227,27 @@ func TestUncleanTargetsAnswerJSON(t *testing.T) {
 	}
 	// Without the token the admin port says nothing about its routes.
 	wantError(t, serve(admin, "GET", "/api/admin/cache//stats"), "admin without a token", 401, "unauthorized")
+}
+
+// TestFailureClass: /health/detailed tells a refused password from a server that does not answer,
+// without any of the error's details.
+func TestFailureClass(t *testing.T) {
+	for _, tt := range []struct {
+		err  error
+		want string
+	}{
+		{errors.New("WRONGPASS invalid username-password pair or user is disabled."), "authentication or permission refused"},
+		{errors.New("NOAUTH Authentication required."), "authentication or permission refused"},
+		{fmt.Errorf("connect: %w", &pgconn.PgError{Code: "28P01", Message: "password authentication failed for user \"app\""}), "authentication or permission refused"},
+		{errors.New("tls: failed to verify certificate: x509: certificate signed by unknown authority"), "TLS handshake failed"},
+		{errors.New("dial tcp 10.0.0.7:6379: connect: connection refused"), "unreachable"},
+		{&pgconn.PgError{Code: "57P03", Message: "the database system is starting up"}, "unreachable"},
+	} {
+		if got := failureClass(tt.err); got != tt.want {
+			t.Errorf("failureClass(%v) = %q, want %q", tt.err, got, tt.want)
+		}
+		if got := failureClass(tt.err); strings.Contains(got, "10.0.0.7") || strings.Contains(got, "app") {
+			t.Errorf("failureClass(%v) leaks details: %q", tt.err, got)
+		}
+	}
 }
