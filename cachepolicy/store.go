@@ -72,11 +72,13 @@ type Store struct {
 	log    zerolog.Logger
 	m      *Metrics
 	client atomic.Pointer[clientBox]
-	up     atomic.Bool
-	cb     *Breaker
-	tier   tierStats
-	tierOn atomic.Bool // the connected client caches in process
-	mem    *memStore   // set: no Valkey, the cache is this process's memory alone
+	// dialErr is the last failed connect's error, for the calls made while not connected.
+	dialErr atomic.Pointer[error]
+	up      atomic.Bool
+	cb      *Breaker
+	tier    tierStats
+	tierOn  atomic.Bool // the connected client caches in process
+	mem     *memStore   // set: no Valkey, the cache is this process's memory alone
 }
 
 // NewMemoryStore returns a store without Valkey: a bounded cache in this process's memory
@@ -165,6 +167,7 @@ func (s *Store) Connect() error {
 	}
 	if err != nil {
 		s.setUp(false)
+		s.dialErr.Store(&err)
 		return fmt.Errorf("connect valkey %v: %w", s.opts.Addrs, err)
 	}
 	s.tierOn.Store(tier)
@@ -224,7 +227,7 @@ func (s *Store) setUp(v bool) {
 func (s *Store) get() (valkey.Client, error) {
 	b := s.client.Load()
 	if b == nil {
-		return nil, errNotConnected
+		return nil, s.notConnected()
 	}
 	if !s.cb.Allow() {
 		return nil, errCircuitOpen
@@ -239,9 +242,18 @@ func (s *Store) get() (valkey.Client, error) {
 func (s *Store) getAlways() (valkey.Client, error) {
 	b := s.client.Load()
 	if b == nil {
-		return nil, errNotConnected
+		return nil, s.notConnected()
 	}
 	return b.c, nil
+}
+
+// notConnected is errNotConnected, with why the last connect failed (WRONGPASS, a TLS error)
+// when one did.
+func (s *Store) notConnected() error {
+	if e := s.dialErr.Load(); e != nil {
+		return fmt.Errorf("%w: %w", errNotConnected, *e)
+	}
+	return errNotConnected
 }
 
 // fail records a failed call of op and returns err wrapped. A call its own caller gave up on

@@ -214,6 +214,19 @@ func TestValkeyACL(t *testing.T) {
 		"resetchannels", "+@all", "-flushall", "-flushdb", "-keys", "-config").Build()).Error(); err != nil {
 		t.Fatal(err)
 	}
+	// A wrong password: reads still answer (from PostgreSQL), and /health/detailed says why
+	// Valkey is down without saying more.
+	wrong := startSidecar(t, map[string]string{"DATABASE_URL": url, "CACHECAR_VALKEY_ADDRS": srv.Addr, "CACHECAR_NAMESPACE": ns,
+		"CACHECAR_VALKEY_USERNAME": user, "REDIS_PASSWORD": "not-" + password,
+		"CACHECAR_INVALIDATION_ENABLED": "false"}) // the listener would wait for Valkey
+	if svc := detailed(t, wrong); svc["redis"]["status"] != "down" || svc["redis"]["error"] != "authentication or permission refused" {
+		t.Fatalf("/health/detailed with a wrong password: %v", svc["redis"])
+	}
+	if r, _ := get(t, wrong.api+"/v1/courses/1"); r.StatusCode != 200 || r.Header.Get("X-Cache") != "BYPASS" {
+		t.Fatalf("read with a wrong Valkey password: %d %s, want 200 BYPASS", r.StatusCode, r.Header.Get("X-Cache"))
+	}
+	wrong.stop(t)
+
 	// The user really is restricted: a grant of any of these would make the test prove nothing.
 	uc, err := valkey.NewClient(valkey.ClientOption{InitAddress: []string{srv.Addr}, Username: user, Password: password, DisableCache: true})
 	if err != nil {
