@@ -431,11 +431,20 @@ func Load(src Source) (*Config, error) {
 	// current value, because the file or REDIS_HOST may already have replaced the value with a
 	// string or a []string, and a list key must still split and trim "a:1, b:2" whatever set it.
 	lists := map[string]bool{}
+	// text are the keys that may be empty: strings (not durations) and lists. A bool, a number
+	// or a duration set to the empty string would decode as false or 0 without a word.
+	text := map[string]bool{}
 	for _, k := range v.AllKeys() {
 		known[k] = true
-		// invalidate_on is a list of maps; its text form (ParseDependencies) has its own syntax.
-		if _, isList := v.Get(k).([]any); isList && !strings.HasSuffix(k, ".invalidate_on") {
-			lists[k] = true
+		switch def := v.Get(k).(type) {
+		case []any:
+			text[k] = true
+			// invalidate_on is a list of maps; its text form (ParseDependencies) has its own
+			// syntax.
+			lists[k] = !strings.HasSuffix(k, ".invalidate_on")
+		case string:
+			_, err := time.ParseDuration(def)
+			text[k] = err != nil
 		}
 	}
 	var problems []string
@@ -461,7 +470,7 @@ func Load(src Source) (*Config, error) {
 	}
 
 	if src.Getenv != nil {
-		problems = append(problems, applyEnv(v, known, lists, src.Getenv)...)
+		problems = append(problems, applyEnv(v, known, lists, text, src.Getenv)...)
 	}
 	for _, kv := range src.Sets {
 		k, val, ok := strings.Cut(kv, "=")
@@ -507,7 +516,7 @@ func Load(src Source) (*Config, error) {
 
 // applyEnv sets every known key found in the environment: the platform's names first, then the
 // CACHECAR_ names, so that the more specific CACHECAR_ name wins.
-func applyEnv(v *viper.Viper, known, lists map[string]bool, getenv func(string) string) []string {
+func applyEnv(v *viper.Viper, known, lists, text map[string]bool, getenv func(string) string) []string {
 	var problems []string
 	// The platform's names count only when not empty: deployment templates render an unset one
 	// as empty.
@@ -526,7 +535,7 @@ func applyEnv(v *viper.Viper, known, lists map[string]bool, getenv func(string) 
 		// The port alone moves the addresses the file (or the default) names to that port.
 		var addrs []string
 		for _, a := range v.GetStringSlice("valkey.addrs") {
-			if h, _, err := net.SplitHostPort(strings.TrimSpace(a)); err == nil {
+			if h, _, err := net.SplitHostPort(strings.TrimSpace(a)); err == nil && !slices.Contains(addrs, net.JoinHostPort(h, port)) {
 				addrs = append(addrs, net.JoinHostPort(h, port))
 			}
 		}
@@ -558,7 +567,12 @@ func applyEnv(v *viper.Viper, known, lists map[string]bool, getenv func(string) 
 	sort.Strings(keys)
 	for _, k := range keys {
 		name := EnvName(k)
-		if val, ok := lookup(getenv, name); ok {
+		val, ok := lookup(getenv, name)
+		switch {
+		case !ok:
+		case val == "" && !text[k]:
+			problems = append(problems, fmt.Sprintf("%s is set to the empty string: %s needs a value (unset the variable to keep the file's or the default)", name, k))
+		default:
 			setString(v, k, val, lists[k])
 		}
 	}
@@ -783,8 +797,8 @@ func (c *Config) validate() []string {
 		{"database.url (DATABASE_URL)", c.Database.URL},
 		{"invalidation.listen_url", c.Invalidation.ListenURL},
 	} {
-		if strings.Contains(sec.val, "<redacted") {
-			p = append(p, fmt.Sprintf("%s: holds the placeholder check-config prints in place of a secret; put the real secret back (or set it from the environment or a *_file key)", sec.key))
+		if strings.Contains(sec.val, redactedPrefix) {
+			p = append(p, fmt.Sprintf("%s: holds the placeholder check-config prints in place of a secret; replace it with the secret, or delete it and set the secret from the environment or a *_file key", sec.key))
 		}
 	}
 	if c.Valkey.Password != "" && c.Valkey.PasswordFile != "" {
@@ -1145,15 +1159,19 @@ func (c *Config) Redacted() Config {
 	out.Valkey.Password = mask(c.Valkey.Password)
 	if c.Admin.Token != "" {
 		// Long enough to pass the length check, so that the only problem it shows is the placeholder.
-		out.Admin.Token = "<redacted-admin-token>"
+		out.Admin.Token = redactedPrefix + "-admin-token>"
 	}
 	out.Database.URL = RedactURL(c.Database.URL)
 	out.Invalidation.ListenURL = RedactURL(c.Invalidation.ListenURL)
 	return out
 }
 
-// redactedMark replaces every secret in Redacted's output.
-const redactedMark = "<redacted>"
+// redactedMark replaces every secret in Redacted's output; every placeholder starts with
+// redactedPrefix, which validation refuses as a secret.
+const (
+	redactedMark   = "<redacted>"
+	redactedPrefix = "<redacted"
+)
 
 // RedactURL masks the passwords of a PostgreSQL URL or key=value DSN: the URL's userinfo
 // password, and in both forms the value of every password and sslpassword parameter. Where a
