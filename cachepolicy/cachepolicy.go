@@ -620,6 +620,11 @@ func (r *Resolver) runLoad(ctx context.Context, p *Policy, load LoadFunc, shed b
 	}
 	start := time.Now()
 	body, err := load(ctx)
+	if err != nil && r.bg.Err() != nil {
+		// Close cancelled it: no verdict on the database (a half-open breaker replaces a
+		// probe that never reports), no query metric, no timeout.
+		return nil, fmt.Errorf("%w: %v", ErrClosed, err)
+	}
 	r.observe(p, start, err)
 	if errors.Is(err, ErrUnavailable) || errors.Is(err, ErrTimeout) {
 		// A timeout counts too: a database that no longer answers (a partition, a frozen

@@ -12,6 +12,9 @@ var (
 	ErrTimeout = errors.New("database timeout")
 	// ErrOverloaded: the bulkhead of database loads is full (503 with Retry-After).
 	ErrOverloaded = errors.New("too many database loads at once")
+	// ErrClosed: the resolver was closed (a shutdown past its timeout) while the load ran; it
+	// says nothing about the database (503).
+	ErrClosed = errors.New("shutting down: load cancelled")
 )
 
 // InputError is a bad request: an id or parameter that fails its rule (400).

@@ -94,8 +94,8 @@ func (r *recorder) Write(b []byte) (int, error) {
 // log line (route template, never the path: paths hold ids and session ids).
 func (s *Server) observe(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		s.inflight.Add(1)
-		defer s.inflight.Done() // last: after the access-log line
+		s.inflight.begin()
+		defer s.inflight.end() // last: after the access-log line
 		start := time.Now()
 		rid := requestID(r.Header.Get("X-Request-Id"))
 		w.Header().Set("X-Request-Id", rid)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"net/http"
 	"sync"
+	"sync/atomic"
 
 	"github.com/cachecar/cachecar/cachepolicy"
 	"github.com/prometheus/client_golang/prometheus"
@@ -40,7 +41,50 @@ type Server struct {
 	log  zerolog.Logger
 	m    *metrics
 	// inflight counts the requests in the handler, access-log line included (Wait).
-	inflight sync.WaitGroup
+	inflight inflight
+}
+
+// inflight counts requests in the handler. A WaitGroup would not do: a request may begin (a
+// connection that had already read it) while Wait waits, which WaitGroup forbids. The hot path
+// is one atomic add each way; the lock is taken only when the count falls to zero.
+type inflight struct {
+	n    atomic.Int64
+	mu   sync.Mutex
+	zero chan struct{} // closed when n falls to zero; nil while nobody waits
+}
+
+func (f *inflight) begin() { f.n.Add(1) }
+
+func (f *inflight) end() {
+	if f.n.Add(-1) != 0 {
+		return
+	}
+	f.mu.Lock()
+	if f.zero != nil {
+		close(f.zero)
+		f.zero = nil
+	}
+	f.mu.Unlock()
+}
+
+// wait waits until no request is in the handler, or ctx ends; it reports whether none is.
+func (f *inflight) wait(ctx context.Context) bool {
+	f.mu.Lock()
+	if f.n.Load() == 0 {
+		f.mu.Unlock()
+		return true
+	}
+	if f.zero == nil {
+		f.zero = make(chan struct{})
+	}
+	zero := f.zero
+	f.mu.Unlock()
+	select {
+	case <-zero:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }
 
 // New returns the read API server. It registers its metrics on reg and starts no goroutines.
@@ -51,16 +95,7 @@ func New(opts Options, read Reader, pol Policies, log zerolog.Logger, reg promet
 // Wait waits until no request is in the handler (its access-log line written), or ctx ends;
 // it reports whether none is. After http.Server.Shutdown gave up, the requests still running
 // outlive their connections: the log writer must not close before their lines are written.
-func (s *Server) Wait(ctx context.Context) bool {
-	done := make(chan struct{})
-	go func() { s.inflight.Wait(); close(done) }()
-	select {
-	case <-done:
-		return true
-	case <-ctx.Done():
-		return false
-	}
-}
+func (s *Server) Wait(ctx context.Context) bool { return s.inflight.wait(ctx) }
 
 // Handler returns the whole read API with its middleware.
 func (s *Server) Handler() http.Handler {

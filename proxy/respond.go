@@ -116,6 +116,9 @@ func writeError(w http.ResponseWriter, r *http.Request, s *Server, err error) {
 		s.log.Warn().Err(err).Str("request_id", rid).Str("route", r.Pattern).Msg("database unavailable")
 		w.Header().Set("Retry-After", "1")
 		writeJSONError(w, http.StatusServiceUnavailable, "database_unavailable", "the database is unreachable and nothing is cached for this request")
+	case errors.Is(err, cachepolicy.ErrClosed):
+		w.Header().Set("Retry-After", "1")
+		writeJSONError(w, http.StatusServiceUnavailable, "shutting_down", "the sidecar is shutting down; retry")
 	case errors.Is(err, cachepolicy.ErrOverloaded):
 		w.Header().Set("Retry-After", "1")
 		writeJSONError(w, http.StatusServiceUnavailable, "overloaded", "too many database loads are running; retry shortly")
