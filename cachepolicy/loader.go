@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strings"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -91,7 +92,7 @@ func classify(ctx context.Context, err error) error {
 		switch {
 		case pgErr.Code == "57014": // query_canceled: statement_timeout or our cancel
 			return fmt.Errorf("%w: %v", ErrTimeout, err)
-		case pgErr.Code[:2] == "57", pgErr.Code[:2] == "53", pgErr.Code[:2] == "08":
+		case strings.HasPrefix(pgErr.Code, "57"), strings.HasPrefix(pgErr.Code, "53"), strings.HasPrefix(pgErr.Code, "08"):
 			// operator intervention (shutdown), insufficient resources, connection exceptions
 			return fmt.Errorf("%w: %v", ErrUnavailable, err)
 		}

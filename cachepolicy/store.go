@@ -175,6 +175,7 @@ func (s *Store) Connect() error {
 		s.m.tierOn.Set(1)
 	}
 	s.client.Store(&clientBox{c})
+	s.dialErr.Store(nil)
 	s.m.valkeyConns.Inc()
 	s.setUp(true)
 	return nil

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -561,10 +562,12 @@ func (s *Store) dbReport(ctx context.Context, err error) {
 // time, rather than answering with an error.
 func databaseDown(err error) bool {
 	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
+	switch {
+	case errors.As(err, &pgErr):
 		// Connection exceptions, insufficient resources, operator intervention (a shutdown).
-		c := pgErr.Code[:2]
-		return c == "08" || c == "53" || c == "57"
+		return strings.HasPrefix(pgErr.Code, "08") || strings.HasPrefix(pgErr.Code, "53") || strings.HasPrefix(pgErr.Code, "57")
+	case errors.Is(err, pgx.ErrTxCommitRollback):
+		return false // PostgreSQL answered: the transaction had failed
 	}
 	return true // a dial error, a broken connection, a timeout: no answer
 }

@@ -130,7 +130,8 @@ type Options struct {
 	DB Breaker
 }
 
-// Breaker is a circuit breaker: every call it allows is followed by Success or Failure.
+// Breaker is a circuit breaker: a call it allows is followed by Success or Failure, except one
+// whose caller hung up (no verdict; the breaker replaces a probe that never reports).
 type Breaker interface {
 	Allow() bool
 	Success()

@@ -322,11 +322,11 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 		ErrorLog:                     nil,
 	}
 	healthSrv := &http.Server{
-		Handler:                      health.Handler(),
-		ReadHeaderTimeout:            5 * time.Second,
-		DisableGeneralOptionsHandler: true,
-		WriteTimeout:                 10 * time.Second,
-		IdleTimeout:                  cfg.Server.IdleTimeout,
+		// OPTIONS * keeps net/http's empty 200 here: some load balancers probe with it.
+		Handler:           health.Handler(),
+		ReadHeaderTimeout: 5 * time.Second,
+		WriteTimeout:      10 * time.Second,
+		IdleTimeout:       cfg.Server.IdleTimeout,
 	}
 
 	bgCtx, stopBg := context.WithCancel(context.WithoutCancel(ctx))
