@@ -460,7 +460,11 @@ func Load(src Source) (*Config, error) {
 			return nil, &ProblemsError{[]string{fmt.Sprintf("config file %s is not valid YAML: %v", src.File, err)}}
 		}
 		for _, k := range fv.AllKeys() {
-			if !known[k] {
+			switch {
+			case known[k]:
+			case isSection(known, k):
+				problems = append(problems, fmt.Sprintf("%s: %q is a section of keys (%s.…), not a value", src.File, k, k))
+			default:
 				problems = append(problems, fmt.Sprintf("%s: unknown key %q", src.File, k))
 			}
 		}
@@ -512,6 +516,16 @@ func Load(src Source) (*Config, error) {
 		return nil, &ProblemsError{problems}
 	}
 	return &cfg, nil
+}
+
+// isSection reports whether k names a section of known keys (server, not server.listen).
+func isSection(known map[string]bool, k string) bool {
+	for key := range known {
+		if strings.HasPrefix(key, k+".") {
+			return true
+		}
+	}
+	return false
 }
 
 // applyEnv sets every known key found in the environment: the platform's names first, then the

@@ -549,6 +549,8 @@ func TestProblems(t *testing.T) {
 				{"CACHECAR_LOG_ACCESS_SAMPLE", "empty string"}, {"CACHECAR_VALKEY_TIMEOUT", "empty string"}}},
 		{name: "bad value named with its problem", sets: []string{"valkey.timeout=fast"},
 			want: [][]string{{"valkey.timeout", `"fast"`, "want a duration"}}},
+		{name: "a section given a value", file: "server: 5\n",
+			want: [][]string{{`"server" is a section`}}},
 		{name: "sessions prefix over cachecar's keys", sets: []string{"sessions.prefix=cachecar:"},
 			want: [][]string{{"sessions.prefix", "cachecar's own keys"}}},
 		{name: "sessions prefix a prefix of cachecar's keys", sets: []string{"sessions.prefix=cach"},
