@@ -56,6 +56,14 @@ func (p *Policy) ttlFor(key string) time.Duration {
 	for i := 0; i < len(key); i++ {
 		h = (h ^ uint64(key[i])) * 1099511628211
 	}
+	// FNV-1a's last bytes barely reach its top bits: keys that differ in their last digits
+	// (course:100..199) would share a TTL to the millisecond. splitmix64's finaliser spreads
+	// every input bit over the whole word.
+	h ^= h >> 30
+	h *= 0xbf58476d1ce4e5b9
+	h ^= h >> 27
+	h *= 0x94d049bb133111eb
+	h ^= h >> 31
 	f := 0.9 + 0.2*float64(h>>11)/float64(1<<53)
 	return time.Duration(float64(p.TTL) * f).Truncate(time.Millisecond)
 }

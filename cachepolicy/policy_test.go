@@ -2,6 +2,7 @@ package cachepolicy
 
 import (
 	"errors"
+	"fmt"
 	"regexp"
 	"strconv"
 	"strings"
@@ -312,4 +313,30 @@ func FuzzTemplate(f *testing.F) {
 			t.Fatalf("rendering %q with its own placeholders gives %q", key, back)
 		}
 	})
+}
+
+// TestTTLJitterSpreadsConsecutiveKeys: keys filled together (a batch, a warm-up of consecutive
+// ids) must not expire together. Their TTLs spread over most of the ±10% band, and none leaves it.
+func TestTTLJitterSpreadsConsecutiveKeys(t *testing.T) {
+	p, err := NewPolicy("course", "course:{id}", []string{"id"}, time.Hour, `^[1-9][0-9]{0,18}$`, "SELECT 1 WHERE $1 > 0", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ns := range []string{"", "rev6:"} {
+		lo, hi := time.Duration(1<<62), time.Duration(0)
+		seconds := map[time.Duration]bool{}
+		for id := 100; id < 200; id++ {
+			d := p.ttlFor(fmt.Sprintf("%scourse:%d", ns, id))
+			if d < 54*time.Minute || d > 66*time.Minute {
+				t.Fatalf("ttl %s of course %d outside 1h ±10%%", d, id)
+			}
+			lo, hi = min(lo, d), max(hi, d)
+			seconds[d.Truncate(time.Second)] = true
+		}
+		// 100 uniform draws over 12 minutes: the range is over 10 minutes unless the hash is
+		// broken (the plain FNV-1a spread these over 81 ms).
+		if hi-lo < 10*time.Minute || len(seconds) < 85 { // 100 draws over 720 s: about 93 distinct
+			t.Errorf("namespace %q: 100 consecutive ids got TTLs from %s to %s in %d distinct seconds; want a spread over most of 54m..66m", ns, lo, hi, len(seconds))
+		}
+	}
 }
