@@ -201,6 +201,34 @@ func (r *Resolver) Stats() map[string]PolicyStats {
 // DatabaseCircuit returns the database breaker's state.
 func (r *Resolver) DatabaseCircuit() int { return r.db.State() }
 
+// ProbeDatabase closes the database breaker of a sidecar that gets no reads, until ctx ends:
+// while the breaker is not closed, it pings PostgreSQL whenever the breaker lets a probe through.
+// Without it, only the next read probes, and an idle sidecar reports an open circuit long after
+// PostgreSQL came back.
+func (r *Resolver) ProbeDatabase(ctx context.Context, ping func(context.Context) error) {
+	t := time.NewTicker(dbBreakerMinOpen)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if r.db.State() == CircuitClosed || !r.db.Allow() {
+			continue
+		}
+		pctx, cancel := context.WithTimeout(ctx, r.opts.QueryTimeout)
+		err := ping(pctx)
+		cancel()
+		switch {
+		case err == nil:
+			r.db.Success()
+		case ctx.Err() == nil:
+			r.db.Failure()
+		}
+	}
+}
+
 // DatabaseBreaker is the database circuit breaker, for other users of the same PostgreSQL (the
 // session store) to consult and feed.
 func (r *Resolver) DatabaseBreaker() *Breaker { return r.db }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -67,4 +68,47 @@ func TestCloseCancelsLoadsInFlight(t *testing.T) {
 		t.Errorf("database circuit %s after %d loads cut by Close, want closed", CircuitName(st), readers)
 	}
 	r.Close()
+}
+
+// TestProbeDatabaseClosesAnIdleBreaker: a sidecar that gets no reads after an outage still closes
+// its database breaker once PostgreSQL answers, and keeps it open while PostgreSQL does not.
+func TestProbeDatabaseClosesAnIdleBreaker(t *testing.T) {
+	m := NewMetrics(prometheus.NewRegistry())
+	r := New(Options{QueryTimeout: time.Second}, NewMemoryStore(MinTierSize, zerolog.Nop(), m), blockingLoader{}, zerolog.Nop(), m)
+	for range dbBreakerThreshold {
+		r.db.Failure()
+	}
+	if r.DatabaseCircuit() != CircuitOpen {
+		t.Fatalf("circuit %s after %d failures, want open", CircuitName(r.DatabaseCircuit()), dbBreakerThreshold)
+	}
+	var up atomic.Bool
+	var pings atomic.Int64
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		r.ProbeDatabase(ctx, func(context.Context) error {
+			pings.Add(1)
+			if up.Load() {
+				return nil
+			}
+			return errors.New("connection refused")
+		})
+		close(done)
+	}()
+	defer func() { cancel(); <-done }()
+	// Down: probes fail and the circuit stays open (or half-open while one runs).
+	for pings.Load() < 2 {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if r.DatabaseCircuit() == CircuitClosed {
+		t.Fatal("circuit closed while every probe failed")
+	}
+	up.Store(true)
+	deadline := time.Now().Add(10 * time.Second) // the back-off has doubled at most a few times
+	for r.DatabaseCircuit() != CircuitClosed {
+		if time.Now().After(deadline) {
+			t.Fatalf("circuit %s 10 s after PostgreSQL answered again, with no reads", CircuitName(r.DatabaseCircuit()))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }

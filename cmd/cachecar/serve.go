@@ -335,6 +335,8 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 		bg.Add(1)
 		go func() { defer bg.Done(); store.Run(bgCtx) }()
 	}
+	bg.Add(1)
+	go func() { defer bg.Done(); res.ProbeDatabase(bgCtx, loader.Ping) }()
 	if listener != nil {
 		bg.Add(1)
 		go func() { defer bg.Done(); listener.Run(bgCtx) }()
