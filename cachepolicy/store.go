@@ -89,7 +89,7 @@ func NewMemoryStore(size int, log zerolog.Logger, m *Metrics) *Store {
 	s.mem = newMemStore(size)
 	s.tierOn.Store(true)
 	m.tierOn.Set(1)
-	s.setUp(true)
+	s.up.Store(true) // usable; cachecar_valkey_up stays 0: there is no Valkey
 	return s
 }
 

@@ -42,6 +42,11 @@ func TestMemoryCacheWithoutValkey(t *testing.T) {
 	mustExec(t, pool, `INSERT INTO courses (id, tenant_id, title, scorm_package) VALUES (900001, 1, 'Now here', 'n.zip')`)
 	eventually(t, s, absent, "insert of a cached 404", has(`"title":"Now here"`))
 
+	// No Valkey: cachecar_valkey_up says so, as the alert rules expect (README, Deploy).
+	if up := faultMetric(t, s, "cachecar_valkey_up", ""); up != 0 {
+		t.Errorf("cachecar_valkey_up %v without Valkey, want 0", up)
+	}
+
 	_, b := get(t, s.health+"/health/detailed")
 	var h struct {
 		Status   string
