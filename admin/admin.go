@@ -221,6 +221,12 @@ func failureClass(err error) string {
 		return "authentication or permission refused"
 	case strings.Contains(msg, "tls:"), strings.Contains(msg, "x509:"):
 		return "TLS handshake failed"
+	case strings.Contains(msg, "OOM "):
+		return "out of memory: writes refused (maxmemory reached)"
+	case strings.Contains(msg, "READONLY "):
+		return "read-only: writes refused (a replica)"
+	case strings.Contains(msg, "circuit open"):
+		return "circuit open after repeated failures (see the log)"
 	}
 	return "unreachable"
 }

@@ -242,6 +242,9 @@ func TestFailureClass(t *testing.T) {
 		{errors.New("tls: failed to verify certificate: x509: certificate signed by unknown authority"), "TLS handshake failed"},
 		{errors.New("dial tcp 10.0.0.7:6379: connect: connection refused"), "unreachable"},
 		{&pgconn.PgError{Code: "57P03", Message: "the database system is starting up"}, "unreachable"},
+		{errors.New("valkey circuit open after: valkey fill: OOM command not allowed when used memory > 'maxmemory'."), "out of memory: writes refused (maxmemory reached)"},
+		{errors.New("valkey ping: READONLY You can't write against a read only replica."), "read-only: writes refused (a replica)"},
+		{errors.New("valkey circuit open after: valkey get: context deadline exceeded"), "circuit open after repeated failures (see the log)"},
 	} {
 		if got := failureClass(tt.err); got != tt.want {
 			t.Errorf("failureClass(%v) = %q, want %q", tt.err, got, tt.want)

@@ -3,6 +3,7 @@ package cachepolicy
 import (
 	"context"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -57,5 +58,9 @@ func TestValkeyOOMDegradesToPostgres(t *testing.T) {
 	}
 	if s.Circuit() != CircuitOpen {
 		t.Fatalf("after 10 OOM replies the breaker is %s, want open", CircuitName(s.Circuit()))
+	}
+	// A call the open breaker refuses says why it opened, for /health/detailed.
+	if err := s.Ping(ctx); err == nil || !strings.Contains(err.Error(), "circuit open") || !strings.Contains(err.Error(), "OOM ") {
+		t.Fatalf("ping with the breaker open after OOM replies: %v, want the circuit-open error naming the OOM reply", err)
 	}
 }

@@ -72,8 +72,10 @@ type Store struct {
 	log    zerolog.Logger
 	m      *Metrics
 	client atomic.Pointer[clientBox]
-	// dialErr is the last failed connect's error, for the calls made while not connected.
+	// dialErr is the last failed connect's error, for the calls made while not connected;
+	// lastErr the last failed call's, for the calls the breaker refuses.
 	dialErr atomic.Pointer[error]
+	lastErr atomic.Pointer[error]
 	up      atomic.Bool
 	cb      *Breaker
 	tier    tierStats
@@ -231,6 +233,10 @@ func (s *Store) get() (valkey.Client, error) {
 		return nil, s.notConnected()
 	}
 	if !s.cb.Allow() {
+		if e := s.lastErr.Load(); e != nil {
+			// Why it opened (an OOM reply, a timeout), for health to tell.
+			return nil, fmt.Errorf("%w after: %w", errCircuitOpen, *e)
+		}
 		return nil, errCircuitOpen
 	}
 	return b.c, nil
@@ -265,6 +271,7 @@ func (s *Store) fail(op string, err error) error {
 	}
 	s.m.valkeyErrs.WithLabelValues(op).Inc()
 	s.setUp(false)
+	s.lastErr.Store(&err)
 	if refused(err) {
 		s.cb.Trip()
 	} else {
