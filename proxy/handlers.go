@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -38,7 +37,7 @@ func (s *Server) single(p *cachepolicy.Policy, idName string) http.Handler {
 		sid := strconv.FormatInt(id, 10)
 		res, err := s.read.Get(r.Context(), p, []string{sid}, id)
 		if err != nil {
-			notFoundHit(w, res, err)
+			errorCacheHeader(w, res)
 			writeError(w, r, s, err)
 			return
 		}
@@ -46,10 +45,11 @@ func (s *Server) single(p *cachepolicy.Policy, idName string) http.Handler {
 	})
 }
 
-// notFoundHit marks a 404 answered by a cached "not found" (negative caching) as a hit.
-func notFoundHit(w http.ResponseWriter, res cachepolicy.Result, err error) {
-	if res.Cache == cachepolicy.Hit && errors.Is(err, cachepolicy.ErrNotFound) {
-		w.Header().Set("X-Cache", cachepolicy.Hit)
+// errorCacheHeader sets X-Cache on a read that ended in an error: how the cache answered before
+// it (a cached 404 is a HIT; a MISS or BYPASS whose load failed says so too).
+func errorCacheHeader(w http.ResponseWriter, res cachepolicy.Result) {
+	if res.Cache != "" {
+		w.Header().Set("X-Cache", res.Cache)
 	}
 }
 
@@ -171,7 +171,7 @@ func (s *Server) dispatchList() http.Handler {
 		vals := []string{strconv.FormatInt(tenant, 10), statusKey, strconv.FormatInt(after, 10), strconv.FormatInt(limit, 10)}
 		res, err := s.read.Get(r.Context(), p, vals, tenant, status, after, limit)
 		if err != nil {
-			notFoundHit(w, res, err)
+			errorCacheHeader(w, res)
 			writeError(w, r, s, err)
 			return
 		}

@@ -846,6 +846,16 @@ func TestErrorMapping(t *testing.T) {
 			})
 		}
 	}
+	// A read whose load failed after the cache missed (or was bypassed) says so in X-Cache.
+	for _, cache := range []string{cachepolicy.Miss, cachepolicy.Bypass} {
+		h := defaultHarness(t)
+		h.fake.err = fmt.Errorf("load: %w", cachepolicy.ErrUnavailable)
+		h.fake.errResult = cachepolicy.Result{Cache: cache}
+		rec := h.do("GET", "/v1/courses/1")
+		if rec.Code != 503 || rec.Header().Get("X-Cache") != cache {
+			t.Errorf("a %s whose load failed: %d X-Cache %q, want 503 %s", cache, rec.Code, rec.Header().Get("X-Cache"), cache)
+		}
+	}
 	// The batch route maps its errors the same way.
 	for _, tt := range tests {
 		h := defaultHarness(t)
