@@ -84,6 +84,17 @@ func (l *PG) IDs(ctx context.Context, sql string, limit int) ([]int64, error) {
 	return ids, nil
 }
 
+// DatabaseFailed reports whether err, from a pgx call made under ctx, says PostgreSQL could not be
+// reached or did not answer in time, rather than answering (with no row, an SQL error, a failed
+// transaction): what counts against the database breaker.
+func DatabaseFailed(ctx context.Context, err error) bool {
+	if err == nil || errors.Is(err, pgx.ErrNoRows) || errors.Is(err, pgx.ErrTxCommitRollback) {
+		return false
+	}
+	c := classify(ctx, err)
+	return errors.Is(c, ErrUnavailable) || errors.Is(c, ErrTimeout)
+}
+
 // classify maps a pgx error onto ErrTimeout or ErrUnavailable where it is one, keeping the
 // original for the log; other errors (bad SQL in a policy, say) are returned wrapped as they are.
 func classify(ctx context.Context, err error) error {

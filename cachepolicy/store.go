@@ -73,9 +73,10 @@ type Store struct {
 	m      *Metrics
 	client atomic.Pointer[clientBox]
 	// dialErr is the last failed connect's error, for the calls made while not connected;
-	// lastErr the last failed call's, for the calls the breaker refuses.
+	// openErr what the calls the breaker refuses return: errCircuitOpen with the last failed
+	// call's error, made once per failure rather than per refused call.
 	dialErr atomic.Pointer[error]
-	lastErr atomic.Pointer[error]
+	openErr atomic.Pointer[error]
 	up      atomic.Bool
 	cb      *Breaker
 	tier    tierStats
@@ -233,9 +234,8 @@ func (s *Store) get() (valkey.Client, error) {
 		return nil, s.notConnected()
 	}
 	if !s.cb.Allow() {
-		if e := s.lastErr.Load(); e != nil {
-			// Why it opened (an OOM reply, a timeout), for health to tell.
-			return nil, fmt.Errorf("%w after: %w", errCircuitOpen, *e)
+		if e := s.openErr.Load(); e != nil {
+			return nil, *e // why it opened (an OOM reply, a timeout), for health to tell
 		}
 		return nil, errCircuitOpen
 	}
@@ -271,7 +271,8 @@ func (s *Store) fail(op string, err error) error {
 	}
 	s.m.valkeyErrs.WithLabelValues(op).Inc()
 	s.setUp(false)
-	s.lastErr.Store(&err)
+	open := fmt.Errorf("%w after: %w", errCircuitOpen, err)
+	s.openErr.Store(&open)
 	if refused(err) {
 		s.cb.Trip()
 	} else {

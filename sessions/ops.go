@@ -4,9 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strings"
 	"time"
 
+	"github.com/cachecar/cachecar/cachepolicy"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/valkey-io/valkey-go"
@@ -551,23 +551,9 @@ func (s *Store) dbReport(ctx context.Context, err error) {
 	case err != nil && errors.Is(ctx.Err(), context.Canceled):
 		// The caller hung up: no verdict on PostgreSQL (a half-open breaker replaces a probe
 		// that never reports).
-	case err != nil && !errors.Is(err, pgx.ErrNoRows) && databaseDown(err):
+	case cachepolicy.DatabaseFailed(ctx, err):
 		s.opts.DB.Failure()
 	default:
 		s.opts.DB.Success()
 	}
-}
-
-// databaseDown reports whether err says PostgreSQL could not be reached or did not answer in
-// time, rather than answering with an error.
-func databaseDown(err error) bool {
-	var pgErr *pgconn.PgError
-	switch {
-	case errors.As(err, &pgErr):
-		// Connection exceptions, insufficient resources, operator intervention (a shutdown).
-		return strings.HasPrefix(pgErr.Code, "08") || strings.HasPrefix(pgErr.Code, "53") || strings.HasPrefix(pgErr.Code, "57")
-	case errors.Is(err, pgx.ErrTxCommitRollback):
-		return false // PostgreSQL answered: the transaction had failed
-	}
-	return true // a dial error, a broken connection, a timeout: no answer
 }

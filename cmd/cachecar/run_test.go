@@ -216,33 +216,27 @@ func TestServeMissThenHitAndHealth(t *testing.T) {
 	if st["courses"] != float64(5) || st["registrations"] != float64(15) {
 		t.Fatalf("stats for tenant 1: %s, want 5 courses and 15 registrations", stats)
 	}
-	_, list := get(t, s.api+"/v1/tenants/1/dispatches?limit=2")
-	var page struct {
+	type page struct {
 		Items     []map[string]any `json:"items"`
 		NextAfter *float64         `json:"next_after"`
 	}
-	json.Unmarshal([]byte(list), &page)
-	if len(page.Items) != 2 || page.NextAfter == nil {
+	getPage := func(path string) (page, string) {
+		_, b := get(t, s.api+path)
+		var p page
+		json.Unmarshal([]byte(b), &p)
+		return p, b
+	}
+	first, list := getPage("/v1/tenants/1/dispatches?limit=2")
+	if len(first.Items) != 2 || first.NextAfter == nil {
 		t.Fatalf("first page: %s", list)
 	}
-	_, list2 := get(t, fmt.Sprintf("%s/v1/tenants/1/dispatches?limit=100&after=%d", s.api, int64(*page.NextAfter)))
-	var page2 struct {
-		Items     []map[string]any `json:"items"`
-		NextAfter *float64         `json:"next_after"`
-	}
-	json.Unmarshal([]byte(list2), &page2)
-	if len(page2.Items) != 3 || page2.NextAfter != nil {
-		t.Fatalf("second page: %s, want the other 3 dispatches and no next_after", list2)
+	after := int64(*first.NextAfter)
+	if p, b := getPage(fmt.Sprintf("/v1/tenants/1/dispatches?limit=100&after=%d", after)); len(p.Items) != 3 || p.NextAfter != nil {
+		t.Fatalf("second page: %s, want the other 3 dispatches and no next_after", b)
 	}
 	// A last page that is exactly full has no next_after either: nothing follows it.
-	_, list3 := get(t, fmt.Sprintf("%s/v1/tenants/1/dispatches?limit=3&after=%d", s.api, int64(*page.NextAfter)))
-	var page3 struct {
-		Items     []map[string]any `json:"items"`
-		NextAfter *float64         `json:"next_after"`
-	}
-	json.Unmarshal([]byte(list3), &page3)
-	if len(page3.Items) != 3 || page3.NextAfter != nil {
-		t.Fatalf("full last page: %s, want 3 dispatches and no next_after", list3)
+	if p, b := getPage(fmt.Sprintf("/v1/tenants/1/dispatches?limit=3&after=%d", after)); len(p.Items) != 3 || p.NextAfter != nil {
+		t.Fatalf("full last page: %s, want 3 dispatches and no next_after", b)
 	}
 	if r, b := get(t, s.api+"/v1/tenants/999/dispatches"); r.StatusCode != 404 {
 		t.Fatalf("dispatches of a missing tenant: %d %s", r.StatusCode, b)
