@@ -11,20 +11,24 @@ import (
 func itoa(n int64) string { return strconv.FormatInt(n, 10) }
 
 // logWriter takes log lines off the request path: Write copies the line into a buffer, and one
-// goroutine writes the buffer out every flushEvery, or at once when it passes flushAt bytes.
-// Under load that is one write(2) for hundreds of access-log lines instead of one per request,
-// and a request never waits on stdout (a slow log collector, a full pipe). Close writes what is
-// left; a crash loses at most flushEvery of lines.
+// goroutine writes the buffer out logFlushEvery after its first line, or at once when it passes
+// logFlushAt bytes. Under load that is one write(2) for hundreds of access-log lines instead of
+// one per request, and a request never waits on stdout (a slow log collector, a full pipe). An
+// idle sidecar has nothing buffered, and the goroutine sleeps until the next line instead of
+// waking every logFlushEvery. Close writes what is left; a crash loses at most logFlushEvery of
+// lines.
 type logWriter struct {
 	out io.Writer
 
 	mu      sync.Mutex
 	buf     []byte
-	dropped atomic.Int64 // lines there was no room for
-	kick    chan struct{}
+	dropped atomic.Int64  // lines there was no room for
+	more    chan struct{} // a line went into an empty buffer
+	full    chan struct{} // the buffer passed logFlushAt
 	done    chan struct{}
 	stopped chan struct{}
 	once    sync.Once
+	wakes   atomic.Int64 // times the goroutine woke up (tests)
 }
 
 const (
@@ -36,13 +40,15 @@ const (
 )
 
 func newLogWriter(out io.Writer) *logWriter {
-	w := &logWriter{out: out, kick: make(chan struct{}, 1), done: make(chan struct{}), stopped: make(chan struct{})}
+	w := &logWriter{out: out, more: make(chan struct{}, 1), full: make(chan struct{}, 1),
+		done: make(chan struct{}), stopped: make(chan struct{})}
 	go w.loop()
 	return w
 }
 
 func (w *logWriter) Write(p []byte) (int, error) {
 	w.mu.Lock()
+	first := len(w.buf) == 0
 	if len(w.buf)+len(p) <= logMaxBuffer {
 		w.buf = append(w.buf, p...)
 	} else {
@@ -50,27 +56,48 @@ func (w *logWriter) Write(p []byte) (int, error) {
 	}
 	full := len(w.buf) >= logFlushAt
 	w.mu.Unlock()
+	if first {
+		wake(w.more)
+	}
 	if full {
-		select {
-		case w.kick <- struct{}{}:
-		default:
-		}
+		wake(w.full)
 	}
 	return len(p), nil
 }
 
+// wake wakes the goroutine waiting on c, or leaves a wake-up it will find.
+func wake(c chan struct{}) {
+	select {
+	case c <- struct{}{}:
+	default:
+	}
+}
+
+// loop sleeps until a line comes, gives the lines after it logFlushEvery (less if the buffer
+// fills) to join it, and writes them all out. A wake-up left over from lines an earlier flush
+// already wrote costs one empty flush.
 func (w *logWriter) loop() {
 	defer close(w.stopped)
-	t := time.NewTicker(logFlushEvery)
-	defer t.Stop()
+	t := time.NewTimer(logFlushEvery)
+	t.Stop()
 	var spare []byte
 	for {
 		select {
 		case <-w.done:
 			w.flush(&spare)
 			return
+		case <-w.more:
+		case <-w.full:
+		}
+		w.wakes.Add(1)
+		t.Reset(logFlushEvery)
+		select {
+		case <-w.done:
+			w.flush(&spare)
+			return
 		case <-t.C:
-		case <-w.kick:
+		case <-w.full:
+			t.Stop()
 		}
 		w.flush(&spare)
 	}

@@ -45,3 +45,31 @@ func TestLogWriterFlushesWithoutClose(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 }
+
+// An idle writer must not wake up: a sidecar with no requests has nothing to write, and a
+// goroutine woken every few milliseconds costs CPU on every pod that runs one.
+func TestLogWriterSleepsWhileIdle(t *testing.T) {
+	out := &testenv.SyncBuffer{}
+	w := newLogWriter(out)
+	defer w.Close()
+	w.Write([]byte("one\n"))
+	deadline := time.Now().Add(2 * time.Second)
+	for out.String() != "one\n" {
+		if time.Now().After(deadline) {
+			t.Fatalf("a line was not written out within 2s: %q", out.String())
+		}
+		time.Sleep(time.Millisecond)
+	}
+	before := w.wakes.Load()
+	time.Sleep(20 * logFlushEvery)
+	if n := w.wakes.Load() - before; n > 1 {
+		t.Fatalf("the writer woke %d times in %s with nothing to write", n, 20*logFlushEvery)
+	}
+	w.Write([]byte("two\n"))
+	for out.String() != "one\ntwo\n" {
+		if time.Now().After(deadline.Add(2 * time.Second)) {
+			t.Fatalf("a line written after an idle spell was not written out: %q", out.String())
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
