@@ -1,11 +1,14 @@
 // Command directpg answers GET /v1/courses/{id} straight from PostgreSQL with pgxpool: what the
 // app does without a cache, the baseline for cachecar's hits and misses. GET /v1/sessions/{sid}
 // reads connect-pg-simple's table the same way: what an app using connect-pg-simple does, the
-// floor under cachecar's session reads with Valkey down (scenario j).
+// floor under cachecar's session reads with Valkey down (scenario j). PUT /v1/sessions/{sid}
+// runs connect-pg-simple's upsert, one autocommitted statement: the floor under cachecar's
+// durable session writes (scenario i).
 package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -22,6 +25,7 @@ import (
 
 	"github.com/cachecar/cachecar/bench/internal/benchsrv"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -71,6 +75,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	mux := http.NewServeMux()
 	mux.Handle("GET /v1/courses/{id}", courseHandler(pool, *timeout))
 	mux.Handle("GET /v1/sessions/{sid}", sessionHandler(pool, sessionQuery(*table), *timeout, time.Now))
+	mux.Handle("PUT /v1/sessions/{sid}", sessionPutHandler(pool, sessionUpsert(*table), *timeout, time.Now))
 
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
@@ -132,4 +137,74 @@ func sessionHandler(db rowQuerier, query string, timeout time.Duration, now func
 		nowSec := int64(math.Ceil(float64(now().UnixMilli()) / 1000))
 		answerRow(w, r, db, timeout, "session", "X-Session-Store", query, r.PathValue("sid"), nowSec)
 	})
+}
+
+// sessionUpsert is connect-pg-simple's set on table ([schema.]table, quoted here).
+func sessionUpsert(table string) string {
+	return `INSERT INTO ` + pgx.Identifier(strings.SplitN(table, ".", 2)).Sanitize() +
+		` (sess, expire, sid) SELECT $1::json, to_timestamp($2), $3 ON CONFLICT (sid) DO UPDATE SET sess = $1::json, expire = to_timestamp($2)`
+}
+
+// connectPGSimpleTTL is connect-pg-simple's expiry for a session without cookie.expires.
+const connectPGSimpleTTL = 24 * time.Hour
+
+// maxSessionBody is cachecar's default sessions.max_body_bytes.
+const maxSessionBody = 64 << 10
+
+// execer is the one pool method the PUT handler uses.
+type execer interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+}
+
+// sessionPutHandler stores the request's session as connect-pg-simple does: expire from
+// cookie.expires (else now + one day), rounded up to the second, and one upsert in autocommit, so
+// the 204 comes after the commit. It answers X-Session-Store: postgres, as cachecar does for a
+// write only PostgreSQL took.
+func sessionPutHandler(db execer, upsert string, timeout time.Duration, now func() time.Time) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxSessionBody))
+		if err != nil {
+			benchsrv.WriteError(w, http.StatusRequestEntityTooLarge, "body_too_large", "session body over 64 KiB")
+			return
+		}
+		expire, err := sessionExpire(body, now())
+		if err != nil {
+			benchsrv.WriteError(w, http.StatusBadRequest, "bad_session", err.Error())
+			return
+		}
+		ctx, cancel := context.WithTimeout(r.Context(), timeout)
+		defer cancel()
+		_, err = db.Exec(ctx, upsert, string(body), expire, r.PathValue("sid"))
+		switch {
+		case errors.Is(err, context.DeadlineExceeded):
+			benchsrv.WriteError(w, http.StatusGatewayTimeout, "timeout", "database write timed out")
+		case err != nil:
+			benchsrv.WriteError(w, http.StatusServiceUnavailable, "database_unavailable", "database write failed")
+		default:
+			w.Header().Set("X-Session-Store", "postgres")
+			w.WriteHeader(http.StatusNoContent)
+		}
+	})
+}
+
+// sessionExpire is connect-pg-simple's expire for body, in Unix seconds: cookie.expires rounded
+// up to the second, or now + connectPGSimpleTTL.
+func sessionExpire(body []byte, now time.Time) (int64, error) {
+	var sess struct {
+		Cookie struct {
+			Expires *string `json:"expires"`
+		} `json:"cookie"`
+	}
+	if err := json.Unmarshal(body, &sess); err != nil {
+		return 0, fmt.Errorf("body is not a session object: %v", err)
+	}
+	at := now.Add(connectPGSimpleTTL)
+	if e := sess.Cookie.Expires; e != nil {
+		t, err := time.Parse(time.RFC3339Nano, *e)
+		if err != nil {
+			return 0, fmt.Errorf("cookie.expires %q: %v", *e, err)
+		}
+		at = t
+	}
+	return int64(math.Ceil(float64(at.UnixMilli()) / 1000)), nil
 }
