@@ -1314,17 +1314,36 @@ const MinAdminToken = 16
 const MinTierBytes = 32 << 20
 
 // MemoryLimit returns the memory this process may use and where the limit comes from: GOMEMLIMIT,
-// or the cgroup's memory.max (a container's limit), whichever is lower; 0 when neither is set.
-// A variable so that tests can set a limit.
-var MemoryLimit = func() (int64, string) {
+// or the cgroup's limit (a container's: memory.max under cgroup v2, memory.limit_in_bytes under
+// v1), whichever is lower; 0 when none is set. A variable so that tests can set a limit.
+var MemoryLimit = func() (int64, string) { return memoryLimit(debug.SetMemoryLimit(-1), os.ReadFile) }
+
+// cgroupLimits are the files a container's memory limit is read from, v2 first.
+var cgroupLimits = []struct{ path, name string }{
+	{"/sys/fs/cgroup/memory.max", "cgroup memory.max"},
+	{"/sys/fs/cgroup/memory/memory.limit_in_bytes", "cgroup v1 memory.limit_in_bytes"},
+}
+
+// memoryLimit is MemoryLimit from the runtime's limit (math.MaxInt64 when GOMEMLIMIT is unset)
+// and the cgroup files as read reads them. An unlimited cgroup writes "max" (v2) or a number
+// near 2^63 rounded down to the page size (v1): neither is a limit.
+func memoryLimit(goLimit int64, read func(string) ([]byte, error)) (int64, string) {
 	var lim int64
 	src := ""
-	if l := debug.SetMemoryLimit(-1); l > 0 && l < math.MaxInt64 {
-		lim, src = l, "GOMEMLIMIT"
+	if goLimit > 0 && goLimit < math.MaxInt64 {
+		lim, src = goLimit, "GOMEMLIMIT"
 	}
-	if b, err := os.ReadFile("/sys/fs/cgroup/memory.max"); err == nil {
-		if n, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64); err == nil && n > 0 && (lim == 0 || n < lim) {
-			lim, src = n, "cgroup memory.max"
+	for _, f := range cgroupLimits {
+		b, err := read(f.path)
+		if err != nil {
+			continue
+		}
+		n, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+		if err != nil || n <= 0 || n >= 1<<62 {
+			continue
+		}
+		if lim == 0 || n < lim {
+			lim, src = n, f.name
 		}
 	}
 	return lim, src

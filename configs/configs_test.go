@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
+	"math"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -1211,5 +1212,40 @@ func TestGetenv(t *testing.T) {
 	}})
 	if len(cfg.Valkey.Addrs) != 0 {
 		t.Errorf("CACHECAR_VALKEY_ADDRS set to empty: addrs %q, want none", cfg.Valkey.Addrs)
+	}
+}
+
+// The memory limit is the lowest of GOMEMLIMIT and the container's cgroup limit, v2 or v1; an
+// unlimited cgroup ("max", or v1's page-rounded 2^63) is no limit.
+func TestMemoryLimitSources(t *testing.T) {
+	files := func(m map[string]string) func(string) ([]byte, error) {
+		return func(path string) ([]byte, error) {
+			if v, ok := m[path]; ok {
+				return []byte(v), nil
+			}
+			return nil, os.ErrNotExist
+		}
+	}
+	const v2, v1 = "/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"
+	for _, tc := range []struct {
+		name    string
+		goLimit int64
+		files   map[string]string
+		want    int64
+		src     string
+	}{
+		{"nothing", math.MaxInt64, nil, 0, ""},
+		{"v2 unlimited", math.MaxInt64, map[string]string{v2: "max\n"}, 0, ""},
+		{"v1 unlimited", math.MaxInt64, map[string]string{v1: "9223372036854771712\n"}, 0, ""},
+		{"v2", math.MaxInt64, map[string]string{v2: "268435456\n"}, 256 << 20, "cgroup memory.max"},
+		{"v1", math.MaxInt64, map[string]string{v1: "134217728\n"}, 128 << 20, "cgroup v1 memory.limit_in_bytes"},
+		{"GOMEMLIMIT lower", 100 << 20, map[string]string{v1: "134217728\n"}, 100 << 20, "GOMEMLIMIT"},
+		{"cgroup lower", 200 << 20, map[string]string{v2: "134217728"}, 128 << 20, "cgroup memory.max"},
+		{"garbage", math.MaxInt64, map[string]string{v2: "lots", v1: "-1"}, 0, ""},
+	} {
+		lim, src := memoryLimit(tc.goLimit, files(tc.files))
+		if lim != tc.want || src != tc.src {
+			t.Errorf("%s: memoryLimit = %d, %q; want %d, %q", tc.name, lim, src, tc.want, tc.src)
+		}
 	}
 }
