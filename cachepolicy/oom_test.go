@@ -64,3 +64,65 @@ func TestValkeyOOMDegradesToPostgres(t *testing.T) {
 		t.Fatalf("ping with the breaker open after OOM replies: %v, want the circuit-open error naming the OOM reply", err)
 	}
 }
+
+// TestIdleHealthCheckSeesRefusedWrites: a sidecar with no reads still finds out that Valkey
+// refuses writes (OOM under noeviction here, READONLY on a replica alike), because its health
+// check writes its probe key; a PING, which is a read, would pass. Once the server takes writes
+// again, the check passes after the breaker's pause.
+func TestIdleHealthCheckSeesRefusedWrites(t *testing.T) {
+	srv := testenv.StartRedis(t)
+	ctx := context.Background()
+	admin, err := valkey.NewClient(valkey.ClientOption{InitAddress: []string{srv.Addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	config := func(kv ...string) {
+		t.Helper()
+		for i := 0; i < len(kv); i += 2 {
+			if err := admin.Do(ctx, admin.B().ConfigSet().ParameterValue().ParameterValue(kv[i], kv[i+1]).Build()).Error(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	m := NewMetrics(prometheus.NewRegistry())
+	s := NewStore(StoreOptions{Addrs: []string{srv.Addr}, Timeout: time.Second, DialTimeout: time.Second, ReconnectMax: time.Second,
+		BreakerThreshold: 3, BreakerMinOpen: 50 * time.Millisecond, BreakerMaxOpen: 50 * time.Millisecond,
+		ProbeKey: "ns:cachecar:health"}, zerolog.Nop(), m)
+	if err := s.Connect(); err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+
+	if err := s.Ping(ctx); err != nil {
+		t.Fatalf("ping of a writable server: %v", err)
+	}
+	pttl, err := admin.Do(ctx, admin.B().Pttl().Key("ns:cachecar:health").Build()).AsInt64()
+	if err != nil || pttl <= 0 || pttl > probeTTL.Milliseconds() {
+		t.Fatalf("probe key PTTL %d ms (%v): want it written with an expiry of at most %s", pttl, err, probeTTL)
+	}
+
+	config("maxmemory-policy", "noeviction", "maxmemory", "1")
+	if err := admin.Do(ctx, admin.B().Ping().Build()).Error(); err != nil {
+		t.Fatalf("PING of the full server: %v (a read should still pass)", err)
+	}
+	err = s.Ping(ctx)
+	if err == nil || !strings.Contains(err.Error(), "OOM ") {
+		t.Fatalf("health check of a server refusing writes: %v, want the OOM reply", err)
+	}
+	if s.Up() {
+		t.Fatal("store still up after its write probe was refused")
+	}
+
+	config("maxmemory", "0")
+	deadline := time.Now().Add(5 * time.Second)
+	for s.Ping(ctx) != nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("health check still failing 5 s after the server took writes again: %v", s.Ping(ctx))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if !s.Up() {
+		t.Fatal("store not up after a passing health check")
+	}
+}

@@ -48,7 +48,13 @@ type StoreOptions struct {
 	BreakerThreshold int
 	BreakerMinOpen   time.Duration
 	BreakerMaxOpen   time.Duration
+	// ProbeKey, when set, is the key Ping writes (with a short expiry) instead of sending PING:
+	// a server that answers reads but refuses writes (OOM, READONLY) then fails the check.
+	ProbeKey string
 }
+
+// probeTTL is how long the key of a write probe lives.
+const probeTTL = 10 * time.Second
 
 // MinTierSize is the smallest in-process tier: fastcache's 512 buckets of 64 KiB chunks.
 const MinTierSize = 32 << 20
@@ -314,7 +320,9 @@ func (s *Store) ok() {
 	}
 }
 
-// Ping checks Valkey with one PING.
+// Ping checks Valkey: with a ProbeKey, by writing that key (SET with probeTTL), so that a server
+// that still answers reads but refuses writes (OOM under noeviction, a read-only replica) fails
+// the health check of an idle sidecar too, not only the next fill; without one, by a PING.
 func (s *Store) Ping(ctx context.Context) error {
 	if s.mem != nil {
 		return nil
@@ -323,7 +331,11 @@ func (s *Store) Ping(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := c.Do(ctx, c.B().Ping().Build()).Error(); err != nil {
+	cmd := c.B().Ping().Build()
+	if s.opts.ProbeKey != "" {
+		cmd = c.B().Set().Key(s.opts.ProbeKey).Value("1").PxMilliseconds(probeTTL.Milliseconds()).Build()
+	}
+	if err := c.Do(ctx, cmd).Error(); err != nil {
 		return s.fail("ping", err)
 	}
 	s.ok()

@@ -99,6 +99,7 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 			ReconnectMax: cfg.Valkey.ReconnectMax, MaxFlushDelay: cfg.Valkey.MaxFlushDelay,
 			TierSize:         int(cfg.Cache.TierMaxBytes),
 			BreakerThreshold: cfg.Valkey.BreakerThreshold, BreakerMinOpen: cfg.Valkey.BreakerOpen, BreakerMaxOpen: cfg.Valkey.BreakerOpenMax,
+			ProbeKey: cfg.Namespace + "cachecar:health",
 		}, log.With().Str("component", "valkey").Logger(), cm)
 		defer store.Close()
 		if err := store.Connect(); err != nil {
