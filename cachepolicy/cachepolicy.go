@@ -84,7 +84,8 @@ type Resolver struct {
 	bgCancel context.CancelFunc
 	bgMu     sync.Mutex // orders bgWait.Add before Close's Wait
 	bgWait   sync.WaitGroup
-	hits     sync.Map // policy name -> *policyCounters
+	hits     sync.Map     // policy name -> *policyCounters
+	probers  atomic.Int32 // ProbeDatabase calls running
 }
 
 // Database breaker: three connection failures in a row open it for 250 ms, doubling up to 5 s
@@ -206,6 +207,8 @@ func (r *Resolver) DatabaseCircuit() int { return r.db.State() }
 // Without it, only the next read probes, and an idle sidecar reports an open circuit long after
 // PostgreSQL came back.
 func (r *Resolver) ProbeDatabase(ctx context.Context, ping func(context.Context) error) {
+	r.probers.Add(1)
+	defer r.probers.Add(-1)
 	t := time.NewTicker(dbBreakerMinOpen)
 	defer t.Stop()
 	for {
@@ -227,6 +230,13 @@ func (r *Resolver) ProbeDatabase(ctx context.Context, ping func(context.Context)
 			r.db.Failure()
 		}
 	}
+}
+
+// probedElsewhere reports that the database breaker is not closed (recent loads failed) and that
+// ProbeDatabase is running, which closes it once the database answers: a read holding an entry
+// inside stale_if_error then serves it rather than become the probe itself.
+func (r *Resolver) probedElsewhere() bool {
+	return r.probers.Load() > 0 && r.db.State() != CircuitClosed
 }
 
 // DatabaseBreaker is the database circuit breaker, for other users of the same PostgreSQL (the
@@ -402,6 +412,13 @@ func (r *Resolver) get(ctx context.Context, p *Policy, vals []string, load LoadF
 		r.count(p, "miss", 1)
 	} else {
 		r.count(p, "bypass", 1)
+	}
+	if stale.sie && r.probedElsewhere() {
+		// The database is failing and ProbeDatabase finds out when it answers again: the
+		// stale entry answers now, rather than after this read, taking the breaker's probe,
+		// waits out the query timeout on a database that does not answer.
+		r.m.staleServed.WithLabelValues(p.Name, StaleIfError).Inc()
+		return Result{Body: stale.body, Cache: Stale, Age: stale.age, StaleReason: StaleIfError}, nil
 	}
 
 	// One load per key per process: concurrent misses wait for the first one's query. The
@@ -786,6 +803,17 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 	if len(missing) == 0 {
 		return items, manyResult(state, anyStale), nil
 	}
+	serveStale := func() ([]Item, Result, error) {
+		for i, e := range stale {
+			items[i].Body = e.body
+		}
+		r.m.staleServed.WithLabelValues(p.Name, StaleIfError).Add(float64(len(stale)))
+		return items, Result{Cache: Stale, StaleReason: StaleIfError}, nil
+	}
+	if len(stale) == len(missing) && r.probedElsewhere() {
+		// As in get: the database is failing and ProbeDatabase probes it.
+		return serveStale()
+	}
 	// The missing keys in key order, so that the same set asked for in another order is the
 	// same load (found is by id, so the order of the load does not matter).
 	order := slices.Clone(missing)
@@ -826,11 +854,7 @@ func (r *Resolver) GetMany(ctx context.Context, p *Policy, ids []int64) ([]Item,
 	if err := res.Err; err != nil {
 		if len(stale) == len(missing) {
 			// Every id the load should have answered has an entry inside stale_if_error.
-			for i, e := range stale {
-				items[i].Body = e.body
-			}
-			r.m.staleServed.WithLabelValues(p.Name, StaleIfError).Add(float64(len(stale)))
-			return items, Result{Cache: Stale, StaleReason: StaleIfError}, nil
+			return serveStale()
 		}
 		return nil, Result{}, err
 	}
