@@ -164,6 +164,9 @@ type ServiceStatus struct {
 	// PostgreSQL answers the reads), "standby" while Valkey answers them, "down" while they
 	// cannot be kept; absent when turned off.
 	PostgresCopies string `json:"postgresCopies,omitempty"`
+	// Migration is the sessions' rolling migration (sessions.migration): "connect-redis" or
+	// "connect-pg-simple"; absent when none runs.
+	Migration string `json:"migration,omitempty"`
 	// Circuit is the breaker in front of the service: closed, half-open or open.
 	Circuit string `json:"circuit,omitempty"`
 	// Tier is the cache's in-process tier.
@@ -270,13 +273,18 @@ func (h *Health) detailed(w http.ResponseWriter, r *http.Request) {
 	listener := h.listenerStatus()
 	sessions := ServiceStatus{Status: "disabled"}
 	if h.opts.Sessions != nil {
-		// up: served from Valkey (or from PostgreSQL, with no Valkey configured); degraded:
-		// Valkey is configured but down or not yet reconciled, PostgreSQL serves.
+		// up: served from Valkey (or from PostgreSQL, with no Valkey configured or while
+		// migrating from connect-pg-simple); degraded: Valkey is configured but down or not yet
+		// reconciled, PostgreSQL serves.
 		sessions = ServiceStatus{Status: "up", Store: h.opts.Sessions.Active()}
 		if pc, ok := h.opts.Sessions.(interface{ PostgresCopies() string }); ok {
 			sessions.PostgresCopies = pc.PostgresCopies()
 		}
-		if h.opts.Sessions.HasValkey() && sessions.Store != "valkey" {
+		if mg, ok := h.opts.Sessions.(interface{ Migration() string }); ok {
+			sessions.Migration = mg.Migration()
+		}
+		// Migrating from connect-pg-simple, PostgreSQL serves the reads by design.
+		if h.opts.Sessions.HasValkey() && sessions.Store != "valkey" && sessions.Migration != "connect-pg-simple" {
 			sessions.Status = "degraded"
 		}
 		if db.Status != "up" {

@@ -254,3 +254,37 @@ func TestFailureClass(t *testing.T) {
 		}
 	}
 }
+
+// fakeSessions is a session store for /health/detailed: its active store and migration.
+type fakeSessions struct{ active, migration string }
+
+func (f fakeSessions) Active() string    { return f.active }
+func (f fakeSessions) HasValkey() bool   { return true }
+func (f fakeSessions) Migration() string { return f.migration }
+
+// Sessions served from PostgreSQL are degraded, except while migrating from connect-pg-simple,
+// where PostgreSQL serves them by design: an alert on degraded must not fire for the whole
+// migration.
+func TestDetailedSessionsMigration(t *testing.T) {
+	db := realDB(t)
+	for _, tc := range []struct {
+		sess           fakeSessions
+		status, health string
+	}{
+		{fakeSessions{"valkey", ""}, "up", "healthy"},
+		{fakeSessions{"postgres", ""}, "degraded", "degraded"},
+		{fakeSessions{"postgres", "connect-pg-simple"}, "up", "healthy"},
+		{fakeSessions{"postgres", "connect-redis"}, "degraded", "degraded"},
+	} {
+		h := NewHealth(HealthOptions{CheckTimeout: time.Second, Sessions: tc.sess}, db, nil, prometheus.NewRegistry())
+		_, body := do(t, h.Handler(), "/health/detailed")
+		services, _ := body["services"].(map[string]any)
+		sess, _ := services["sessions"].(map[string]any)
+		if sess["status"] != tc.status || body["status"] != tc.health || sess["store"] != tc.sess.active {
+			t.Errorf("%+v: sessions %v, overall %v; want sessions %s, overall %s", tc.sess, sess, body["status"], tc.status, tc.health)
+		}
+		if mg, _ := sess["migration"].(string); mg != tc.sess.migration {
+			t.Errorf("%+v: migration %q in %v", tc.sess, mg, sess)
+		}
+	}
+}

@@ -308,6 +308,18 @@ func (s *Store) valkeyOK() bool {
 	return s.client() != nil && s.up.Load() && s.trusted.Load() && !s.opts.ReadPostgres
 }
 
+// Migration is the rolling migration this store runs (sessions.migration): "connect-pg-simple"
+// (ReadPostgres), "connect-redis" (ValkeyOnly), or "" for none.
+func (s *Store) Migration() string {
+	switch {
+	case s.opts.ReadPostgres:
+		return "connect-pg-simple"
+	case s.opts.ValkeyOnly:
+		return "connect-redis"
+	}
+	return ""
+}
+
 // Active is the store that answers reads now: FromValkey or FromPostgres.
 func (s *Store) Active() string {
 	if s.valkeyOK() {
