@@ -11,6 +11,7 @@ type metrics struct {
 	local      prometheus.Counter
 	missing    prometheus.Counter
 	pgLocal    prometheus.Counter
+	migration  *prometheus.GaugeVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -47,8 +48,12 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "cachecar_session_postgres_local_reads_total",
 			Help: "Session reads PostgreSQL serves (Valkey down or not reconciled, no Valkey, a migration from connect-pg-simple) answered by this process's copy, kept correct by the session table's notify triggers; also counted in cachecar_session_ops_total.",
 		}),
+		migration: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "cachecar_session_migration",
+			Help: "1 for the rolling migration this sidecar runs (sessions.migration: connect-redis, connect-pg-simple), or none.",
+		}, []string{"migration"}),
 	}
-	reg.MustRegister(m.ops, m.active, m.reconciles, m.pruned, m.restored, m.local, m.missing, m.pgLocal)
+	reg.MustRegister(m.ops, m.active, m.reconciles, m.pruned, m.restored, m.local, m.missing, m.pgLocal, m.migration)
 	for _, o := range []string{"ok", "error"} {
 		m.reconciles.WithLabelValues(o)
 	}

@@ -262,6 +262,11 @@ func New(opts Options, dial func() (valkey.Client, error), db *pgxpool.Pool, log
 	empty := ""
 	s.token.Store(&empty)
 	s.setActive()
+	mg := s.Migration()
+	if mg == "" {
+		mg = "none"
+	}
+	s.m.migration.WithLabelValues(mg).Set(1)
 	return s
 }
 
