@@ -86,6 +86,8 @@ type InvalidationConfig struct {
 	Enabled bool `mapstructure:"enabled"`
 	// ListenURL is the listener's own connection; empty uses database.url.
 	ListenURL string `mapstructure:"listen_url"`
+	// AllowPooler accepts a listen connection through a session-pooling pooler.
+	AllowPooler bool `mapstructure:"allow_pooler"`
 	// Channel is the NOTIFY channel the triggers send on.
 	Channel string `mapstructure:"channel"`
 	// ReconnectMax caps the back-off between listener connection attempts.

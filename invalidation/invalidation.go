@@ -77,9 +77,13 @@ type Cache interface {
 // Options configures a Listener. Every duration must be positive; there are no defaults here
 // (cmd passes the configured values).
 type Options struct {
-	// URL is the PostgreSQL connection the listener LISTENs on. It must be a direct session (or
-	// a session-pooling PgBouncer): LISTEN does not survive transaction pooling.
+	// URL is the PostgreSQL connection the listener LISTENs on. It must be a direct session (or,
+	// with AllowPooler, a session-pooling PgBouncer): LISTEN does not survive transaction pooling.
 	URL string
+	// AllowPooler accepts a connection whose backend process id is not PostgreSQL's (a pooler
+	// such as PgBouncer); without it such a session fails (SchemaError), since through
+	// transaction pooling LISTEN succeeds and no notification ever arrives.
+	AllowPooler bool
 	// Password, when set, replaces the password URL gives (database.password_file).
 	Password string
 	// ConnectTimeout bounds one connection attempt, and each setup step after it (LISTEN, the
@@ -218,6 +222,25 @@ func describe(err error) string {
 	return "connection lost"
 }
 
+// CheckDirect returns a SchemaError naming key when conn does not reach PostgreSQL itself but a
+// connection pooler: PgBouncer (and poolers like it) gives its clients a backend process id of
+// its own, which pg_backend_pid() then contradicts. Through transaction pooling, LISTEN runs on
+// whichever server connection the statement got and its notifications go to that connection's
+// later clients or nowhere: LISTEN succeeds and nothing ever arrives, so changed rows would be
+// served from the cache until their TTL. Other errors are the query's.
+func CheckDirect(ctx context.Context, conn *pgx.Conn, key string) error {
+	var pid uint32
+	if err := conn.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&pid); err != nil {
+		return err
+	}
+	if pid != conn.PgConn().PID() {
+		return &SchemaError{Problems: []string{key + " goes through a connection pooler (its backend process id is not PostgreSQL's): " +
+			"through transaction pooling LISTEN receives no notification. Point " + key + " at PostgreSQL itself, " +
+			"or set invalidation.allow_pooler: true if the pooler gives each client a server connection of its own (session pooling)"}}
+	}
+	return nil
+}
+
 // invalidateError is a failure of the cache during a session: entries may be left stale, so the
 // session ends and the next one resyncs.
 type invalidateError struct{ msg string }
@@ -259,8 +282,16 @@ func (l *Listener) session(ctx context.Context) (wasLive bool, err error) {
 	// LISTEN first: from here on no change is missed, so the resync below cannot race a change
 	// committed between it and the first notification.
 	sctx, cancel := context.WithTimeout(ctx, l.opts.ConnectTimeout)
-	_, err = conn.Exec(sctx, "LISTEN "+quoteIdent(l.spec.Channel))
+	if !l.opts.AllowPooler {
+		err = CheckDirect(sctx, conn, "invalidation.listen_url")
+	}
+	if err == nil {
+		_, err = conn.Exec(sctx, "LISTEN "+quoteIdent(l.spec.Channel))
+	}
 	cancel()
+	if IsSchemaError(err) {
+		return false, err
+	}
 	if err != nil {
 		return false, fmt.Errorf("listen: %w", err)
 	}

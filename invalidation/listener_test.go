@@ -137,6 +137,13 @@ func testSpec(channel string) Spec {
 
 func startListener(t *testing.T, spec func(channel string) Spec, install bool) *listenerFixture {
 	t.Helper()
+	return startListenerWith(t, spec, install, nil)
+}
+
+// startListenerWith is startListener with the listener's options changed by opts (given the
+// test database's URL) before it starts.
+func startListenerWith(t *testing.T, spec func(channel string) Spec, install bool, opts func(url string, o *Options)) *listenerFixture {
+	t.Helper()
 	ctx := context.Background()
 	app := "cachecar-test-" + testenv.Suffix()
 	url := testenv.WithParam(testenv.PostgresURL(t), "application_name", app)
@@ -156,9 +163,12 @@ func startListener(t *testing.T, spec func(channel string) Spec, install bool) *
 		}
 	}
 	f := &listenerFixture{url: url, app: app, db: db, cache: newRecordingCache()}
-	f.l = New(Options{URL: url, ConnectTimeout: 2 * time.Second, ReconnectMax: 200 * time.Millisecond,
-		PingInterval: time.Second, CacheTimeout: time.Second, ResyncTimeout: 5 * time.Second},
-		s, f.cache, zerolog.Nop(), prometheus.NewRegistry())
+	o := Options{URL: url, ConnectTimeout: 2 * time.Second, ReconnectMax: 200 * time.Millisecond,
+		PingInterval: time.Second, CacheTimeout: time.Second, ResyncTimeout: 5 * time.Second}
+	if opts != nil {
+		opts(url, &o)
+	}
+	f.l = New(o, s, f.cache, zerolog.Nop(), prometheus.NewRegistry())
 	rctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() { f.l.Run(rctx); close(done) }()

@@ -407,7 +407,7 @@ func (c *pgCopies) apply(table, payload string) {
 var errNoTriggers = errors.New("the session table's notify triggers are missing, or not enabled ALWAYS (run `cachecar migrate`)")
 
 // errPooled: the LISTEN connection goes through a pooler.
-var errPooled = errors.New("the LISTEN connection goes through a pooler (its backend process id is not PostgreSQL's): point invalidation.listen_url at PostgreSQL itself")
+var errPooled = errors.New("the LISTEN connection goes through a pooler (its backend process id is not PostgreSQL's): point invalidation.listen_url at PostgreSQL itself, or set invalidation.allow_pooler: true if the pooler gives each client a server connection of its own (session pooling)")
 
 // checkTriggers returns the table as the triggers name it (schema.table), or errNoTriggers.
 func checkTriggers(ctx context.Context, conn *pgx.Conn, table string) (string, error) {
@@ -521,7 +521,7 @@ func (s *Store) copiesSession(ctx context.Context) (wasLive bool, err error) {
 		// to several server sessions: LISTEN and the session-level readers' lock would not stay
 		// on one. It fakes the backend's process id, which shows.
 		var pid uint32
-		if err = conn.QueryRow(sctx, "SELECT pg_backend_pid()").Scan(&pid); err == nil && pid != conn.PgConn().PID() {
+		if err = conn.QueryRow(sctx, "SELECT pg_backend_pid()").Scan(&pid); err == nil && pid != conn.PgConn().PID() && !s.opts.AllowPooler {
 			err = errPooled
 		}
 	}

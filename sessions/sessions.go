@@ -107,6 +107,10 @@ type Options struct {
 	// sentinel keeps every sidecar from trusting Valkey until one running without it has
 	// reconciled it (deleting what PostgreSQL does not have).
 	ReadPostgres bool
+	// AllowPooler keeps copies of PostgreSQL's answers also when the LISTEN connection goes
+	// through a pooler (invalidation.allow_pooler: one that pins each client to a server
+	// connection, as PgBouncer's session pooling does); without it such a connection keeps none.
+	AllowPooler bool
 	// ValkeyOnly (migrating from connect-redis) makes Valkey the source of truth, as it is for
 	// connect-redis: no reads from PostgreSQL when Valkey is down (503), and reconciliation
 	// copies no rows into Valkey, because a row may be a session connect-redis has destroyed.

@@ -1,0 +1,55 @@
+package invalidation
+
+import (
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cachecar/cachecar/internal/testenv"
+)
+
+// TestListenerRefusesATransactionPooler: through a real PgBouncer in transaction pooling, LISTEN
+// succeeds and no notification arrives, so the listener must refuse the connection (an error
+// that names the pooler and the setting) and never let the cache serve.
+func TestListenerRefusesATransactionPooler(t *testing.T) {
+	f := startListenerWith(t, testSpec, true, func(url string, o *Options) {
+		o.URL = testenv.StartPgBouncer(t, url, "transaction")
+	})
+	deadline := time.Now().Add(10 * time.Second)
+	for f.l.Status().State != StateError {
+		if time.Now().After(deadline) {
+			t.Fatalf("status %+v, want error", f.l.Status())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	st := f.l.Status()
+	for _, want := range []string{"pooler", "invalidation.listen_url", "invalidation.allow_pooler"} {
+		if !strings.Contains(st.Error, want) {
+			t.Errorf("status error %q does not name %q", st.Error, want)
+		}
+	}
+	f.cache.mu.Lock()
+	defer f.cache.mu.Unlock()
+	if slices.Contains(f.cache.liveChanges, true) || f.cache.resyncs != 0 {
+		t.Errorf("went live (%v) or resynced (%d) through a transaction pooler", f.cache.liveChanges, f.cache.resyncs)
+	}
+}
+
+// TestListenerThroughASessionPooler: with allow_pooler, a PgBouncer in session pooling (each
+// client pinned to a server connection) is accepted, and changes arrive through it.
+func TestListenerThroughASessionPooler(t *testing.T) {
+	f := startListenerWith(t, testSpec, true, func(url string, o *Options) {
+		o.URL = testenv.StartPgBouncer(t, url, "session")
+		o.AllowPooler = true
+	})
+	f.waitLive(t)
+	f.exec(t, "UPDATE courses SET title = 'uno' WHERE id = 1")
+	f.cache.waitFor(t, "the change through the session pooler", func() bool { return len(f.cache.calls) > 0 })
+	f.cache.mu.Lock()
+	got := f.cache.calls[0]
+	f.cache.mu.Unlock()
+	if !slices.Equal(got.keys, []string{"course:1"}) {
+		t.Errorf("invalidated %v, want course:1", got.keys)
+	}
+}
