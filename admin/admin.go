@@ -230,6 +230,8 @@ func failureClass(err error) string {
 		return "read-only: writes refused (a replica)"
 	case strings.Contains(msg, "circuit open"):
 		return "circuit open after repeated failures (see the log)"
+	case strings.Contains(msg, "goes through a connection pooler"):
+		return "a connection pooler, not PostgreSQL itself (see database.session_pooler)"
 	}
 	return "unreachable"
 }

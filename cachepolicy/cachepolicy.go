@@ -929,6 +929,9 @@ func (r *Resolver) loadMany(ctx context.Context, p *Policy, keys []string, ids [
 		fillVals = append(fillVals, b)
 		fillTTLs = append(fillTTLs, ttl)
 	}
+	if len(fillKeys) == 0 {
+		return found, nil // nothing leased (Bypass, or no cache at all: r.store is nil)
+	}
 	stored, err := r.store.FillMany(vctx, fillKeys, fillLeases, fillVals, fillTTLs)
 	if err != nil {
 		r.logValkey(err)

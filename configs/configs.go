@@ -86,8 +86,6 @@ type InvalidationConfig struct {
 	Enabled bool `mapstructure:"enabled"`
 	// ListenURL is the listener's own connection; empty uses database.url.
 	ListenURL string `mapstructure:"listen_url"`
-	// AllowPooler accepts a listen connection through a session-pooling pooler.
-	AllowPooler bool `mapstructure:"allow_pooler"`
 	// Channel is the NOTIFY channel the triggers send on.
 	Channel string `mapstructure:"channel"`
 	// ReconnectMax caps the back-off between listener connection attempts.
@@ -172,7 +170,10 @@ type DatabaseConfig struct {
 	// the invalidation listener, migrate): a mounted Kubernetes Secret. Empty: the URL's own
 	// password, or libpq's PGPASSWORD and passfile, as pgx reads them.
 	PasswordFile string `mapstructure:"password_file"`
-	MaxConns     int32  `mapstructure:"max_conns"`
+	// SessionPooler accepts connections through a pooler that pins each client to a server
+	// connection (PgBouncer's session pooling); without it a pooler is refused.
+	SessionPooler bool  `mapstructure:"session_pooler"`
+	MaxConns      int32 `mapstructure:"max_conns"`
 	// MinConns are kept open while idle, so that a sudden fall-through to PostgreSQL (Valkey
 	// gone) does not wait on new connections.
 	MinConns int32 `mapstructure:"min_conns"`

@@ -80,9 +80,9 @@ type Options struct {
 	// URL is the PostgreSQL connection the listener LISTENs on. It must be a direct session (or,
 	// with AllowPooler, a session-pooling PgBouncer): LISTEN does not survive transaction pooling.
 	URL string
-	// AllowPooler accepts a connection whose backend process id is not PostgreSQL's (a pooler
-	// such as PgBouncer); without it such a session fails (SchemaError), since through
-	// transaction pooling LISTEN succeeds and no notification ever arrives.
+	// AllowPooler (database.session_pooler) accepts a connection whose backend process id is not
+	// PostgreSQL's (a pooler such as PgBouncer); without it such a session fails (SchemaError),
+	// since through transaction pooling LISTEN succeeds and no notification ever arrives.
 	AllowPooler bool
 	// Password, when set, replaces the password URL gives (database.password_file).
 	Password string
@@ -230,13 +230,14 @@ func describe(err error) string {
 // served from the cache until their TTL. Other errors are the query's.
 func CheckDirect(ctx context.Context, conn *pgx.Conn, key string) error {
 	var pid uint32
-	if err := conn.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&pid); err != nil {
+	// The simple protocol: a named prepared statement is what a transaction pooler breaks.
+	if err := conn.QueryRow(ctx, "SELECT pg_backend_pid()", pgx.QueryExecModeSimpleProtocol).Scan(&pid); err != nil {
 		return err
 	}
 	if pid != conn.PgConn().PID() {
 		return &SchemaError{Problems: []string{key + " goes through a connection pooler (its backend process id is not PostgreSQL's): " +
-			"through transaction pooling LISTEN receives no notification. Point " + key + " at PostgreSQL itself, " +
-			"or set invalidation.allow_pooler: true if the pooler gives each client a server connection of its own (session pooling)"}}
+			"through transaction pooling LISTEN receives no notification, and prepared statements and session locks break. Point " + key +
+			" at PostgreSQL itself, or set database.session_pooler: true if the pooler gives each client a server connection of its own (session pooling)"}}
 	}
 	return nil
 }

@@ -24,7 +24,7 @@ func TestListenerRefusesATransactionPooler(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	st := f.l.Status()
-	for _, want := range []string{"pooler", "invalidation.listen_url", "invalidation.allow_pooler"} {
+	for _, want := range []string{"pooler", "invalidation.listen_url", "database.session_pooler"} {
 		if !strings.Contains(st.Error, want) {
 			t.Errorf("status error %q does not name %q", st.Error, want)
 		}
@@ -36,7 +36,7 @@ func TestListenerRefusesATransactionPooler(t *testing.T) {
 	}
 }
 
-// TestListenerThroughASessionPooler: with allow_pooler, a PgBouncer in session pooling (each
+// TestListenerThroughASessionPooler: with AllowPooler (database.session_pooler), a PgBouncer in session pooling (each
 // client pinned to a server connection) is accepted, and changes arrive through it.
 func TestListenerThroughASessionPooler(t *testing.T) {
 	f := startListenerWith(t, testSpec, true, func(url string, o *Options) {

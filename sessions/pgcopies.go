@@ -407,7 +407,7 @@ func (c *pgCopies) apply(table, payload string) {
 var errNoTriggers = errors.New("the session table's notify triggers are missing, or not enabled ALWAYS (run `cachecar migrate`)")
 
 // errPooled: the LISTEN connection goes through a pooler.
-var errPooled = errors.New("the LISTEN connection goes through a pooler (its backend process id is not PostgreSQL's): point invalidation.listen_url at PostgreSQL itself, or set invalidation.allow_pooler: true if the pooler gives each client a server connection of its own (session pooling)")
+var errPooled = errors.New("the LISTEN connection goes through a pooler (its backend process id is not PostgreSQL's): point invalidation.listen_url at PostgreSQL itself, or set database.session_pooler: true if the pooler gives each client a server connection of its own (session pooling)")
 
 // checkTriggers returns the table as the triggers name it (schema.table), or errNoTriggers.
 func checkTriggers(ctx context.Context, conn *pgx.Conn, table string) (string, error) {

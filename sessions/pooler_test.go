@@ -13,7 +13,7 @@ import (
 
 // The copies of PostgreSQL's answers need LISTEN and a session-level lock on one server session:
 // through a real PgBouncer in transaction pooling they are not kept (reads still answer, from
-// PostgreSQL); with allow_pooler, through session pooling, they are.
+// PostgreSQL); with AllowPooler (database.session_pooler), through session pooling, they are.
 func TestPostgresCopiesThroughAPooler(t *testing.T) {
 	for _, tc := range []struct {
 		mode  string

@@ -108,7 +108,7 @@ type Options struct {
 	// reconciled it (deleting what PostgreSQL does not have).
 	ReadPostgres bool
 	// AllowPooler keeps copies of PostgreSQL's answers also when the LISTEN connection goes
-	// through a pooler (invalidation.allow_pooler: one that pins each client to a server
+	// through a pooler (database.session_pooler: one that pins each client to a server
 	// connection, as PgBouncer's session pooling does); without it such a connection keeps none.
 	AllowPooler bool
 	// ValkeyOnly (migrating from connect-redis) makes Valkey the source of truth, as it is for

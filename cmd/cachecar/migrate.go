@@ -126,6 +126,13 @@ func newPool(ctx context.Context, cfg *configs.Config) (*pgxpool.Pool, error) {
 	if pc.ConnConfig.RuntimeParams["application_name"] == "" {
 		pc.ConnConfig.RuntimeParams["application_name"] = "cachecar"
 	}
+	if !cfg.Database.SessionPooler {
+		// A connection through a transaction pooler breaks the pool's prepared statements and
+		// the session locks of migrate and the sessions: refused, with why.
+		pc.AfterConnect = func(ctx context.Context, c *pgx.Conn) error {
+			return invalidation.CheckDirect(ctx, c, "database.url")
+		}
+	}
 	pool, err := pgxpool.NewWithConfig(ctx, pc)
 	if err != nil {
 		return nil, fmt.Errorf("database pool: %w", err)

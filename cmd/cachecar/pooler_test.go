@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"strings"
 	"testing"
 	"time"
@@ -11,7 +12,7 @@ import (
 // TestListenURLThroughAPooler: the built sidecar with invalidation.listen_url through a real
 // PgBouncer. In transaction pooling (where LISTEN succeeds and nothing arrives) the listener
 // reports the error in /health/detailed and reads bypass the cache; in session pooling with
-// CACHECAR_INVALIDATION_ALLOW_POOLER=true it listens, and a write is seen through it.
+// CACHECAR_DATABASE_SESSION_POOLER=true it listens, and a write is seen through it.
 func TestListenURLThroughAPooler(t *testing.T) {
 	for _, tc := range []struct {
 		mode, allow string
@@ -26,7 +27,7 @@ func TestListenURLThroughAPooler(t *testing.T) {
 			env := map[string]string{"DATABASE_URL": url, "CACHECAR_VALKEY_ADDRS": addr, "CACHECAR_NAMESPACE": prefix,
 				"CACHECAR_INVALIDATION_LISTEN_URL": testenv.StartPgBouncer(t, url, tc.mode)}
 			if tc.allow != "" {
-				env["CACHECAR_INVALIDATION_ALLOW_POOLER"] = tc.allow
+				env["CACHECAR_DATABASE_SESSION_POOLER"] = tc.allow
 			}
 			s := startSidecar(t, env)
 			want := `"listener":{"status":"error"`
@@ -62,4 +63,55 @@ func TestListenURLThroughAPooler(t *testing.T) {
 			})
 		})
 	}
+}
+
+// TestDatabaseURLThroughATransactionPooler: with database.url through a transaction-pooling
+// PgBouncer (where the pool's prepared statements fail under concurrent reads), every
+// connection is refused with why: reads answer 503, /health/detailed names the pooler, and
+// migrate says what to do.
+func TestDatabaseURLThroughATransactionPooler(t *testing.T) {
+	url := referenceDB(t)
+	through := testenv.StartPgBouncer(t, url, "transaction")
+	s := startSidecar(t, map[string]string{"DATABASE_URL": through, "CACHECAR_INVALIDATION_CHANNEL": testChannel(url),
+		"CACHECAR_VALKEY_ADDRS": "", "CACHECAR_CACHE_TIER_MAX_BYTES": "0"})
+	r, b := get(t, s.api+"/v1/courses/1")
+	if r.StatusCode != 503 {
+		t.Errorf("read through a transaction pooler: %d %s, want 503", r.StatusCode, b)
+	}
+	_, h := get(t, s.health+"/health/detailed")
+	if !strings.Contains(h, `"database":{"status":"down"`) || !strings.Contains(h, "connection pooler") {
+		t.Errorf("/health/detailed does not name the pooler: %s", h)
+	}
+	var out strings.Builder
+	err := run(context.Background(), []string{"migrate"}, envFunc(map[string]string{"DATABASE_URL": through, "CACHECAR_INVALIDATION_CHANNEL": testChannel(url)}), &out, &out)
+	if err == nil || !strings.Contains(err.Error()+out.String(), "database.session_pooler") {
+		t.Errorf("migrate through a transaction pooler: %v\n%s", err, out.String())
+	}
+}
+
+// TestDatabaseURLThroughASessionPooler: with database.session_pooler, everything goes through a
+// session-pooling PgBouncer (the pool, the listener, the session copies): reads are cached and
+// a write is seen.
+func TestDatabaseURLThroughASessionPooler(t *testing.T) {
+	url := referenceDB(t)
+	addr, prefix := testenv.Valkey(t)
+	through := testenv.StartPgBouncer(t, url, "session")
+	s := startSidecar(t, map[string]string{"DATABASE_URL": through, "CACHECAR_INVALIDATION_CHANNEL": testChannel(url),
+		"CACHECAR_VALKEY_ADDRS": addr, "CACHECAR_NAMESPACE": prefix, "CACHECAR_DATABASE_SESSION_POOLER": "true"})
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, h := get(t, s.health+"/health/detailed")
+		if strings.Contains(h, `"database":{"status":"up"`) && strings.Contains(h, `"listener":{"status":"up"`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("never up through a session pooler: %s", h)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	warm(t, s, "/v1/courses/2")
+	mustExec(t, openPool(t, url), "UPDATE courses SET title = 'via session pooling' WHERE id = 2")
+	eventually(t, s, "/v1/courses/2", "the update", func(code int, b string) bool {
+		return code == 200 && strings.Contains(b, `"title":"via session pooling"`)
+	})
 }

@@ -155,7 +155,7 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 	if useListener {
 		listener = invalidation.New(invalidation.Options{
 			URL:            cfg.Invalidation.EffectiveListenURL(cfg.Database.URL),
-			AllowPooler:    cfg.Invalidation.AllowPooler,
+			AllowPooler:    cfg.Database.SessionPooler,
 			Password:       dbPassword,
 			ConnectTimeout: cfg.Database.ConnectTimeout,
 			ReconnectMax:   cfg.Invalidation.ReconnectMax,
@@ -216,7 +216,7 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 			Local:           sessionCopies(local),
 			PostgresCopies:  postgresCopies(cfg),
 			Listen:          listenConn(cfg, dbPassword, "cachecar-session-copies"),
-			AllowPooler:     cfg.Invalidation.AllowPooler,
+			AllowPooler:     cfg.Database.SessionPooler,
 			DB:              res.DatabaseBreaker(),
 		}, dial, pool, log.With().Str("component", "sessions").Logger(), reg)
 		defer sess.Close()

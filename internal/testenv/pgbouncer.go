@@ -77,7 +77,7 @@ unix_socket_dir =
 auth_type = trust
 auth_file = %s
 pool_mode = %s
-default_pool_size = 4
+default_pool_size = 40
 server_reset_query =
 `, cfg.Database, db, port, filepath.Join(dir, "users.txt"), mode)
 	for name, body := range map[string]string{
