@@ -238,6 +238,9 @@ type clearBody struct {
 }
 
 func (a *Admin) clear(w http.ResponseWriter, r *http.Request) {
+	if a.noCache(w) {
+		return
+	}
 	var body clearBody
 	if !decodeJSON(w, r, &body) {
 		return
@@ -383,6 +386,17 @@ func (a *Admin) key(w http.ResponseWriter, r *http.Request) (string, bool) {
 	return a.opts.Namespace + k, true
 }
 
+// noCache answers 409 when the sidecar runs with no cache at all (no Valkey, no in-process
+// tier): there is nothing to clear, read or warm, and "the cache did not answer" would send an
+// operator looking for an outage.
+func (a *Admin) noCache(w http.ResponseWriter) bool {
+	if a.opts.Backend != "none" {
+		return false
+	}
+	adminError(w, http.StatusConflict, "no_cache", "no cache is configured (valkey.addrs is empty and cache.tier_max_bytes is 0): every read goes to PostgreSQL")
+	return true
+}
+
 // clipKey shortens a key for an error message.
 func clipKey(k string) string {
 	if len(k) > 64 {
@@ -392,6 +406,9 @@ func clipKey(k string) string {
 }
 
 func (a *Admin) getKey(w http.ResponseWriter, r *http.Request) {
+	if a.noCache(w) {
+		return
+	}
 	key, ok := a.key(w, r)
 	if !ok {
 		return
@@ -410,6 +427,9 @@ func (a *Admin) getKey(w http.ResponseWriter, r *http.Request) {
 }
 
 func (a *Admin) deleteKey(w http.ResponseWriter, r *http.Request) {
+	if a.noCache(w) {
+		return
+	}
 	key, ok := a.key(w, r)
 	if !ok {
 		return
@@ -430,6 +450,9 @@ type warmRequest struct {
 }
 
 func (a *Admin) warm(w http.ResponseWriter, r *http.Request) {
+	if a.noCache(w) {
+		return
+	}
 	var req warmRequest
 	if !decodeJSON(w, r, &req) {
 		return

@@ -299,3 +299,28 @@ func TestWarmOnStartAndMemoryWarning(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// With no cache at all (no Valkey, no tier), the admin port says so (409 no_cache) instead of
+// "the cache did not answer", which reads as an outage; stats still answer.
+func TestAdminPortWithoutACache(t *testing.T) {
+	url := referenceDB(t)
+	const token = "s3cret-admin-token"
+	s := startSidecar(t, map[string]string{"DATABASE_URL": url, "CACHECAR_VALKEY_ADDRS": "", "CACHECAR_CACHE_TIER_MAX_BYTES": "0",
+		"CACHECAR_ADMIN_TOKEN": token}, "--set", "admin.listen=127.0.0.1:0")
+	base := "http://" + adminAddr(t, s) + "/api/admin/cache"
+	if resp, st := adminDo(t, "GET", base+"/stats", token, ""); resp.StatusCode != 200 || st["enabled"] != false {
+		t.Errorf("stats without a cache: %d %v", resp.StatusCode, st)
+	}
+	for _, c := range []struct{ method, path, body string }{
+		{"POST", "/clear", `{"pattern":"course:*"}`},
+		{"POST", "/warm", `{"policy":"course","ids":[1]}`},
+		{"GET", "/keys/course:1", ""},
+		{"DELETE", "/keys/course:1", ""},
+	} {
+		resp, body := adminDo(t, c.method, base+c.path, token, c.body)
+		e, _ := body["error"].(map[string]any)
+		if resp.StatusCode != 409 || e["code"] != "no_cache" {
+			t.Errorf("%s %s without a cache: %d %v, want 409 no_cache", c.method, c.path, resp.StatusCode, body)
+		}
+	}
+}
