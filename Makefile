@@ -15,14 +15,14 @@ TEST_DATABASE_URL := postgres://$(DB_USER):$(DB_PASSWORD)@127.0.0.1:$(PG_PORT)/$
 
 # What the sidecar and the tests are pointed at.
 RUN_ENV  := DATABASE_URL='$(DEMO_DATABASE_URL)' REDIS_HOST=127.0.0.1 REDIS_PORT=$(REDIS_PORT)
+# PgBouncer, for the tests of the listener and the session copies behind a pooler.
+PGBOUNCER := /usr/sbin/pgbouncer
 TEST_ENV := CACHECAR_TEST_DATABASE_URL='$(TEST_DATABASE_URL)' \
             CACHECAR_TEST_VALKEY_ADDR=127.0.0.1:$(REDIS_PORT) \
             CACHECAR_TEST_REDIS_SERVER=$$(command -v redis-server) \
             CACHECAR_TEST_PGBOUNCER=$(PGBOUNCER)
 
 GO_TEST_FLAGS ?= -race -count=1 -p 1 -timeout 12m
-# PgBouncer, for the tests of the listener and the session copies behind a pooler.
-PGBOUNCER := /usr/sbin/pgbouncer
 # The real connect-redis and connect-pg-simple, for the sessions' rolling-migration tests.
 NODE_STORES := sessions/testdata/node
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
@@ -64,14 +64,19 @@ promtool:
 		chmod 755 /usr/local/bin/promtool && cd / && rm -rf "$$tmp"; }
 
 # Debian's package would start a PgBouncer service on port 6432: a policy-rc.d that denies
-# service starts (the one container images ship) is put in place for the install if there is none.
+# service starts (the one container images ship) is put in place for the install if there is
+# none (and removed however the install ends), and the service is disabled for later boots.
 pgbouncer:
 	@test -x $(PGBOUNCER) || { \
 		[ "$$(id -u)" = 0 ] || { echo "pgbouncer missing and not root: apt-get install pgbouncer, or run as root"; exit 1; }; \
-		echo "installing pgbouncer (for the tests of cachecar behind a pooler; its service is not started)"; \
-		guard=; [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && guard=1; }; \
-		DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pgbouncer >/dev/null; rc=$$?; \
-		[ -z "$$guard" ] || rm -f /usr/sbin/policy-rc.d; exit $$rc; }
+		echo "installing pgbouncer (for the tests of cachecar behind a pooler; its service is neither started nor enabled)"; \
+		if [ ! -e /usr/sbin/policy-rc.d ]; then \
+			trap 'rm -f /usr/sbin/policy-rc.d' EXIT INT TERM; \
+			printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d; \
+		fi; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pgbouncer >/dev/null || exit 1; \
+		systemctl disable pgbouncer >/dev/null 2>&1; update-rc.d pgbouncer disable >/dev/null 2>&1; true; }
 
 node-stores:
 	@if command -v node >/dev/null 2>&1 && [ "$$(node -p 'process.versions.node.split(".")[0]')" -ge 20 ]; then \

@@ -201,9 +201,12 @@ func (l *Listener) Run(ctx context.Context) error {
 func describe(err error) string {
 	var pgErr *pgconn.PgError
 	var se *SchemaError
+	var pe *PoolerError
 	switch {
 	case errors.As(err, &se):
 		return se.Error()
+	case errors.As(err, &pe):
+		return pe.Error()
 	case errors.As(err, &pgErr):
 		return "postgresql: " + pgErr.Message + " (" + pgErr.Code + ")"
 	case pgconn.Timeout(err) || errors.Is(err, context.DeadlineExceeded):
@@ -222,7 +225,7 @@ func describe(err error) string {
 	return "connection lost"
 }
 
-// CheckDirect returns a SchemaError naming key when conn does not reach PostgreSQL itself but a
+// CheckDirect returns a *PoolerError naming key when conn does not reach PostgreSQL itself but a
 // connection pooler: PgBouncer (and poolers like it) gives its clients a backend process id of
 // its own, which pg_backend_pid() then contradicts. Through transaction pooling, LISTEN runs on
 // whichever server connection the statement got and its notifications go to that connection's
@@ -235,11 +238,19 @@ func CheckDirect(ctx context.Context, conn *pgx.Conn, key string) error {
 		return err
 	}
 	if pid != conn.PgConn().PID() {
-		return &SchemaError{Problems: []string{key + " goes through a connection pooler (its backend process id is not PostgreSQL's): " +
-			"through transaction pooling LISTEN receives no notification, and prepared statements and session locks break. Point " + key +
-			" at PostgreSQL itself, or set database.session_pooler: true if the pooler gives each client a server connection of its own (session pooling)"}}
+		return &PoolerError{Key: key}
 	}
 	return nil
+}
+
+// PoolerError is CheckDirect's refusal of a connection through a pooler: a configuration
+// problem (IsSchemaError reports it), named by the setting whose URL leads there.
+type PoolerError struct{ Key string }
+
+func (e *PoolerError) Error() string {
+	return e.Key + " goes through a connection pooler (its backend process id is not PostgreSQL's): " +
+		"through transaction pooling LISTEN receives no notification, and prepared statements and session locks break. Point " + e.Key +
+		" at PostgreSQL itself, or set database.session_pooler: true if the pooler gives each client a server connection of its own (session pooling)"
 }
 
 // invalidateError is a failure of the cache during a session: entries may be left stale, so the

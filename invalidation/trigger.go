@@ -160,11 +160,12 @@ type SchemaError struct{ Problems []string }
 
 func (e *SchemaError) Error() string { return "invalidation: " + strings.Join(e.Problems, "; ") }
 
-// IsSchemaError reports whether err is a *SchemaError: a configuration or migration problem,
-// not an outage.
+// IsSchemaError reports whether err is a *SchemaError or a *PoolerError: a configuration or
+// migration problem, not an outage.
 func IsSchemaError(err error) bool {
 	var se *SchemaError
-	return errors.As(err, &se)
+	var pe *PoolerError
+	return errors.As(err, &se) || errors.As(err, &pe)
 }
 
 // checkColumns reports every rule whose table or column does not exist, or whose column is not

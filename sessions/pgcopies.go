@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cachecar/cachecar/invalidation"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 )
@@ -406,9 +407,6 @@ func (c *pgCopies) apply(table, payload string) {
 // dropped, disabled or set to fire only in some replication role): copies are not kept.
 var errNoTriggers = errors.New("the session table's notify triggers are missing, or not enabled ALWAYS (run `cachecar migrate`)")
 
-// errPooled: the LISTEN connection goes through a pooler.
-var errPooled = errors.New("the LISTEN connection goes through a pooler (its backend process id is not PostgreSQL's): point invalidation.listen_url at PostgreSQL itself, or set database.session_pooler: true if the pooler gives each client a server connection of its own (session pooling)")
-
 // checkTriggers returns the table as the triggers name it (schema.table), or errNoTriggers.
 func checkTriggers(ctx context.Context, conn *pgx.Conn, table string) (string, error) {
 	var name *string
@@ -458,7 +456,7 @@ func (s *Store) listenCopies(ctx context.Context) {
 			warned = false
 		}
 		switch {
-		case errors.Is(err, errNoTriggers), errors.Is(err, errPooled):
+		case errors.Is(err, errNoTriggers), errors.As(err, new(*invalidation.PoolerError)):
 			if !warned {
 				warned = true
 				s.log.Warn().Err(err).Msg("session reads from PostgreSQL keep no in-process copies")
@@ -520,9 +518,8 @@ func (s *Store) copiesSession(ctx context.Context) (wasLive bool, err error) {
 		// A pooler between cachecar and PostgreSQL (PgBouncer) hands this client's statements
 		// to several server sessions: LISTEN and the session-level readers' lock would not stay
 		// on one. It fakes the backend's process id, which shows.
-		var pid uint32
-		if err = conn.QueryRow(sctx, "SELECT pg_backend_pid()").Scan(&pid); err == nil && pid != conn.PgConn().PID() && !s.opts.AllowPooler {
-			err = errPooled
+		if !s.opts.AllowPooler {
+			err = invalidation.CheckDirect(sctx, conn, "invalidation.listen_url")
 		}
 	}
 	if err == nil {

@@ -8,7 +8,9 @@ import (
 
 	"github.com/cachecar/cachecar/internal/testenv"
 	"github.com/jackc/pgx/v5"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/rs/zerolog"
 )
 
 // The copies of PostgreSQL's answers need LISTEN and a session-level lock on one server session:
@@ -27,16 +29,27 @@ func TestPostgresCopiesThroughAPooler(t *testing.T) {
 			f := newFixture(t, nil)
 			f.stop()
 			through := testenv.StartPgBouncer(t, f.url, tc.mode)
-			a, _ := f.startPostgresOnly(t, func(o *Options) {
-				o.AllowPooler = tc.allow
-				o.Listen = func(ctx context.Context) (*pgx.Conn, error) { return pgx.Connect(ctx, through) }
-			})
-			ctx := context.Background()
+			opts := postgresOnlyOptions()
+			opts.AllowPooler = tc.allow
+			opts.Listen = func(ctx context.Context) (*pgx.Conn, error) { return pgx.Connect(ctx, through) }
+			var logs testenv.SyncBuffer
+			a := New(opts, nil, f.db, zerolog.New(&logs), prometheus.NewRegistry())
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan struct{})
+			go func() { a.Run(ctx); close(done) }()
+			defer func() { cancel(); <-done }()
 			putVia(t, a, "p1", body("v1", time.Now().Add(time.Hour)))
 			if tc.want == "up" {
 				waitCopies(t, a, "up")
 			} else {
-				time.Sleep(500 * time.Millisecond) // several attempts of the copies' connection
+				// Refused for the pooler, not for a probe that never came back.
+				deadline := time.Now().Add(5 * time.Second)
+				for !strings.Contains(logs.String(), "goes through a connection pooler") {
+					if time.Now().After(deadline) {
+						t.Fatalf("no pooler refusal logged: %s", logs.String())
+					}
+					time.Sleep(20 * time.Millisecond)
+				}
 				if got := a.PostgresCopies(); got != "down" {
 					t.Fatalf("copies %q through a transaction pooler, want down", got)
 				}

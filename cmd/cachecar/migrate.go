@@ -130,6 +130,9 @@ func newPool(ctx context.Context, cfg *configs.Config) (*pgxpool.Pool, error) {
 		// A connection through a transaction pooler breaks the pool's prepared statements and
 		// the session locks of migrate and the sessions: refused, with why.
 		pc.AfterConnect = func(ctx context.Context, c *pgx.Conn) error {
+			// Bounded here: the pool connects under a context no caller's deadline cancels.
+			ctx, cancel := context.WithTimeout(ctx, cfg.Database.ConnectTimeout)
+			defer cancel()
 			return invalidation.CheckDirect(ctx, c, "database.url")
 		}
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -67,8 +68,8 @@ func TestListenURLThroughAPooler(t *testing.T) {
 
 // TestDatabaseURLThroughATransactionPooler: with database.url through a transaction-pooling
 // PgBouncer (where the pool's prepared statements fail under concurrent reads), every
-// connection is refused with why: reads answer 503, /health/detailed names the pooler, and
-// migrate says what to do.
+// connection is refused with why: reads answer 503 and /health/detailed names the pooler; serve
+// with its start-up trigger check (Valkey on) and migrate stop with the reason.
 func TestDatabaseURLThroughATransactionPooler(t *testing.T) {
 	url := referenceDB(t)
 	through := testenv.StartPgBouncer(t, url, "transaction")
@@ -82,8 +83,17 @@ func TestDatabaseURLThroughATransactionPooler(t *testing.T) {
 	if !strings.Contains(h, `"database":{"status":"down"`) || !strings.Contains(h, "connection pooler") {
 		t.Errorf("/health/detailed does not name the pooler: %s", h)
 	}
+	// With Valkey, serve checks the triggers at start-up: PostgreSQL can be asked, so the
+	// configuration problem stops it with the reason (exit 2), as a wrong schema does.
+	var sout strings.Builder
+	err := run(context.Background(), []string{"serve", "--listen", "127.0.0.1:0", "--health-listen", "127.0.0.1:0"},
+		envFunc(map[string]string{"DATABASE_URL": through, "CACHECAR_INVALIDATION_CHANNEL": testChannel(url), "CACHECAR_VALKEY_ADDRS": testenv.ClosedAddr(t)}), &sout, &sout)
+	var ee *exitError
+	if !errors.As(err, &ee) || ee.code != 2 || !strings.HasPrefix(err.Error(), "database.url goes through a connection pooler") {
+		t.Errorf("serve through a transaction pooler with Valkey: %v", err)
+	}
 	var out strings.Builder
-	err := run(context.Background(), []string{"migrate"}, envFunc(map[string]string{"DATABASE_URL": through, "CACHECAR_INVALIDATION_CHANNEL": testChannel(url)}), &out, &out)
+	err = run(context.Background(), []string{"migrate"}, envFunc(map[string]string{"DATABASE_URL": through, "CACHECAR_INVALIDATION_CHANNEL": testChannel(url)}), &out, &out)
 	if err == nil || !strings.Contains(err.Error()+out.String(), "database.session_pooler") {
 		t.Errorf("migrate through a transaction pooler: %v\n%s", err, out.String())
 	}

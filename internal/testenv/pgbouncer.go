@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -49,18 +50,26 @@ func StartPgBouncer(t testing.TB, dbURL, mode string) string {
 	addr := ClosedAddr(t)
 	_, port, _ := net.SplitHostPort(addr)
 	dir := t.TempDir()
-	// PgBouncer refuses to run as root: as root it runs as nobody, which must read its files.
+	// PgBouncer refuses to run as root: as root it runs as nobody, which gets its directory and
+	// files (0700, 0600: they hold the password) and may only pass through the directories above.
 	var args []string
+	uid, gid := -1, -1
 	if os.Geteuid() == 0 {
-		if _, err := user.Lookup("nobody"); err != nil {
+		u, err := user.Lookup("nobody")
+		if err != nil {
 			t.Fatalf("pgbouncer: running as root and no user nobody to run it as: %v", err)
 		}
+		uid, _ = strconv.Atoi(u.Uid)
+		gid, _ = strconv.Atoi(u.Gid)
 		args = append(args, "-u", "nobody")
 		// The test's own directories only, up to (not including) the system's temporary one.
-		for d := dir; strings.HasPrefix(d, os.TempDir()+string(filepath.Separator)); d = filepath.Dir(d) {
-			if err := os.Chmod(d, 0o755); err != nil {
+		for d := filepath.Dir(dir); strings.HasPrefix(d, os.TempDir()+string(filepath.Separator)); d = filepath.Dir(d) {
+			if err := os.Chmod(d, 0o711); err != nil {
 				t.Fatal(err)
 			}
+		}
+		if err := os.Chown(dir, uid, gid); err != nil {
+			t.Fatal(err)
 		}
 	}
 	quote := func(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
@@ -78,14 +87,22 @@ auth_type = trust
 auth_file = %s
 pool_mode = %s
 default_pool_size = 40
-server_reset_query =
+server_reset_query = DEALLOCATE ALL; UNLISTEN *; SELECT pg_advisory_unlock_all()
 `, cfg.Database, db, port, filepath.Join(dir, "users.txt"), mode)
+	// Clients are trusted (loopback, the test's lifetime); the server login's password is in the
+	// [databases] line, so the auth file needs the user alone.
 	for name, body := range map[string]string{
 		"pgbouncer.ini": ini,
-		"users.txt":     fmt.Sprintf("%q %q\n", cfg.User, cfg.Password),
+		"users.txt":     `"` + strings.ReplaceAll(cfg.User, `"`, `""`) + `" ""` + "\n",
 	} {
-		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, []byte(body), 0o600); err != nil {
 			t.Fatal(err)
+		}
+		if uid >= 0 {
+			if err := os.Chown(path, uid, gid); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
 	var out SyncBuffer
@@ -94,15 +111,15 @@ server_reset_query =
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start pgbouncer: %v", err)
 	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
 	t.Cleanup(func() {
 		cmd.Process.Signal(syscall.SIGTERM)
-		done := make(chan struct{})
-		go func() { cmd.Wait(); close(done) }()
 		select {
-		case <-done:
+		case <-exited:
 		case <-time.After(5 * time.Second):
 			cmd.Process.Kill()
-			<-done
+			<-exited
 		}
 	})
 	through := fmt.Sprintf("postgres://%s@%s/%s?sslmode=disable", cfg.User, addr, cfg.Database)
@@ -117,6 +134,11 @@ server_reset_query =
 		cancel()
 		if err == nil {
 			return through
+		}
+		select {
+		case <-exited:
+			t.Fatalf("pgbouncer exited: %s", out.String())
+		default:
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("pgbouncer on %s did not answer: %v\n%s", addr, err, out.String())
