@@ -81,7 +81,7 @@ type Options struct {
 	// with AllowPooler, a session-pooling PgBouncer): LISTEN does not survive transaction pooling.
 	URL string
 	// AllowPooler (database.session_pooler) accepts a connection whose backend process id is not
-	// PostgreSQL's (a pooler such as PgBouncer); without it such a session fails (SchemaError),
+	// PostgreSQL's (a pooler such as PgBouncer); without it such a session fails (PoolerError),
 	// since through transaction pooling LISTEN succeeds and no notification ever arrives.
 	AllowPooler bool
 	// Password, when set, replaces the password URL gives (database.password_file).
