@@ -13,22 +13,33 @@ import (
 	"github.com/valkey-io/valkey-go"
 )
 
+// redisAdmin is a plain client of the server at addr, closed when the test ends, and a function
+// that CONFIG SETs name, value pairs on it.
+func redisAdmin(t *testing.T, addr string) (valkey.Client, func(kv ...string)) {
+	t.Helper()
+	admin, err := valkey.NewClient(valkey.ClientOption{InitAddress: []string{addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(admin.Close)
+	return admin, func(kv ...string) {
+		t.Helper()
+		for i := 0; i+1 < len(kv); i += 2 {
+			if err := admin.Do(context.Background(), admin.B().ConfigSet().ParameterValue().ParameterValue(kv[i], kv[i+1]).Build()).Error(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+}
+
 // TestValkeyOOMDegradesToPostgres fills a throwaway server to its maxmemory (noeviction): every
 // write then fails with OOM. Reads must keep answering from the loader, and the repeated OOM
 // replies must open the breaker, as a dead server would.
 func TestValkeyOOMDegradesToPostgres(t *testing.T) {
 	srv := testenv.StartRedis(t)
 	ctx := context.Background()
-	admin, err := valkey.NewClient(valkey.ClientOption{InitAddress: []string{srv.Addr}, DisableCache: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer admin.Close()
-	for _, kv := range [][2]string{{"maxmemory-policy", "noeviction"}, {"maxmemory", "1"}} {
-		if err := admin.Do(ctx, admin.B().ConfigSet().ParameterValue().ParameterValue(kv[0], kv[1]).Build()).Error(); err != nil {
-			t.Fatal(err)
-		}
-	}
+	admin, config := redisAdmin(t, srv.Addr)
+	config("maxmemory-policy", "noeviction", "maxmemory", "1")
 	if err := admin.Do(ctx, admin.B().Set().Key("probe").Value("x").Build()).Error(); err == nil {
 		t.Fatal("the server still accepts writes: it is not out of memory")
 	}
@@ -72,19 +83,7 @@ func TestValkeyOOMDegradesToPostgres(t *testing.T) {
 func TestIdleHealthCheckSeesRefusedWrites(t *testing.T) {
 	srv := testenv.StartRedis(t)
 	ctx := context.Background()
-	admin, err := valkey.NewClient(valkey.ClientOption{InitAddress: []string{srv.Addr}, DisableCache: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer admin.Close()
-	config := func(kv ...string) {
-		t.Helper()
-		for i := 0; i < len(kv); i += 2 {
-			if err := admin.Do(ctx, admin.B().ConfigSet().ParameterValue().ParameterValue(kv[i], kv[i+1]).Build()).Error(); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
+	admin, config := redisAdmin(t, srv.Addr)
 	m := NewMetrics(prometheus.NewRegistry())
 	s := NewStore(StoreOptions{Addrs: []string{srv.Addr}, Timeout: time.Second, DialTimeout: time.Second, ReconnectMax: time.Second,
 		BreakerThreshold: 3, BreakerMinOpen: 50 * time.Millisecond, BreakerMaxOpen: 50 * time.Millisecond,

@@ -419,7 +419,15 @@ func TestListenerSchemaErrorNeverLive(t *testing.T) {
 		return s
 	}
 	f := startListener(t, missing, false)
-	deadline := time.Now().Add(5 * time.Second)
+	f.wantNeverLive(t, 5*time.Second, "without its triggers", "broken", "owner_id")
+}
+
+// wantNeverLive waits up to wait for the listener's error state, then checks that its error
+// names every one of names and that it never let the cache serve nor resynced it (why says
+// in what circumstance).
+func (f *listenerFixture) wantNeverLive(t *testing.T, wait time.Duration, why string, names ...string) {
+	t.Helper()
+	deadline := time.Now().Add(wait)
 	for f.l.Status().State != StateError {
 		if time.Now().After(deadline) {
 			t.Fatalf("status %+v, want error", f.l.Status())
@@ -427,7 +435,7 @@ func TestListenerSchemaErrorNeverLive(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	st := f.l.Status()
-	for _, want := range []string{"broken", "owner_id"} {
+	for _, want := range names {
 		if !strings.Contains(st.Error, want) {
 			t.Errorf("status error %q does not name %q", st.Error, want)
 		}
@@ -435,7 +443,7 @@ func TestListenerSchemaErrorNeverLive(t *testing.T) {
 	f.cache.mu.Lock()
 	defer f.cache.mu.Unlock()
 	if slices.Contains(f.cache.liveChanges, true) || f.cache.resyncs != 0 {
-		t.Errorf("went live (%v) or resynced (%d) without its triggers", f.cache.liveChanges, f.cache.resyncs)
+		t.Errorf("went live (%v) or resynced (%d) %s", f.cache.liveChanges, f.cache.resyncs, why)
 	}
 }
 

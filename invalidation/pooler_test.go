@@ -2,7 +2,6 @@ package invalidation
 
 import (
 	"slices"
-	"strings"
 	"testing"
 	"time"
 
@@ -16,24 +15,7 @@ func TestListenerRefusesATransactionPooler(t *testing.T) {
 	f := startListenerWith(t, testSpec, true, func(url string, o *Options) {
 		o.URL = testenv.StartPgBouncer(t, url, "transaction")
 	})
-	deadline := time.Now().Add(10 * time.Second)
-	for f.l.Status().State != StateError {
-		if time.Now().After(deadline) {
-			t.Fatalf("status %+v, want error", f.l.Status())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	st := f.l.Status()
-	for _, want := range []string{"pooler", "invalidation.listen_url", "database.session_pooler"} {
-		if !strings.Contains(st.Error, want) {
-			t.Errorf("status error %q does not name %q", st.Error, want)
-		}
-	}
-	f.cache.mu.Lock()
-	defer f.cache.mu.Unlock()
-	if slices.Contains(f.cache.liveChanges, true) || f.cache.resyncs != 0 {
-		t.Errorf("went live (%v) or resynced (%d) through a transaction pooler", f.cache.liveChanges, f.cache.resyncs)
-	}
+	f.wantNeverLive(t, 10*time.Second, "through a transaction pooler", "pooler", "invalidation.listen_url", "database.session_pooler")
 }
 
 // TestListenerThroughASessionPooler: with AllowPooler (database.session_pooler), a PgBouncer in session pooling (each

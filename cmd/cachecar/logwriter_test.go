@@ -37,13 +37,7 @@ func TestLogWriterFlushesWithoutClose(t *testing.T) {
 	w := newLogWriter(out)
 	defer w.Close()
 	w.Write([]byte("one\n"))
-	deadline := time.Now().Add(2 * time.Second)
-	for out.String() != "one\n" {
-		if time.Now().After(deadline) {
-			t.Fatalf("a line was not written out within 2s: %q", out.String())
-		}
-		time.Sleep(time.Millisecond)
-	}
+	waitOut(t, out, "one\n", "a line")
 }
 
 // An idle writer must not wake up: a sidecar with no requests has nothing to write, and a
@@ -53,22 +47,23 @@ func TestLogWriterSleepsWhileIdle(t *testing.T) {
 	w := newLogWriter(out)
 	defer w.Close()
 	w.Write([]byte("one\n"))
-	deadline := time.Now().Add(2 * time.Second)
-	for out.String() != "one\n" {
-		if time.Now().After(deadline) {
-			t.Fatalf("a line was not written out within 2s: %q", out.String())
-		}
-		time.Sleep(time.Millisecond)
-	}
+	waitOut(t, out, "one\n", "a line")
 	before := w.wakes.Load()
 	time.Sleep(20 * logFlushEvery)
 	if n := w.wakes.Load() - before; n > 1 {
 		t.Fatalf("the writer woke %d times in %s with nothing to write", n, 20*logFlushEvery)
 	}
 	w.Write([]byte("two\n"))
-	for out.String() != "one\ntwo\n" {
-		if time.Now().After(deadline.Add(2 * time.Second)) {
-			t.Fatalf("a line written after an idle spell was not written out: %q", out.String())
+	waitOut(t, out, "one\ntwo\n", "a line written after an idle spell")
+}
+
+// waitOut waits up to 2 s for out to hold exactly want.
+func waitOut(t *testing.T, out *testenv.SyncBuffer, want, what string) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Second)
+	for out.String() != want {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s was not written out within 2s: %q", what, out.String())
 		}
 		time.Sleep(time.Millisecond)
 	}
