@@ -320,6 +320,33 @@ func TestValkeyKilledReadsGoToPostgres(t *testing.T) {
 	}
 }
 
+// TestValkeyKilledFailsFast: a read on a connection Valkey dropped goes to PostgreSQL at once,
+// not after valkey.timeout. valkey-go retries a read-only command on a broken connection, with
+// back-off, until its deadline: every read in flight when Valkey died (before the breaker opens)
+// would wait out the whole timeout. The timeout here is long enough to tell the two apart on a
+// loaded machine.
+func TestValkeyKilledFailsFast(t *testing.T) {
+	const timeout = 4 * time.Second
+	pool := itemsDB(t)
+	srv := testenv.StartRedis(t)
+	f := newFixture(t, pool, srv.Addr, "", timeout)
+	p := itemPolicy(t, "")
+	ctx := context.Background()
+	if r, err := f.res.Get(ctx, p, []string{"1"}, int64(1)); err != nil || r.Cache != Miss {
+		t.Fatalf("before the fault: %v %v", r.Cache, err)
+	}
+	srv.Stop()
+	start := time.Now()
+	r, err := f.res.Get(ctx, p, []string{"1"}, int64(1))
+	took := time.Since(start)
+	if err != nil || r.Cache != Bypass {
+		t.Fatalf("read with Valkey killed: %v %v, want BYPASS", r.Cache, err)
+	}
+	if took > timeout/2 {
+		t.Fatalf("read with Valkey killed took %s: it waited on Valkey (timeout %s) instead of failing over", took, timeout)
+	}
+}
+
 func TestValkeyUnreachableAtStartThenReconnects(t *testing.T) {
 	pool := itemsDB(t)
 	addr := testenv.ClosedAddr(t)

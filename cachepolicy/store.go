@@ -139,6 +139,21 @@ func (s *Store) Tier() (bool, TierStats) {
 	return s.tierOn.Load(), s.tier.read()
 }
 
+// RetryDelay is the RetryDelay of cachecar's Valkey clients. valkey-go retries a read-only
+// command that failed while its caller's context is still live, by default with back-off until
+// the deadline. That suits one case: a read that joined another reader's load of the same key
+// (DoCache's flight) and got that reader's context error, with its own context and the
+// connection fine; it is retried at once (at most twice). Any other failure (a dropped or
+// refused connection, a timeout) is not retried: with Valkey gone every read in flight would
+// wait out valkey.timeout before going to PostgreSQL. The breaker and the fallback to
+// PostgreSQL are the retry.
+func RetryDelay(attempts int, _ valkey.Completed, err error) time.Duration {
+	if attempts <= 2 && (errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)) {
+		return 0
+	}
+	return -1
+}
+
 // Connect makes one connection attempt, bounded by the dial timeout. With a tier size set, it
 // asks for client tracking; a server that cannot track (RESP2 only, or CLIENT refused by ACL)
 // is used without the in-process tier, and the log says so.
@@ -152,6 +167,7 @@ func (s *Store) Connect() error {
 		Password:         s.opts.Password,
 		SelectDB:         s.opts.DB,
 		DisableCache:     true,
+		RetryDelay:       RetryDelay,
 		Dialer:           net.Dialer{Timeout: s.opts.DialTimeout, KeepAlive: 30 * time.Second},
 		TLSConfig:        s.opts.TLS,
 		ConnWriteTimeout: s.opts.Timeout * 20,

@@ -323,6 +323,58 @@ func TestFaultValkeyKilledUnderLoad(t *testing.T) {
 	}
 }
 
+// TestValkeyKilledReadsFailOverAtOnce: right after Valkey is killed, a course read and a session
+// read answer from PostgreSQL without waiting out valkey.timeout (4 s here, so that a wait shows
+// on a loaded machine). Both of the sidecar's Valkey clients are built in serve; valkey-go
+// would otherwise retry their reads on the dropped connection until the deadline.
+func TestValkeyKilledReadsFailOverAtOnce(t *testing.T) {
+	const timeout = 4 * time.Second
+	url := referenceDB(t)
+	srv := testenv.StartRedis(t)
+	s := startSidecar(t, map[string]string{"DATABASE_URL": url, "CACHECAR_VALKEY_ADDRS": srv.Addr,
+		"CACHECAR_VALKEY_TIMEOUT": timeout.String(), "CACHECAR_INVALIDATION_ENABLED": "false",
+		// No session copies in memory, so that the session read after the kill asks Valkey.
+		"CACHECAR_SESSIONS_TIER_MAX_BYTES": "0"})
+	sess := `{"cookie":{"originalMaxAge":null,"expires":null,"httpOnly":true,"path":"/"},"user":"ff"}`
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		r, b := do(t, "PUT", s.api+"/v1/sessions/ff1", sess)
+		if r.StatusCode == 204 && r.Header.Get("X-Session-Store") == "valkey" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("PUT never answered by Valkey: %d %s %s", r.StatusCode, r.Header.Get("X-Session-Store"), b)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if r, b := get(t, s.api+"/v1/sessions/ff1"); r.StatusCode != 200 || b != sess {
+		t.Fatalf("GET before the kill: %d %q", r.StatusCode, b)
+	}
+	warm(t, s, "/v1/courses/1")
+
+	// Both reads at once, right after the kill: the sidecar's background checks have had no
+	// time to find Valkey gone.
+	srv.Stop()
+	var wg sync.WaitGroup
+	for _, path := range []string{"/v1/courses/1", "/v1/sessions/ff1"} {
+		wg.Go(func() {
+			start := time.Now()
+			r, err := http.Get(s.api + path)
+			took := time.Since(start)
+			if err != nil {
+				t.Errorf("GET %s right after Valkey was killed: %v", path, err)
+				return
+			}
+			r.Body.Close()
+			if r.StatusCode != 200 || took > timeout/2 {
+				t.Errorf("GET %s right after Valkey was killed: %d in %s (X-Cache %q, X-Session-Store %q), want 200 without waiting on Valkey (timeout %s)",
+					path, r.StatusCode, took, r.Header.Get("X-Cache"), r.Header.Get("X-Session-Store"), timeout)
+			}
+		})
+	}
+	wg.Wait()
+}
+
 // faultLog returns the sidecar's log lines that are not access-log lines, for a failure message.
 func faultLog(s *sidecar) string {
 	var b strings.Builder

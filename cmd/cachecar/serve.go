@@ -179,6 +179,7 @@ func serve(ctx context.Context, cfg *configs.Config, stdout io.Writer) error {
 			opt := valkey.ClientOption{
 				InitAddress: cfg.Valkey.Addrs, Username: cfg.Valkey.Username, Password: valkeyPassword, TLSConfig: valkeyTLS,
 				SelectDB: cfg.Valkey.DB, DisableCache: true, ClientName: "cachecar-sessions",
+				RetryDelay:       cachepolicy.RetryDelay, // fail over to PostgreSQL at once, as the cache's client
 				Dialer:           net.Dialer{Timeout: cfg.Valkey.DialTimeout, KeepAlive: 30 * time.Second},
 				ConnWriteTimeout: cfg.Valkey.Timeout * 20,
 			}
